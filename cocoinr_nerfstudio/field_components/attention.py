@@ -1,0 +1,193 @@
+"""Codebook attention and coordinate attention, the two CoCo-INR building blocks.
+
+Codebook attention turns the frozen codebook into a small set of *prototypes*; coordinate attention
+lets every sample point read from those prototypes. Both are pre-norm, residual transformer blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+FeedForwardActivation = Literal["softplus", "gelu", "geglu", "relu"]
+
+
+def attend(
+    q: Float[Tensor, "*b heads n d"],
+    k: Float[Tensor, "*b heads m d"],
+    v: Float[Tensor, "*b heads m d"],
+    fused: bool,
+) -> Float[Tensor, "*b heads n d"]:
+    """Scaled dot-product attention.
+
+    ``fused`` uses ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels). Those
+    kernels have no second derivative, so anything differentiated twice (the SDF's gradient enters
+    the eikonal loss) must take the explicit path, which autograd can differentiate any number of times.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention from ``query_dim`` inputs to a context (itself when none is given)."""
+
+    def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 4, dim_head: int = 32) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or query_dim, 2 * inner_dim, bias=False)
+        self.to_out = nn.Linear(inner_dim, query_dim)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
+
+    def forward(
+        self, x: Float[Tensor, "*b n dq"], context: Optional[Float[Tensor, "*b m dc"]] = None, fused: bool = True
+    ) -> Float[Tensor, "*b n dq"]:
+        context = x if context is None else context
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        out = attend(self._split_heads(self.to_q(x)), self._split_heads(k), self._split_heads(v), fused)
+        return self.to_out(out.transpose(-2, -3).flatten(-2))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: half of the features gate the other half."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gates = x.chunk(2, dim=-1)
+        return x * F.gelu(gates)
+
+
+def make_activation(name: FeedForwardActivation) -> nn.Module:
+    if name == "softplus":
+        return nn.Softplus(beta=100)  # the SDF MLP's activation: smooth, so second derivatives exist
+    if name == "gelu":
+        return nn.GELU()
+    if name == "geglu":
+        return GEGLU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"Unknown feed-forward activation {name!r}; expected softplus, gelu, geglu or relu.")
+
+
+class FeedForward(nn.Module):
+    """Pre-norm two-layer feed-forward, hidden width ``dim * mult`` (GEGLU doubles the first layer)."""
+
+    def __init__(self, dim: int, mult: int = 1, activation: FeedForwardActivation = "geglu") -> None:
+        super().__init__()
+        hidden = dim * mult
+        self.norm = nn.LayerNorm(dim)
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden * 2 if activation == "geglu" else hidden),
+            make_activation(activation),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.norm(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross attention: both the queries and the context are layer-normalised."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(query_dim)
+        self.norm_context = nn.LayerNorm(context_dim)
+        self.attention = MultiHeadAttention(query_dim, context_dim, heads=heads, dim_head=dim_head)
+
+    def forward(self, x: Tensor, context: Tensor, fused: bool = True) -> Tensor:
+        return self.attention(self.norm(x), self.norm_context(context), fused=fused)
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm self attention."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attention = MultiHeadAttention(dim, heads=heads, dim_head=dim_head)
+
+    def forward(self, x: Tensor, fused: bool = True) -> Tensor:
+        return self.attention(self.norm(x), fused=fused)
+
+
+class CodebookAttention(nn.Module):
+    """Perceiver-style prototype extractor.
+
+    Learned latent queries cross-attend once to the (frozen) codebook, then refine themselves with
+    ``depth`` self-attention blocks. The result does not depend on any sample point, so callers
+    compute it once per optimisation step and reuse it for every chunk of points.
+    """
+
+    def __init__(
+        self,
+        codebook_dim: int,
+        num_latents: int = 256,
+        latent_dim: int = 128,
+        depth: int = 3,
+        latent_heads: int = 4,
+        latent_dim_head: int = 32,
+        cross_heads: int = 4,
+        cross_dim_head: int = 32,
+        ff_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+        self.cross_attention = CrossAttentionBlock(latent_dim, codebook_dim, cross_heads, cross_dim_head)
+        self.cross_feed_forward = FeedForward(latent_dim, mult=ff_mult, activation="geglu")
+        self.self_attentions = nn.ModuleList(
+            [SelfAttentionBlock(latent_dim, latent_heads, latent_dim_head) for _ in range(depth)]
+        )
+        self.feed_forwards = nn.ModuleList(
+            [FeedForward(latent_dim, mult=ff_mult, activation="geglu") for _ in range(depth)]
+        )
+
+    def forward(self, codebook: Float[Tensor, "entries codebook_dim"], fused: bool = True) -> Float[Tensor, "k d"]:
+        x = self.latents
+        x = x + self.cross_attention(x, codebook.to(x.dtype), fused=fused)
+        x = x + self.cross_feed_forward(x)
+        for attention, feed_forward in zip(self.self_attentions, self.feed_forwards):
+            x = x + attention(x, fused=fused)
+            x = x + feed_forward(x)
+        return x
+
+
+class CoordinateAttention(nn.Module):
+    """Each query (an encoded point) attends to the prototypes ``depth`` times, residually.
+
+    A feed-forward (``in -> in -> in``) follows the last block only, as in the original.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        prototype_dim: int = 128,
+        depth: int = 1,
+        heads: int = 4,
+        dim_head: int = 32,
+        activation: FeedForwardActivation = "softplus",
+        feed_forward: bool = True,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [CrossAttentionBlock(query_dim, prototype_dim, heads, dim_head) for _ in range(depth)]
+        )
+        self.feed_forward = FeedForward(query_dim, mult=1, activation=activation) if feed_forward else None
+
+    def forward(
+        self, queries: Float[Tensor, "n dq"], prototypes: Float[Tensor, "k d"], fused: bool = True
+    ) -> Float[Tensor, "n dq"]:
+        x = queries
+        for block in self.blocks:
+            x = x + block(x, prototypes, fused=fused)
+        if self.feed_forward is not None:
+            x = x + self.feed_forward(x)
+        return x

@@ -1,0 +1,96 @@
+"""The SDF MLP: softplus(beta=100), optional weight normalisation and IDR's geometric initialisation."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """``y = x (g v / |v|)^T + b`` with the norm taken per output row (Salimans & Kingma).
+
+    Written out instead of ``torch.nn.utils.weight_norm`` (deprecated, and its parametrised twin
+    recomputes the weight on every access) so the state dict has stable, explicit names.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.direction = nn.Parameter(weight.clone())
+        self.gain = nn.Parameter(weight.norm(dim=1, keepdim=True))
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.gain * self.direction / self.direction.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class SDFMLP(nn.Module):
+    """MLP mapping encoded points to ``[sdf, features]``.
+
+    With ``geometric_init`` (Atzmon & Lipman; IDR) the network starts as the SDF of a sphere of
+    radius ``bias``: only the first ``raw_input_dim`` input columns (raw xyz) are non-zero in the first
+    layer and at skip connections, so encodings and attention features start switched off and are
+    learned in gradually.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        skip_in: Sequence[int] = (),
+        geometric_init: bool = True,
+        bias: float = 0.6,
+        weight_norm: bool = True,
+        raw_input_dim: int = 3,
+        activation: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden_dims, out_dim]
+        self.skip_in = tuple(skip_in)
+        self.activation = activation if activation is not None else nn.Softplus(beta=100)
+        layers = []
+        num_linear = len(dims) - 1
+        for layer in range(num_linear):
+            # a skip layer's predecessor shrinks so that [hidden, input] has the nominal width
+            out_features = dims[layer + 1] - in_dim if (layer + 1) in self.skip_in else dims[layer + 1]
+            lin = nn.Linear(dims[layer], out_features)
+            if geometric_init:
+                self._geometric_init(lin, layer, num_linear, dims, bias, raw_input_dim)
+            layers.append(WeightNormLinear(lin) if weight_norm else lin)
+        self.layers = nn.ModuleList(layers)
+
+    def _geometric_init(
+        self, lin: nn.Linear, layer: int, num_linear: int, dims: Sequence[int], bias: float, raw_input_dim: int
+    ) -> None:
+        with torch.no_grad():
+            if layer == num_linear - 1:
+                nn.init.normal_(lin.weight, mean=math.sqrt(math.pi) / math.sqrt(dims[layer]), std=1e-4)
+                nn.init.constant_(lin.bias, -bias)
+                return
+            nn.init.constant_(lin.bias, 0.0)
+            nn.init.normal_(lin.weight, 0.0, math.sqrt(2) / math.sqrt(lin.out_features))
+            if layer == 0:
+                lin.weight[:, raw_input_dim:] = 0.0
+            elif layer in self.skip_in:
+                # skip input is appended last: keep only its raw-xyz columns
+                lin.weight[:, -(dims[0] - raw_input_dim) :] = 0.0
+
+    def forward(self, x: Float[Tensor, "*batch in_dim"]) -> Float[Tensor, "*batch out_dim"]:
+        inputs = x
+        for index, layer in enumerate(self.layers):
+            if index in self.skip_in:
+                x = torch.cat([x, inputs], dim=-1) / math.sqrt(2)
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = self.activation(x)
+        return x

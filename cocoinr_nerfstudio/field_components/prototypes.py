@@ -1,0 +1,101 @@
+"""The codebook prior: one frozen codebook, one codebook-attention module per head, cached prototypes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cocoinr_nerfstudio.field_components.attention import CodebookAttention
+
+
+@dataclass
+class CodebookAttentionSettings:
+    """Shape of every codebook-attention module (the paper's values)."""
+
+    num_latents: int = 256
+    latent_dim: int = 128
+    depth: int = 3
+    latent_heads: int = 4
+    latent_dim_head: int = 32
+    cross_heads: int = 4
+    cross_dim_head: int = 32
+    ff_mult: int = 4
+
+
+class PrototypeBank(nn.Module):
+    """Holds the single codebook copy and turns it into per-head prototypes.
+
+    Prototypes do not depend on sample points. In training they are recomputed once per step by
+    :meth:`refresh` (with gradients, shared by the sampler, the render pass and the eikonal points);
+    in evaluation they are computed on first use and cached until the module trains again or loads
+    new weights, so a frame rendered in many chunks pays for them once.
+    """
+
+    def __init__(
+        self,
+        codebook: Tensor,
+        heads: Sequence[str],
+        settings: CodebookAttentionSettings,
+        fused_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        # persistent: checkpoints carry the codebook once, so they stay self-describing
+        self.register_buffer("codebook", codebook.detach().clone().float(), persistent=True)
+        self.fused_attention = fused_attention
+        self.attentions = nn.ModuleDict(
+            {
+                head: CodebookAttention(
+                    codebook_dim=codebook.shape[1],
+                    num_latents=settings.num_latents,
+                    latent_dim=settings.latent_dim,
+                    depth=settings.depth,
+                    latent_heads=settings.latent_heads,
+                    latent_dim_head=settings.latent_dim_head,
+                    cross_heads=settings.cross_heads,
+                    cross_dim_head=settings.cross_dim_head,
+                    ff_mult=settings.ff_mult,
+                )
+                for head in heads
+            }
+        )
+        self._cache: Dict[str, Tensor] = {}
+
+    @property
+    def prototype_dim(self) -> int:
+        return next(iter(self.attentions.values())).latents.shape[1]
+
+    def compute(self, head: str) -> Tensor:
+        """Prototypes for ``head`` from the current weights (no caching)."""
+        return self.attentions[head](self.codebook, fused=self.fused_attention)
+
+    def refresh(self) -> None:
+        """Recomputes every head's prototypes; call once at the start of each training step."""
+        self._cache = {head: self.compute(head) for head in self.attentions}
+
+    def invalidate(self) -> None:
+        self._cache = {}
+
+    def get(self, head: str) -> Tensor:
+        cached: Optional[Tensor] = self._cache.get(head)
+        if cached is not None:
+            return cached
+        if self.training:
+            return self.compute(head)  # not refreshed this step: compute, but do not keep a graph around
+        with torch.no_grad():
+            self._cache[head] = self.compute(head)
+        return self._cache[head]
+
+    def train(self, mode: bool = True) -> "PrototypeBank":
+        self.invalidate()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        self.invalidate()
+        key = prefix + "codebook"
+        if key in state_dict and state_dict[key].shape != self.codebook.shape:
+            # a checkpoint's codebook wins: resize so it can be copied in
+            self.codebook = torch.empty_like(state_dict[key], device=self.codebook.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

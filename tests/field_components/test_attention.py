@@ -1,0 +1,93 @@
+"""Attention blocks: shapes, the fused/explicit agreement, and the invariances the method relies on."""
+
+import pytest
+import torch
+
+from cocoinr_nerfstudio.field_components.attention import (
+    CodebookAttention,
+    CoordinateAttention,
+    MultiHeadAttention,
+    attend,
+)
+
+TOLERANCE = 1e-5  # fused (SDPA) vs explicit softmax(QK^T)V, float32
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_attend_fused_matches_explicit():
+    q, k, v = torch.randn(4, 50, 32), torch.randn(4, 70, 32), torch.randn(4, 70, 32)
+    fused, explicit = attend(q, k, v, fused=True), attend(q, k, v, fused=False)
+    assert fused.shape == (4, 50, 32)
+    torch.testing.assert_close(fused, explicit, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_attend_uniform_keys_average_values():
+    """Identical keys give uniform attention: every output is the mean of the values."""
+    q, k, v = torch.randn(1, 3, 8), torch.ones(1, 5, 8), torch.arange(5.0)[None, :, None].expand(1, 5, 8)
+    out = attend(q, k, v, fused=False)
+    torch.testing.assert_close(out, torch.full((1, 3, 8), 2.0))
+
+
+def test_multi_head_attention_shapes_and_paths():
+    attention = MultiHeadAttention(query_dim=39, context_dim=128, heads=4, dim_head=32)
+    x, context = torch.randn(100, 39), torch.randn(256, 128)
+    fused, explicit = attention(x, context, fused=True), attention(x, context, fused=False)
+    assert fused.shape == (100, 39)
+    torch.testing.assert_close(fused, explicit, atol=TOLERANCE, rtol=TOLERANCE)
+    assert attention.to_q.weight.shape == (128, 39) and attention.to_kv.weight.shape == (256, 128)
+
+
+def test_codebook_attention_output_and_parameter_count():
+    attention = CodebookAttention(codebook_dim=256, num_latents=256, latent_dim=128, depth=3)
+    prototypes = attention(torch.randn(1000, 256))
+    assert prototypes.shape == (256, 128)
+    # latents 256x128; cross block: 2 norms (128, 256) + q 128x128 + kv 256x256 + out 128x128+128;
+    # 4 GEGLU feed-forwards (norm, 128->1024, 512->128); 3 self-attention blocks (norm, q, kv 128x256, out)
+    ff = 2 * 128 + (128 * 1024 + 1024) + (512 * 128 + 128)
+    cross = 2 * 128 + 2 * 256 + 128 * 128 + 256 * 256 + 128 * 128 + 128
+    self_attn = 2 * 128 + 128 * 128 + 128 * 256 + 128 * 128 + 128
+    expected = 256 * 128 + cross + 4 * ff + 3 * self_attn
+    assert sum(p.numel() for p in attention.parameters()) == expected
+
+
+def test_codebook_attention_ignores_codebook_order():
+    """No positional information: prototypes are a function of the codebook as a set."""
+    attention = CodebookAttention(codebook_dim=16, num_latents=8, latent_dim=32, depth=2)
+    codebook = torch.randn(64, 16)
+    permuted = codebook[torch.randperm(64)]
+    torch.testing.assert_close(attention(codebook), attention(permuted), atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_coordinate_attention_is_pointwise():
+    """Permuting the points permutes the outputs, and each output only depends on its own point."""
+    block = CoordinateAttention(query_dim=39, prototype_dim=128, depth=2, activation="gelu")
+    points, prototypes = torch.randn(50, 39), torch.randn(256, 128)
+    out = block(points, prototypes)
+    perm = torch.randperm(50)
+    torch.testing.assert_close(block(points[perm], prototypes), out[perm], atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(block(points[:7], prototypes), out[:7], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_coordinate_attention_starts_from_the_identity_when_switched_off():
+    """Residual blocks: zero output projections leave the queries untouched."""
+    block = CoordinateAttention(query_dim=10, prototype_dim=16, depth=1, activation="softplus")
+    with torch.no_grad():
+        for sub in block.blocks:
+            sub.attention.to_out.weight.zero_()
+            sub.attention.to_out.bias.zero_()
+        block.feed_forward.net[-1].weight.zero_()
+        block.feed_forward.net[-1].bias.zero_()
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(block(x, torch.randn(7, 16)), x)
+
+
+def test_explicit_path_has_second_derivatives():
+    """The SDF's gradient enters the eikonal loss: attention must be twice differentiable there."""
+    block = CoordinateAttention(query_dim=3, prototype_dim=4, depth=1, heads=2, dim_head=2).double()
+    prototypes = torch.randn(5, 4, dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda p: block(p, prototypes, fused=False).sum(-1), (x,))

@@ -1,0 +1,88 @@
+"""Positional encoding layout and the SDF MLP's geometric initialisation."""
+
+import math
+
+import torch
+
+from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
+from cocoinr_nerfstudio.field_components.mlp import SDFMLP, WeightNormLinear
+
+# Zero level set of the initial SDF vs the sphere of radius ``bias`` (radius step 0.01):
+WIDE_SPHERE_TOLERANCE = 0.08  # ReLU, width 2048: measured crossings 0.58-0.66 for bias 0.6
+PAPER_WIDTH_MEDIAN_TOLERANCE = 0.25  # softplus, width 256: medians measured 0.46-0.69 (bias 0.6) over 6 seeds
+
+
+def test_encoding_layout_raw_input_first_no_two_pi():
+    encoding = IDRFrequencyEncoding(in_dim=3, num_frequencies=6)
+    assert encoding.get_out_dim() == 39
+    x = torch.tensor([[0.1, -0.2, 0.3]])
+    out = encoding(x)
+    torch.testing.assert_close(out[:, :3], x)
+    # frequency 2^k: sin then cos, for all three coordinates
+    for k in range(6):
+        block = out[0, 3 + 6 * k : 9 + 6 * k]
+        torch.testing.assert_close(block[:3], torch.sin(x[0] * 2**k))
+        torch.testing.assert_close(block[3:], torch.cos(x[0] * 2**k))
+
+
+def test_background_encoding_width():
+    assert IDRFrequencyEncoding(in_dim=4, num_frequencies=10).get_out_dim() == 84
+
+
+def test_weight_norm_linear_reproduces_linear_at_init():
+    linear = torch.nn.Linear(5, 4)
+    wrapped = WeightNormLinear(linear)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(wrapped(x), linear(x))
+    assert {name for name, _ in wrapped.named_parameters()} == {"direction", "gain", "bias"}
+
+
+def _crossing_radii(mlp: SDFMLP, num_directions: int = 200):
+    """Radius at which the SDF first turns positive along random directions from the origin."""
+    encoding = IDRFrequencyEncoding(3, 6)
+    directions = torch.nn.functional.normalize(torch.randn(num_directions, 3), dim=-1)
+    radii = torch.linspace(0.0, 2.0, 201)
+    points = directions[:, None, :] * radii[None, :, None]
+    # the attention half of the input (zeros here) is switched off at init anyway
+    features = torch.cat([encoding(points), torch.zeros(num_directions, 201, 39)], dim=-1)
+    with torch.no_grad():
+        sdf = mlp(features)[..., 0]
+    assert (sdf[:, 0] < 0).all() and (sdf[:, -1] > 0).all(), "inside must be negative, far points positive"
+    return radii[(sdf > 0).float().argmax(dim=1)]
+
+
+def test_geometric_init_is_a_sphere_of_radius_bias():
+    """The init formula's known answer: a wide ReLU network is the SDF of a sphere of radius ``bias``."""
+    torch.manual_seed(0)
+    mlp = SDFMLP(in_dim=78, hidden_dims=(2048,) * 4, out_dim=257, bias=0.6, activation=torch.nn.ReLU())
+    radii = _crossing_radii(mlp)
+    assert (radii - 0.6).abs().max() <= WIDE_SPHERE_TOLERANCE
+
+
+def test_geometric_init_with_the_papers_width_is_a_rough_sphere():
+    """Width 256 with softplus(100) (the paper's MLP): a sphere up to finite-width noise."""
+    for seed, bias in [(0, 0.6), (1, 0.6), (2, 1.0)]:
+        torch.manual_seed(seed)
+        radii = _crossing_radii(SDFMLP(in_dim=78, hidden_dims=(256,) * 4, out_dim=257, bias=bias))
+        assert abs(radii.median() - bias) <= PAPER_WIDTH_MEDIAN_TOLERANCE * bias
+        assert radii.min() >= 0.5 * bias and radii.max() <= 1.6 * bias
+
+
+def test_geometric_init_ignores_all_but_xyz():
+    mlp = SDFMLP(in_dim=78, hidden_dims=(128,) * 8, out_dim=5, skip_in=(4,), bias=0.6)
+    x = torch.randn(10, 78)
+    y = x.clone()
+    y[:, 3:] = torch.randn(10, 75)
+    torch.testing.assert_close(mlp(x), mlp(y))
+
+
+def test_skip_connection_concatenates_the_input():
+    """The original concatenated Python's builtin ``input`` and crashed; ours re-reads the MLP input."""
+    mlp = SDFMLP(in_dim=6, hidden_dims=(16,) * 4, out_dim=1, skip_in=(2,), geometric_init=False, weight_norm=False)
+    assert mlp.layers[1].out_features == 16 - 6 and mlp.layers[2].in_features == 16
+    x = torch.randn(3, 6)
+    h = mlp.activation(mlp.layers[1](mlp.activation(mlp.layers[0](x))))
+    h = mlp.layers[2](torch.cat([h, x], -1) / math.sqrt(2))
+    h = mlp.layers[3](mlp.activation(h))
+    expected = mlp.layers[4](mlp.activation(h))
+    torch.testing.assert_close(mlp(x), expected)
