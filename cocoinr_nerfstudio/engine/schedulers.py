@@ -1,0 +1,39 @@
+"""Learning-rate schedules whose state survives ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Type
+
+from torch.optim import Optimizer, lr_scheduler
+
+from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
+
+
+@dataclass
+class ExponentialDecayToSchedulerConfig(SchedulerConfig):
+    """``lr(step) = lr_init * final_ratio ** (step / max_steps)``, then constant: the original's decay."""
+
+    _target: Type = field(default_factory=lambda: ExponentialDecayToScheduler)
+    final_ratio: float = 0.1
+    """Learning rate at ``max_steps`` as a fraction of the initial one."""
+    max_steps: int = 200_000
+    """Steps over which the rate decays."""
+
+
+class ExponentialDecayToScheduler(Scheduler):
+    """Like nerfstudio's ExponentialDecayScheduler, but the factor is a Python float.
+
+    nerfstudio's schedulers return numpy scalars, which end up in the optimizer and scheduler state;
+    torch >= 2.6 then refuses to load the checkpoint in ns-eval/ns-export/ns-viewer (weights_only).
+    """
+
+    config: ExponentialDecayToSchedulerConfig
+
+    def get_scheduler(self, optimizer: Optimizer, lr_init: float) -> lr_scheduler.LRScheduler:
+        ratio, max_steps = float(self.config.final_ratio), max(1, int(self.config.max_steps))
+
+        def factor(step: int) -> float:
+            return float(ratio ** (min(step, max_steps) / max_steps))
+
+        return lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)

@@ -1,0 +1,23 @@
+"""The volume-rendering quadrature shared by the foreground, the background and the sampler."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def volume_weights(
+    deltas: Float[Tensor, "*batch s"], density: Float[Tensor, "*batch s"]
+) -> Tuple[Float[Tensor, "*batch s"], Float[Tensor, "*batch"]]:
+    """Weights ``(1 - exp(-sigma_i delta_i)) T_i`` and the transmittance left after the last sample.
+
+    The leftover transmittance is what the background receives (nerfstudio's ``get_weights`` drops it).
+    """
+    free_energy = deltas * density
+    optical_depth = torch.cumsum(free_energy, dim=-1)
+    transmittance = torch.exp(-torch.cat([torch.zeros_like(optical_depth[..., :1]), optical_depth[..., :-1]], -1))
+    weights = (1.0 - torch.exp(-free_energy)) * transmittance
+    return weights, torch.exp(-optical_depth[..., -1])
