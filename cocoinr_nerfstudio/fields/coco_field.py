@@ -1,0 +1,219 @@
+"""The foreground field: an SDF with a geometry feature, and a colour head, both reading the codebook prior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Literal, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
+from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
+from cocoinr_nerfstudio.field_components.mlp import SDFMLP
+from nerfstudio.cameras.rays import RaySamples
+from nerfstudio.configs.base_config import InstantiateConfig
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.fields.base_field import Field
+
+PrototypeSource = Callable[[str], Tensor]
+"""Returns the prototypes of a named head (``"geometry"``, ``"color"``, ...)."""
+
+
+@dataclass
+class CoordinateAttentionConfig:
+    """How sample points attend to the prototypes (shared by every head)."""
+
+    heads: int = 4
+    """Attention heads of each coordinate-attention block."""
+    dim_head: int = 32
+    """Width of each head."""
+    fused: bool = True
+    """Use torch's fused scaled-dot-product kernels where no second derivative is needed."""
+
+
+@dataclass
+class CocoFieldConfig(InstantiateConfig):
+    """Foreground SDF + colour field. Defaults are the original's DTU configuration."""
+
+    _target: Type = field(default_factory=lambda: CocoField)
+    use_coordinate_attention: bool = True
+    """Let points attend to codebook prototypes (off: the plain VolSDF MLPs, the prior-free baseline)."""
+    coordinate_attention: CoordinateAttentionConfig = field(default_factory=CoordinateAttentionConfig)
+    """Coordinate-attention block shape."""
+    position_frequencies: int = 6
+    """Frequencies of the positional encoding of xyz (39 input dims with 6)."""
+    geometry_attention_depth: int = 1
+    """Coordinate-attention blocks in the geometry head."""
+    geometry_attention_activation: FeedForwardActivation = "softplus"
+    """Activation of the geometry head's attention feed-forward (softplus keeps second derivatives smooth)."""
+    geometry_hidden_dims: Tuple[int, ...] = (256, 256, 256, 256)
+    """Hidden widths of the SDF MLP."""
+    geometry_skip_in: Tuple[int, ...] = ()
+    """Layers that re-read the MLP input (VolSDF uses (4,) with 8 layers)."""
+    feature_dim: int = 256
+    """Geometry feature passed to the colour head."""
+    geometric_init: bool = True
+    """Initialise the SDF as a sphere of radius ``bias``."""
+    bias: float = 0.6
+    """Radius of the initial sphere (normalised frame)."""
+    weight_norm: bool = True
+    """Weight normalisation in the SDF MLP."""
+    direction_frequencies: int = 4
+    """Frequencies of the view-direction encoding (27 dims with 4)."""
+    color_attention_depth: int = 2
+    """Coordinate-attention blocks in the colour head."""
+    color_attention_activation: FeedForwardActivation = "gelu"
+    """Activation of the colour head's attention feed-forward."""
+    color_hidden_dims: Tuple[int, ...] = ()
+    """Hidden widths of the colour MLP after attention (the original: none, a single linear layer)."""
+    color_weight_norm: bool = False
+    """Weight normalisation in the colour MLP."""
+    color_mode: Literal["idr", "nerf"] = "idr"
+    """Colour input: ``idr`` = [x, view dir, SDF gradient, feature]; ``nerf`` = [view dir, feature]."""
+
+
+class CocoField(Field):
+    """SDF field whose geometry and colour heads are enriched by coordinate attention.
+
+    Geometry: ``enc(x)`` attends to the geometry prototypes; ``[enc(x), attended]`` feeds the SDF MLP.
+    Colour: ``[x, enc(d), grad sdf, feature]`` attends to the colour prototypes, then a linear map + sigmoid.
+    """
+
+    def __init__(
+        self,
+        config: CocoFieldConfig,
+        prototype_source: Optional[PrototypeSource] = None,
+        prototype_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        if config.use_coordinate_attention and prototype_source is None:
+            raise ValueError("CocoField with coordinate attention needs a prototype source (the codebook prior).")
+        # a plain attribute, not a submodule: the prior is owned (and checkpointed) by the model
+        self.prototype_source = prototype_source
+        attention = config.coordinate_attention
+
+        self.position_encoding = IDRFrequencyEncoding(3, config.position_frequencies)
+        enc_dim = self.position_encoding.get_out_dim()
+        self.geometry_attention = (
+            CoordinateAttention(
+                enc_dim,
+                prototype_dim,
+                depth=config.geometry_attention_depth,
+                heads=attention.heads,
+                dim_head=attention.dim_head,
+                activation=config.geometry_attention_activation,
+            )
+            if config.use_coordinate_attention
+            else None
+        )
+        self.sdf_mlp = SDFMLP(
+            in_dim=2 * enc_dim if config.use_coordinate_attention else enc_dim,
+            hidden_dims=config.geometry_hidden_dims,
+            out_dim=1 + config.feature_dim,
+            skip_in=config.geometry_skip_in,
+            geometric_init=config.geometric_init,
+            bias=config.bias,
+            weight_norm=config.weight_norm,
+        )
+
+        self.direction_encoding = IDRFrequencyEncoding(3, config.direction_frequencies)
+        dir_dim = self.direction_encoding.get_out_dim()
+        color_in = dir_dim + config.feature_dim + (6 if config.color_mode == "idr" else 0)
+        self.color_attention = (
+            CoordinateAttention(
+                color_in,
+                prototype_dim,
+                depth=config.color_attention_depth,
+                heads=attention.heads,
+                dim_head=attention.dim_head,
+                activation=config.color_attention_activation,
+            )
+            if config.use_coordinate_attention
+            else None
+        )
+        self.color_mlp = SDFMLP(
+            in_dim=color_in,
+            hidden_dims=config.color_hidden_dims,
+            out_dim=3,
+            geometric_init=False,
+            weight_norm=config.color_weight_norm,
+            activation=nn.ReLU(),
+        )
+
+    def _fused(self, create_graph: bool) -> bool:
+        return self.config.coordinate_attention.fused and not create_graph
+
+    def forward_geonetwork(
+        self, points: Float[Tensor, "*batch 3"], fused: Optional[bool] = None
+    ) -> Float[Tensor, "*batch 1+feature_dim"]:
+        """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract)."""
+        if fused is None:
+            fused = self._fused(create_graph=self.training and torch.is_grad_enabled())
+        shape = points.shape[:-1]
+        encoded = self.position_encoding(points.reshape(-1, 3))
+        if self.geometry_attention is not None:
+            assert self.prototype_source is not None
+            attended = self.geometry_attention(encoded, self.prototype_source("geometry"), fused=fused)
+            encoded = torch.cat([encoded, attended], dim=-1)
+        return self.sdf_mlp(encoded).reshape(*shape, -1)
+
+    def get_sdf_values(self, points: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 1"]:
+        """SDF only; what samplers and mesh extraction query."""
+        return self.forward_geonetwork(points)[..., :1]
+
+    def sdf_and_gradient(
+        self, points: Float[Tensor, "n 3"], create_graph: bool
+    ) -> Tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
+        """SDF, feature and d(sdf)/dx. ``create_graph`` keeps the gradient differentiable (eikonal loss)."""
+        with torch.enable_grad():
+            x = points.detach().requires_grad_(True)
+            output = self.forward_geonetwork(x, fused=self._fused(create_graph))
+            sdf, feature = output[..., :1], output[..., 1:]
+            (gradient,) = torch.autograd.grad(
+                sdf, x, grad_outputs=torch.ones_like(sdf), create_graph=create_graph, retain_graph=create_graph
+            )
+        if not create_graph:
+            sdf, feature = sdf.detach(), feature.detach()
+        return sdf, feature, gradient
+
+    def get_colors(
+        self,
+        points: Float[Tensor, "n 3"],
+        directions: Float[Tensor, "n 3"],
+        gradients: Float[Tensor, "n 3"],
+        features: Float[Tensor, "n feature"],
+    ) -> Float[Tensor, "n 3"]:
+        encoded_dirs = self.direction_encoding(directions)
+        if self.config.color_mode == "idr":
+            x = torch.cat([points, encoded_dirs, gradients, features], dim=-1)
+        else:
+            x = torch.cat([encoded_dirs, features], dim=-1)
+        if self.color_attention is not None:
+            assert self.prototype_source is not None
+            x = self.color_attention(x, self.prototype_source("color"), fused=self.config.coordinate_attention.fused)
+        return torch.sigmoid(self.color_mlp(x))
+
+    def get_density(self, ray_samples: RaySamples):  # type: ignore[override]
+        raise NotImplementedError("CocoField predicts an SDF; the model turns it into density (LaplaceDensity).")
+
+    def get_outputs(  # type: ignore[override]
+        self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None
+    ) -> Dict[FieldHeadNames, Tensor]:
+        shape = ray_samples.frustums.shape
+        points = ray_samples.frustums.get_start_positions().reshape(-1, 3)
+        directions = ray_samples.frustums.directions.reshape(-1, 3)
+        sdf, features, gradients = self.sdf_and_gradient(points, create_graph=self.training)
+        rgb = self.get_colors(points, directions, gradients, features)
+        return {
+            FieldHeadNames.SDF: sdf.reshape(*shape, 1),
+            FieldHeadNames.RGB: rgb.reshape(*shape, 3),
+            FieldHeadNames.GRADIENT: gradients.reshape(*shape, 3),
+            FieldHeadNames.NORMALS: F.normalize(gradients, dim=-1).reshape(*shape, 3),
+        }
+
+    def forward(self, ray_samples: RaySamples, compute_normals: bool = False) -> Dict[FieldHeadNames, Tensor]:  # type: ignore[override]
+        return self.get_outputs(ray_samples)

@@ -1,0 +1,275 @@
+"""CoCo-INR: a VolSDF surface model whose fields read a frozen codebook prior through attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Parameter
+
+from cocoinr_nerfstudio.codebook import CodebookError, load_codebook, locate_codebook, random_codebook
+from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
+from cocoinr_nerfstudio.fields.background_field import CocoBackgroundField, CocoBackgroundFieldConfig
+from cocoinr_nerfstudio.fields.coco_field import CocoField, CocoFieldConfig
+from cocoinr_nerfstudio.model_components.background import (
+    background_weights,
+    inverted_sphere_points,
+    inverted_sphere_samples,
+)
+from cocoinr_nerfstudio.model_components.density import LaplaceDensity
+from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
+from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
+from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.model_components.losses import L1Loss
+from nerfstudio.model_components.renderers import RGBRenderer
+from nerfstudio.model_components.scene_colliders import SphereCollider
+from nerfstudio.models.base_model import Model
+from nerfstudio.models.base_surface_model import SurfaceModel, SurfaceModelConfig
+from nerfstudio.utils import colormaps
+from nerfstudio.utils.rich_utils import CONSOLE
+
+PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
+
+
+@dataclass
+class CocoInrModelConfig(SurfaceModelConfig):
+    """CoCo-INR. Every default is the original implementation's DTU value."""
+
+    _target: Type = field(default_factory=lambda: CocoInrModel)
+    codebook_path: Optional[Path] = None
+    """Prior codebook: a taming-transformers VQGAN checkpoint, its extracted codebook, a .pt/.pth tensor or a
+    .npy. Default: ./ckpts/model_16384x256_codebook.ckpt, then ~/.cache/cocoinr/model_16384x256_codebook.ckpt."""
+    codebook_source: Literal["file", "random"] = "file"
+    """``random``: the prior-free ablation (a seeded N(0,1) codebook instead of VQGAN's)."""
+    random_codebook_shape: Tuple[int, int] = (16384, 256)
+    """Shape of the random ablation codebook."""
+    random_codebook_seed: int = 0
+    """Seed of the random ablation codebook (reloading rebuilds the same one)."""
+    use_codebook_prior: bool = True
+    """Build the codebook prior at all (off: the ``volsdf`` baseline, no attention anywhere)."""
+    codebook_attention: CodebookAttentionSettings = field(default_factory=CodebookAttentionSettings)
+    """Codebook attention (prototype extractor) shape, one module per head."""
+    fused_prototype_attention: bool = True
+    """Use torch's fused attention kernels to compute prototypes."""
+    sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
+    """Foreground SDF and colour field."""
+    background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
+    """NeRF++ background field."""
+    background_model: Literal["nerf++", "none"] = "nerf++"  # type: ignore[assignment]
+    """Background beyond the bounding sphere: NeRF++ inverted sphere, or none (black)."""
+    scene_radius: float = 3.0
+    """Bounding sphere of the foreground in the normalised frame; the background lives outside it."""
+    near_plane: float = 0.0
+    """Rays start at max(near_plane, entry into the bounding sphere)."""
+    beta_init: float = 0.1
+    """Initial Laplace scale beta of the density."""
+    beta_min: float = 1e-4
+    """Lower bound added to |beta|."""
+    num_samples: int = 64
+    """Error-bounded sampler: final samples drawn from the converged weights."""
+    num_samples_eval: int = 128
+    """Error-bounded sampler: initial uniform samples, and samples added per round."""
+    num_samples_extra: int = 32
+    """Error-bounded sampler: extra samples kept from the dense set."""
+    error_bound_eps: float = 0.1
+    """Error-bounded sampler: target bound on the opacity error."""
+    beta_iters: int = 10
+    """Error-bounded sampler: bisection steps on beta per round."""
+    max_total_iters: int = 5
+    """Error-bounded sampler: rounds of Algorithm 1 at most."""
+    add_tiny: float = 1e-6
+    """Error-bounded sampler: floor added to the upsampling pdf."""
+    sampler_chunk_size: int = 1 << 20
+    """Points per SDF query inside the sampler (bounds memory; queries run without autograd)."""
+    num_samples_outside: int = 32
+    """Background samples per ray, uniform in inverse radius."""
+    eikonal_loss_mult: float = 0.1
+    """Weight of the eikonal loss."""
+    fg_mask_loss_mult: float = 0.0
+    """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
+    eval_num_rays_per_chunk: int = 1024
+    """Rays per chunk when rendering whole images."""
+
+
+class CocoInrModel(SurfaceModel):
+    """VolSDF (Laplace density, error-bounded sampling, NeRF++ background) + CoCo codebook prior."""
+
+    config: CocoInrModelConfig
+
+    def populate_modules(self) -> None:
+        # SurfaceModel.populate_modules builds nerfstudio's tiny-cuda-nn SDFField: skip it, keep the base setup
+        Model.populate_modules(self)
+        self.prior: Optional[PrototypeBank] = None
+        if self.config.use_codebook_prior:
+            self.prior = PrototypeBank(
+                self._load_codebook(),
+                heads=PRIOR_HEADS if self.config.background_model != "none" else PRIOR_HEADS[:2],
+                settings=self.config.codebook_attention,
+                fused_attention=self.config.fused_prototype_attention,
+            )
+            # every rank loads the same codebook: do not let DDP broadcast 16 MiB each step
+            self._ddp_params_and_buffers_to_ignore = ["prior.codebook"]
+        source = self.prior.get if self.prior is not None else None
+        prototype_dim = self.config.codebook_attention.latent_dim
+        self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
+        self.field_background: Optional[CocoBackgroundField] = None
+        if self.config.background_model == "nerf++":
+            self.field_background = self.config.background_field.setup(
+                prototype_source=source, prototype_dim=prototype_dim
+            )
+        self.density = LaplaceDensity(self.config.beta_init, self.config.beta_min)
+        self.sampler = ErrorBoundedSampler(
+            num_samples=self.config.num_samples,
+            num_samples_eval=self.config.num_samples_eval,
+            num_samples_extra=self.config.num_samples_extra,
+            eps=self.config.error_bound_eps,
+            beta_iters=self.config.beta_iters,
+            max_total_iters=self.config.max_total_iters,
+            add_tiny=self.config.add_tiny,
+            chunk_size=self.config.sampler_chunk_size,
+        )
+        self.collider = SphereCollider(
+            center=torch.zeros(3), radius=self.config.scene_radius, near_plane=self.config.near_plane
+        )
+        self.renderer_rgb = RGBRenderer(background_color="black")  # the background field paints the rest
+        self.rgb_loss = L1Loss()
+        from torchmetrics.functional import structural_similarity_index_measure
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = structural_similarity_index_measure
+        self.lpips = OptionalLPIPS()
+
+    def _load_codebook(self) -> Tensor:
+        config = self.config
+        if config.codebook_source == "random":
+            CONSOLE.print(
+                "[bold yellow]Prior-free ablation: using a random N(0,1) codebook of shape "
+                f"{tuple(config.random_codebook_shape)} (seed {config.random_codebook_seed}), not VQGAN's."
+            )
+            return random_codebook(tuple(config.random_codebook_shape), config.random_codebook_seed)
+        if config.codebook_source != "file":
+            raise CodebookError(f"--pipeline.model.codebook-source must be 'file' or 'random', got {config.codebook_source!r}.")
+        path = locate_codebook(config.codebook_path)
+        codebook = load_codebook(path)
+        CONSOLE.print(f"Codebook prior: {path} ({codebook.shape[0]} x {codebook.shape[1]})")
+        return codebook
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = {"fields": list(self.field.parameters()) + list(self.density.parameters())}
+        if self.prior is not None:
+            groups["fields"] += list(self.prior.parameters())
+        if self.field_background is not None:
+            groups["field_background"] = list(self.field_background.parameters())
+        return groups
+
+    def sample_and_forward_field(self, ray_bundle: RayBundle) -> Dict[str, Any]:
+        ray_samples, info = self.sampler(ray_bundle, sdf_fn=self.field.get_sdf_values, density=self.density)
+        field_outputs = self.field(ray_samples)
+        density = self.density(field_outputs[FieldHeadNames.SDF])
+        weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], density[..., 0])
+        return {
+            "ray_samples": ray_samples,
+            "field_outputs": field_outputs,
+            "weights": weights[..., None],
+            "bg_transmittance": bg_transmittance[..., None],
+            "sampler_info": info,
+        }
+
+    def _render_background(self, ray_bundle: RayBundle) -> Tensor:
+        assert self.field_background is not None
+        origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
+        inverse_radii = inverted_sphere_samples(
+            self.config.num_samples_outside,
+            origins.shape[0],
+            self.config.scene_radius,
+            stratified=self.training,
+            device=origins.device,
+        )
+        points = inverted_sphere_points(origins, directions, inverse_radii)
+        num_rays, num_samples = inverse_radii.shape
+        density, rgb = self.field_background(
+            points.reshape(-1, 4), directions[:, None, :].expand(num_rays, num_samples, 3).reshape(-1, 3)
+        )
+        weights = background_weights(inverse_radii, density.reshape(num_rays, num_samples))
+        return (weights[..., None] * rgb.reshape(num_rays, num_samples, 3)).sum(-2)
+
+    def _eikonal_points(self, ray_bundle: RayBundle, eikonal_z: Tensor) -> Tensor:
+        """One uniform point in the bounding cube and one near-surface point *on the ray* per ray."""
+        origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
+        radius = self.config.scene_radius
+        uniform = (torch.rand_like(origins) * 2.0 - 1.0) * radius
+        near_surface = origins + eikonal_z * directions
+        return torch.cat([uniform, near_surface], dim=0)
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Any]:  # type: ignore[override]
+        if self.training and self.prior is not None:
+            self.prior.refresh()  # once per step: shared by sampler, render pass and eikonal points
+        samples = self.sample_and_forward_field(ray_bundle)
+        ray_samples, field_outputs = samples["ray_samples"], samples["field_outputs"]
+        weights = samples["weights"]
+
+        rgb = self.renderer_rgb(rgb=field_outputs[FieldHeadNames.RGB], weights=weights)
+        accumulation = weights.sum(dim=-2)
+        distances = ray_samples.frustums.starts
+        depth = (weights * distances).sum(dim=-2) / accumulation.clamp(min=1e-10)
+        depth = torch.minimum(torch.maximum(depth, distances[..., 0, :]), distances[..., -1, :])
+        normal = (weights * field_outputs[FieldHeadNames.NORMALS]).sum(dim=-2)
+        if self.field_background is not None:
+            rgb = rgb + samples["bg_transmittance"] * self._render_background(ray_bundle).reshape(rgb.shape)
+
+        outputs: Dict[str, Any] = {
+            "rgb": rgb,
+            "accumulation": accumulation,
+            "depth": depth,  # distance along the (unit) ray, as nerfstudio's exporters and viewer expect
+            "normal": normal,
+            "normals": ((F.normalize(normal, dim=-1) + 1.0) / 2.0).clamp(0.0, 1.0),
+        }
+        if self.training:
+            eikonal_points = self._eikonal_points(ray_bundle, samples["sampler_info"].eikonal_z)
+            _, _, eikonal_gradients = self.field.sdf_and_gradient(eikonal_points, create_graph=True)
+            outputs["eik_grad"] = eikonal_gradients
+            outputs["weights"] = weights
+        return outputs
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        # SurfaceModel's: L1 rgb, eikonal on outputs["eik_grad"], optional fg-mask BCE
+        return super().get_loss_dict(outputs, batch, metrics_dict)
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        metrics = super().get_metrics_dict(outputs, batch)
+        metrics["beta"] = self.density.get_beta().detach()
+        if self.training and "eik_grad" in outputs:
+            metrics["eikonal"] = ((outputs["eik_grad"].norm(dim=-1) - 1.0) ** 2).mean().detach()
+        return metrics
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        image = batch["image"].to(self.device)[..., :3]
+        rgb = outputs["rgb"]
+        images = {
+            "img": torch.cat([image, rgb], dim=1),
+            "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+            "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
+            "normal": outputs["normals"],
+        }
+        image_nchw, rgb_nchw = image.permute(2, 0, 1)[None], rgb.permute(2, 0, 1)[None]
+        metrics: Dict[str, float] = {
+            "psnr": float(self.psnr(rgb_nchw, image_nchw)),
+            "ssim": float(self.ssim(rgb_nchw, image_nchw)),  # type: ignore[arg-type]
+        }
+        lpips = self.lpips(rgb_nchw, image_nchw)
+        if lpips is not None:
+            metrics["lpips"] = lpips
+        if "fg_mask" in batch:
+            value = masked_psnr(rgb, image, batch["fg_mask"].to(self.device))
+            if value is not None:
+                metrics["psnr_masked"] = value
+        return metrics, images
