@@ -44,9 +44,7 @@ def inverted_sphere_points(
     return torch.cat([unit, inv[..., None]], dim=-1)
 
 
-def background_weights(
-    inverse_radii: Float[Tensor, "n s"], density: Float[Tensor, "n s"]
-) -> Float[Tensor, "n s"]:
+def background_weights(inverse_radii: Float[Tensor, "n s"], density: Float[Tensor, "n s"]) -> Float[Tensor, "n s"]:
     """Volume-rendering weights along the inverse-radius axis; the last sample is opaque (infinity)."""
     deltas = inverse_radii[:, :-1] - inverse_radii[:, 1:]
     deltas = torch.cat([deltas, torch.full_like(deltas[:, :1], 1e10)], -1)

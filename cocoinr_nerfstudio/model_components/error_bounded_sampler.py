@@ -34,10 +34,10 @@ class ErrorBoundInfo:
     """The beta each ray's final samples were drawn with (>= the model's beta)."""
     error_bound: Float[Tensor, "num_rays"]
     """Theorem 1's opacity error bound of the dense sample set at ``beta``."""
-    dense_z: Float[Tensor, "num_rays num_dense"]
-    """All distances whose SDF was evaluated."""
-    num_rounds: int
-    """Rounds of Algorithm 1 that ran (1 = no upsampling needed)."""
+    num_rounds: Float[Tensor, "num_rays"]
+    """Rounds of Algorithm 1 each ray went through (1 = no upsampling needed)."""
+    num_queries: int
+    """SDF evaluations spent, all rays together."""
 
 
 def sample_pdf(
@@ -105,6 +105,9 @@ class ErrorBoundedSampler(Sampler):
         max_total_iters: rounds of Algorithm 1 at most.
         add_tiny: added to the upsampling pdf so no interval gets zero probability.
         chunk_size: points per SDF query (memory bound; queries run without autograd).
+        per_ray_convergence: a ray stops upsampling as soon as its own bound is met. The original
+            upsamples every ray until all of them converge, which only spends queries on rays that
+            are already done (their final samples then come from a denser set).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class ErrorBoundedSampler(Sampler):
         max_total_iters: int = 5,
         add_tiny: float = 1e-6,
         chunk_size: int = 1 << 20,
+        per_ray_convergence: bool = True,
     ) -> None:
         super().__init__(num_samples=num_samples)
         self.num_samples_eval = num_samples_eval
@@ -126,6 +130,7 @@ class ErrorBoundedSampler(Sampler):
         self.max_total_iters = max_total_iters
         self.add_tiny = add_tiny
         self.chunk_size = chunk_size
+        self.per_ray_convergence = per_ray_convergence
 
     def _query(self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor) -> Tensor:
         points = (origins[:, None, :] + z[..., None] * directions[:, None, :]).reshape(-1, 3)
@@ -147,6 +152,8 @@ class ErrorBoundedSampler(Sampler):
         """Smallest beta in [beta0, beta_hi] (to bisection precision) meeting the bound, per ray."""
         meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star)[0].max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)
+        if bool(meets_at_beta0.all()):
+            return hi  # nothing to bisect
         lo = beta0.expand_as(hi).clone()
         for _ in range(self.beta_iters):
             mid = 0.5 * (lo + hi)
@@ -154,6 +161,20 @@ class ErrorBoundedSampler(Sampler):
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
         return hi
+
+    def _final_samples(self, z: Tensor, sdf: Tensor, beta: Tensor, density: LaplaceDensity) -> Tensor:
+        """Inverse-CDF samples from the weights at ``beta``, plus some of the dense samples."""
+        dists = z[:, 1:] - z[:, :-1]
+        deltas = torch.cat([dists, torch.full_like(dists[:, :1], 1e10)], -1)
+        weights, _ = volume_weights(deltas, density(sdf, beta=beta[:, None]))
+        samples = sample_pdf(z, weights[:, :-1] + 1e-5, self.num_samples, deterministic=not self.training)
+        if self.num_samples_extra <= 0:
+            return samples
+        if self.training:
+            extra_idx = torch.randperm(z.shape[1], device=z.device)[: self.num_samples_extra]
+        else:
+            extra_idx = torch.linspace(0, z.shape[1] - 1, self.num_samples_extra, device=z.device).long()
+        return torch.cat([samples, z[:, extra_idx]], -1)
 
     def generate_ray_samples(  # type: ignore[override]
         self,
@@ -165,54 +186,59 @@ class ErrorBoundedSampler(Sampler):
         assert ray_bundle.nears is not None and ray_bundle.fars is not None, "run a collider first"
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
         nears, fars = ray_bundle.nears.reshape(-1, 1), ray_bundle.fars.reshape(-1, 1)
+        num_rays, device = origins.shape[0], origins.device
         beta0 = density.get_beta().detach()
 
         z = self._uniform(nears, fars, self.num_samples_eval)
         # Lemma 2: a beta that meets the bound for any SDF with these sample spacings
         beta = torch.sqrt((z[:, 1:] - z[:, :-1]).pow(2).sum(-1) / (4.0 * math.log(1.0 + self.eps)))
         sdf = self._query(sdf_fn, origins, directions, z)
+        num_queries = z.numel()
 
-        rounds = 0
-        while True:
-            rounds += 1
+        num_final = self.num_samples + max(self.num_samples_extra, 0)
+        final = torch.empty(num_rays, num_final, device=device, dtype=z.dtype)
+        final_beta = torch.empty(num_rays, device=device, dtype=z.dtype)
+        final_bound = torch.empty_like(final_beta)
+        rounds = torch.zeros(num_rays, device=device)
+        active = torch.arange(num_rays, device=device)  # rays still refining; z, sdf, beta are theirs
+        for round_index in range(1, self.max_total_iters + 1):
+            rounds[active] = round_index
             dists = z[:, 1:] - z[:, :-1]
             d_star = distance_bound(z, sdf)
             beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
             bound, optical_depth = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
-            last_round = not bool((beta > beta0).any()) or rounds >= self.max_total_iters
-            if last_round:
+            done = beta <= beta0
+            if not self.per_ray_convergence:
+                done = done.all().expand_as(done)
+            if round_index == self.max_total_iters:
+                done = torch.ones_like(done)
+            if bool(done.any()):
+                rays = active[done]
+                final[rays] = self._final_samples(z[done], sdf[done], beta[done], density)
+                final_beta[rays], final_bound[rays] = beta[done], bound[done].max(-1).values
+            if bool(done.all()):
                 break
+            keep = ~done
+            active, z, sdf, beta = active[keep], z[keep], sdf[keep], beta[keep]
+            dists, d_star, optical_depth = dists[keep], d_star[keep], optical_depth[keep]
             # upsample where the error bound is largest
-            transmittance = torch.exp(-optical_depth[:, :-1])
-            error = torch.cumsum(torch.exp(-d_star / beta[:, None]) * dists.pow(2) / (4 * beta[:, None] ** 2), -1)
-            pdf = (torch.exp(error).clamp(max=1e6) - 1.0) * transmittance + self.add_tiny
+            b = beta[:, None]
+            error = torch.cumsum(torch.exp(-d_star / b) * dists.pow(2) / (4 * b**2), -1)
+            pdf = (torch.exp(error).clamp(max=1e6) - 1.0) * torch.exp(-optical_depth[:, :-1]) + self.add_tiny
             new_z = sample_pdf(z, pdf, self.num_samples_eval, deterministic=True)
-            new_sdf = self._query(sdf_fn, origins, directions, new_z)
+            new_sdf = self._query(sdf_fn, origins[active], directions[active], new_z)
+            num_queries += new_z.numel()
             z, order = torch.sort(torch.cat([z, new_z], -1), -1)
             sdf = torch.cat([sdf, new_sdf], -1).gather(1, order)
 
-        # final samples from the weights at the converged beta
-        deltas = torch.cat([dists, torch.full_like(dists[:, :1], 1e10)], -1)
-        weights, _ = volume_weights(deltas, density(sdf, beta=beta[:, None]))
-        samples = sample_pdf(z, weights[:, :-1] + 1e-5, self.num_samples, deterministic=not self.training)
-
-        if self.num_samples_extra > 0:
-            if self.training:
-                extra_idx = torch.randperm(z.shape[1], device=z.device)[: self.num_samples_extra]
-            else:
-                extra_idx = torch.linspace(0, z.shape[1] - 1, self.num_samples_extra, device=z.device).long()
-            extra = z[:, extra_idx]
-        else:
-            extra = z[:, :0]
-        final_z, _ = torch.sort(torch.cat([samples, nears, fars, extra], -1), -1)
-        pick = torch.randint(final_z.shape[1], (final_z.shape[0], 1), device=z.device)
-
+        final_z, _ = torch.sort(torch.cat([final, nears, fars], -1), -1)
+        pick = torch.randint(final_z.shape[1], (num_rays, 1), device=device)
         info = ErrorBoundInfo(
             eikonal_z=final_z.gather(1, pick),
-            beta=beta,
-            error_bound=bound.max(-1).values,
-            dense_z=z,
+            beta=final_beta,
+            error_bound=final_bound,
             num_rounds=rounds,
+            num_queries=num_queries,
         )
         # the last distance closes the final interval (VolSDF's z_max)
         ray_samples = ray_bundle.get_ray_samples(

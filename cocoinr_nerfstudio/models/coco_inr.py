@@ -24,7 +24,7 @@ from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
-from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.model_components.losses import L1Loss
 from nerfstudio.model_components.renderers import RGBRenderer
@@ -85,6 +85,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Error-bounded sampler: rounds of Algorithm 1 at most."""
     add_tiny: float = 1e-6
     """Error-bounded sampler: floor added to the upsampling pdf."""
+    per_ray_convergence: bool = True
+    """Error-bounded sampler: stop upsampling each ray once its bound is met (the original waits for all rays)."""
     sampler_chunk_size: int = 1 << 20
     """Points per SDF query inside the sampler (bounds memory; queries run without autograd)."""
     num_samples_outside: int = 32
@@ -95,6 +97,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
     eval_num_rays_per_chunk: int = 1024
     """Rays per chunk when rendering whole images."""
+    eval_weight_threshold: float = 1e-4
+    """When rendering (not training), samples whose weight is below this skip the SDF gradient and the colour
+    head; they would change a pixel by at most their summed weight. 0 evaluates every sample."""
 
 
 class CocoInrModel(SurfaceModel):
@@ -133,6 +138,7 @@ class CocoInrModel(SurfaceModel):
             max_total_iters=self.config.max_total_iters,
             add_tiny=self.config.add_tiny,
             chunk_size=self.config.sampler_chunk_size,
+            per_ray_convergence=self.config.per_ray_convergence,
         )
         self.collider = SphereCollider(
             center=torch.zeros(3), radius=self.config.scene_radius, near_plane=self.config.near_plane
@@ -155,7 +161,9 @@ class CocoInrModel(SurfaceModel):
             )
             return random_codebook(tuple(config.random_codebook_shape), config.random_codebook_seed)
         if config.codebook_source != "file":
-            raise CodebookError(f"--pipeline.model.codebook-source must be 'file' or 'random', got {config.codebook_source!r}.")
+            raise CodebookError(
+                f"--pipeline.model.codebook-source must be 'file' or 'random', got {config.codebook_source!r}."
+            )
         path = locate_codebook(config.codebook_path)
         codebook = load_codebook(path)
         CONSOLE.print(f"Codebook prior: {path} ({codebook.shape[0]} x {codebook.shape[1]})")
@@ -171,9 +179,12 @@ class CocoInrModel(SurfaceModel):
 
     def sample_and_forward_field(self, ray_bundle: RayBundle) -> Dict[str, Any]:
         ray_samples, info = self.sampler(ray_bundle, sdf_fn=self.field.get_sdf_values, density=self.density)
-        field_outputs = self.field(ray_samples)
-        density = self.density(field_outputs[FieldHeadNames.SDF])
-        weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], density[..., 0])
+        if self.training or self.config.eval_weight_threshold <= 0:
+            field_outputs = self.field(ray_samples)
+            sdf = field_outputs[FieldHeadNames.SDF]
+            weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
+        else:
+            field_outputs, weights, bg_transmittance = self._forward_visible_samples(ray_samples)
         return {
             "ray_samples": ray_samples,
             "field_outputs": field_outputs,
@@ -181,6 +192,20 @@ class CocoInrModel(SurfaceModel):
             "bg_transmittance": bg_transmittance[..., None],
             "sampler_info": info,
         }
+
+    def _forward_visible_samples(self, ray_samples: RaySamples) -> Tuple[Dict[FieldHeadNames, Tensor], Tensor, Tensor]:
+        """Rendering shortcut: SDF everywhere (cheap, no autograd), gradient and colour where weights matter."""
+        sdf = self.field.get_sdf_values(ray_samples.frustums.get_start_positions())
+        weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
+        visible = weights > self.config.eval_weight_threshold
+        outputs = {FieldHeadNames.SDF: sdf}
+        for name in (FieldHeadNames.RGB, FieldHeadNames.NORMALS, FieldHeadNames.GRADIENT):
+            outputs[name] = sdf.new_zeros(*sdf.shape[:-1], 3)
+        if bool(visible.any()):
+            for name, value in self.field(ray_samples[visible]).items():
+                if name != FieldHeadNames.SDF:
+                    outputs[name][visible] = value
+        return outputs, weights, bg_transmittance
 
     def _render_background(self, ray_bundle: RayBundle) -> Tensor:
         assert self.field_background is not None

@@ -56,9 +56,12 @@ def test_laplace_density_values():
     density = LaplaceDensity(beta_init=0.1, beta_min=1e-4)
     beta = 0.1 + 1e-4
     sdf = torch.tensor([0.0, 0.05, -0.05, 10.0, -10.0])
-    expected = torch.tensor(
-        [0.5, 0.5 * math.exp(-0.05 / beta), 1 - 0.5 * math.exp(-0.05 / beta), 0.5 * math.exp(-10 / beta), 1.0]
-    ) / beta
+    expected = (
+        torch.tensor(
+            [0.5, 0.5 * math.exp(-0.05 / beta), 1 - 0.5 * math.exp(-0.05 / beta), 0.5 * math.exp(-10 / beta), 1.0]
+        )
+        / beta
+    )
     torch.testing.assert_close(density(sdf), expected)
 
 
@@ -87,7 +90,9 @@ def test_sampler_meets_its_error_bound_and_finds_the_surface(beta):
     near_hit = ((starts - hit[:, None]).abs() < window).float().sum(-1)
     assert (near_hit >= 32).all(), near_hit.min()
     # eikonal points are drawn from the final samples, on the ray
-    assert ((info.eikonal_z - torch.cat([starts, ray_samples.frustums.ends[:, -1:, 0]], -1)).abs().min(-1).values < 1e-6).all()
+    assert (
+        (info.eikonal_z - torch.cat([starts, ray_samples.frustums.ends[:, -1:, 0]], -1)).abs().min(-1).values < 1e-6
+    ).all()
 
 
 def test_sampler_converges_with_the_models_beta_when_it_can():
@@ -98,10 +103,38 @@ def test_sampler_converges_with_the_models_beta_when_it_can():
     bundle, _ = rays_at_sphere(16)
     _, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
     torch.testing.assert_close(info.beta, torch.full((16,), 0.1))
-    dense = info.dense_z
-    sdf = sphere_sdf(bundle.origins[:, None, :] + dense[..., None] * bundle.directions[:, None, :])[..., 0]
-    bound, _ = opacity_error_bound(density, torch.tensor(0.1), sdf, dense[:, 1:] - dense[:, :-1], distance_bound(dense, sdf))
-    assert bound.max() <= sampler.eps
+    assert (info.error_bound <= sampler.eps).all()
+
+
+def test_per_ray_convergence_spends_fewer_queries_for_the_same_bound():
+    """Rays that miss the sphere converge at once; the original keeps upsampling them with the rest."""
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    hit_bundle, _ = rays_at_sphere(8)
+    miss = RayBundle(
+        origins=hit_bundle.origins,
+        directions=torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.2]]).expand(8, 3), dim=-1),
+        pixel_area=hit_bundle.pixel_area,
+        nears=hit_bundle.nears,
+        fars=hit_bundle.fars,
+    )
+    bundle = RayBundle(
+        origins=torch.cat([hit_bundle.origins, miss.origins]),
+        directions=torch.cat([hit_bundle.directions, miss.directions]),
+        pixel_area=torch.ones(16, 1),
+        nears=torch.zeros(16, 1),
+        fars=torch.full((16, 1), 5.0),
+    )
+    results = {}
+    for per_ray in (True, False):
+        sampler = ErrorBoundedSampler(per_ray_convergence=per_ray)
+        sampler.eval()
+        results[per_ray] = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+    (fast_samples, fast), (ref_samples, ref) = results[True], results[False]
+    assert fast.num_queries < ref.num_queries
+    assert (fast.num_rounds[8:] == 1).all() and (ref.num_rounds[8:] == ref.num_rounds[0]).all()
+    assert (fast.error_bound <= 0.1 + 1e-6).all() and (ref.error_bound <= 0.1 + 1e-6).all()
+    # rays that needed every round get identical samples either way
+    torch.testing.assert_close(fast_samples.frustums.starts[:8], ref_samples.frustums.starts[:8])
 
 
 def test_sampler_queries_without_autograd():

@@ -1,0 +1,284 @@
+"""The coco-inr model: architecture, prototype caching, outputs, losses, checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from cocoinr_nerfstudio.codebook import CodebookError
+from cocoinr_nerfstudio.field_components.attention import CodebookAttention
+from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
+from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
+from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
+from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import SceneBox
+
+SCENE_BOX = SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3]))
+
+
+def tiny_config(**overrides) -> CocoInrModelConfig:
+    """The real architecture, narrowed so a CPU test runs in a second."""
+    settings = dict(
+        codebook_source="random",
+        random_codebook_shape=(64, 16),
+        codebook_attention=CodebookAttentionSettings(num_latents=8, latent_dim=16, depth=1, ff_mult=2),
+        sdf_field=CocoFieldConfig(geometry_hidden_dims=(32, 32), feature_dim=16),
+        num_samples=8,
+        num_samples_eval=16,
+        num_samples_extra=4,
+        num_samples_outside=4,
+        max_total_iters=3,
+    )
+    settings.update(overrides)
+    config = CocoInrModelConfig(**settings)
+    config.background_field.hidden_dims = (32,)
+    config.background_field.feature_dim = 16
+    return config
+
+
+def build(config: CocoInrModelConfig) -> CocoInrModel:
+    torch.manual_seed(0)
+    return config.setup(scene_box=SCENE_BOX, num_train_data=4)
+
+
+def rays(num: int = 32, seed: int = 0) -> RayBundle:
+    generator = torch.Generator().manual_seed(seed)
+    origins = torch.tensor([[0.0, 0.0, 2.5]]).expand(num, 3).contiguous()
+    directions = torch.nn.functional.normalize(
+        torch.tensor([0.0, 0.0, -1.0]) + 0.3 * (torch.rand(num, 3, generator=generator) - 0.5), dim=-1
+    )
+    return RayBundle(
+        origins=origins,
+        directions=directions,
+        pixel_area=torch.ones(num, 1),
+        camera_indices=torch.zeros(num, 1, dtype=torch.long),
+    )
+
+
+def count_codebook_attention_calls(model: CocoInrModel) -> list:
+    calls = []
+    for module in model.modules():
+        if isinstance(module, CodebookAttention):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_default_architecture_matches_the_original_layout():
+    """6,159,741 parameters in the original, of which 312,101 are its four unused cross-attention modules."""
+    model = build(CocoInrModelConfig(codebook_source="random", random_codebook_shape=(8, 256)))
+    assert sum(p.numel() for p in model.parameters()) == 6_159_741 - 312_101
+    assert sum(p.numel() for p in model.prior.parameters()) == 4 * 1_121_792
+    assert model.field.sdf_mlp.layers[0].direction.shape == (256, 78)  # [enc(x), attended] = 2 x 39
+    assert model.field.color_attention.blocks[0].norm.normalized_shape == (289,)  # x, dir(27), grad, feature
+    assert model.field_background.density_mlp.layers[0].in_features == 168  # 2 x 84
+
+
+def test_volsdf_baseline_has_no_prior_and_no_attention():
+    model = build(volsdf.config.pipeline.model)
+    assert model.prior is None
+    assert not any("attention" in name for name, _ in model.named_parameters())
+    assert model.field.sdf_mlp.skip_in == (4,) and len(model.field.sdf_mlp.layers) == 9
+
+
+def test_missing_codebook_stops_before_any_work(tmp_path):
+    with pytest.raises(CodebookError, match="does not exist"):
+        build(CocoInrModelConfig(codebook_path=tmp_path / "absent.ckpt"))
+
+
+def test_codebook_file_is_used_and_stored_once(tmp_path):
+    codebook = torch.randn(32, 16)
+    path = tmp_path / "codebook.pt"
+    torch.save(codebook, path)
+    model = build(tiny_config(codebook_source="file", codebook_path=path))
+    torch.testing.assert_close(model.prior.codebook, codebook)
+    assert [key for key in model.state_dict() if "codebook" in key] == ["prior.codebook"]
+    assert not model.prior.codebook.requires_grad
+    assert model._ddp_params_and_buffers_to_ignore == ["prior.codebook"]
+
+
+def test_prototypes_computed_once_per_training_step():
+    model = build(tiny_config())
+    calls = count_codebook_attention_calls(model)
+    model.train()
+    outputs = model(rays())
+    loss = sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3)}).values())
+    loss.backward()
+    assert len(calls) == 4  # one per head, although the geometry head ran ~5 times
+    assert model.prior.attentions["geometry"].latents.grad is not None
+
+
+def test_prototypes_cached_while_rendering_and_refreshed_after_training():
+    model = build(tiny_config())
+    calls = count_codebook_attention_calls(model)
+    model.eval()
+    bundle = rays(64)
+    with torch.no_grad():
+        for chunk in range(4):
+            model(bundle[chunk * 16 : (chunk + 1) * 16])
+    assert len(calls) == 4
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        model(bundle[:16])
+    assert len(calls) == 8
+
+
+def test_prototypes_do_not_depend_on_the_query_points():
+    model = build(tiny_config())
+    model.eval()
+    before = {head: model.prior.get(head).clone() for head in model.prior.attentions}
+    points = torch.randn(40, 3)
+    with torch.no_grad():
+        alone = model.field.forward_geonetwork(points[:5])
+        together = model.field.forward_geonetwork(points)
+        permuted = model.field.forward_geonetwork(points.flip(0))
+    for head, value in before.items():
+        torch.testing.assert_close(model.prior.get(head), value)
+    torch.testing.assert_close(alone, together[:5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(permuted, together.flip(0), atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_follow_nerfstudio_conventions():
+    """rgb/accumulation in [0,1]; ``normals`` in [0,1] for ns-export; ``depth`` is distance along the ray."""
+    # a sharp surface and the paper's sample counts: the expected depth sits at the SDF's crossing
+    model = build(
+        tiny_config(beta_init=0.01, max_total_iters=5, num_samples=64, num_samples_eval=128, num_samples_extra=32)
+    )
+    model.eval()
+    bundle = rays(16)
+    with torch.no_grad():
+        outputs = model(bundle)
+    assert set(outputs) == {"rgb", "accumulation", "depth", "normal", "normals"}  # per-ray only
+    for name in ("rgb", "accumulation", "normals"):
+        assert outputs[name].min() >= 0 and outputs[name].max() <= 1 + 1e-6, name  # float rounding of sums
+    # the initial SDF is a rough sphere: find its first zero crossing along each ray and compare
+    t = torch.linspace(0.0, 5.0, 2001)
+    points = bundle.origins[:, None, :] + t[None, :, None] * bundle.directions[:, None, :]
+    with torch.no_grad():
+        sdf = model.field.get_sdf_values(points)[..., 0]
+    crossing = t[(sdf < 0).float().argmax(dim=1)]
+    hit = outputs["accumulation"][:, 0] > 0.95
+    assert hit.sum() >= 8
+    assert (outputs["depth"][hit, 0] - crossing[hit]).abs().max() < 0.05  # grazing rays: up to ~3 beta early
+    # the rendered normal points back towards the camera at the hit
+    normals = outputs["normals"][hit] * 2 - 1
+    assert ((normals * bundle.directions[hit]).sum(-1) < 0).all()
+
+
+def test_rendering_shortcut_matches_full_evaluation():
+    model = build(tiny_config())
+    model.eval()
+    bundle = rays(24)
+    with torch.no_grad():
+        shortcut = model(bundle)
+        model.config.eval_weight_threshold = 0.0
+        full = model(bundle)
+    for name in ("rgb", "depth", "accumulation"):
+        torch.testing.assert_close(shortcut[name], full[name], atol=2e-3, rtol=0)
+
+
+def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
+    """The original put near-surface points at dir + z*dir; ours are origin + z*dir."""
+    model = build(tiny_config())
+    bundle = rays(10)
+    z = torch.rand(10, 1) * 3.0
+    points = model._eikonal_points(bundle, z)
+    uniform, near = points[:10], points[10:]
+    assert uniform.abs().max() <= model.config.scene_radius
+    torch.testing.assert_close(near, bundle.origins + z * bundle.directions)
+
+
+def test_losses_and_training_metrics():
+    model = build(tiny_config())
+    model.train()
+    outputs = model(rays())
+    assert outputs["eik_grad"].shape == (64, 3)  # a uniform and a near-surface point per ray
+    losses = model.get_loss_dict(outputs, {"image": torch.rand(32, 3)})
+    assert set(losses) == {"rgb_loss", "eikonal_loss"}
+    metrics = model.get_metrics_dict(outputs, {"image": torch.rand(32, 3)})
+    torch.testing.assert_close(metrics["beta"], torch.tensor(0.1 + 1e-4))
+    expected = ((outputs["eik_grad"].norm(dim=-1) - 1) ** 2).mean() * 0.1
+    torch.testing.assert_close(losses["eikonal_loss"], expected)
+
+
+def test_mask_loss_only_when_asked():
+    batch = {"image": torch.rand(32, 3), "fg_mask": torch.ones(32, 1)}
+    model = build(tiny_config())
+    model.train()
+    assert "fg_mask_loss" not in model.get_loss_dict(model(rays()), batch)
+    model = build(tiny_config(fg_mask_loss_mult=0.01))
+    model.train()
+    assert "fg_mask_loss" in model.get_loss_dict(model(rays()), batch)
+
+
+def test_checkpoint_roundtrip_gives_identical_renders():
+    model = build(tiny_config())
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        outputs = model(rays(seed=_))
+        sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3)}).values()).backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    # a model built from another (random) codebook: the checkpoint's codebook must win
+    reloaded = build(tiny_config(random_codebook_seed=7))
+    reloaded.load_model(torch.load(buffer, weights_only=True))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        a, b = model(rays(20, seed=5)), reloaded(rays(20, seed=5))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
+def test_image_metrics_with_mask_and_without_lpips_weights(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # no AlexNet on disk: LPIPS skipped
+    model = build(tiny_config())
+    h, w = 16, 20
+    image = torch.rand(h, w, 3)
+    outputs = {
+        "rgb": image.clone(),
+        "accumulation": torch.ones(h, w, 1),
+        "depth": torch.ones(h, w, 1),
+        "normals": torch.full((h, w, 3), 0.5),
+    }
+    outputs["rgb"][0, 0] = 0.0  # one wrong pixel, outside the mask
+    mask = torch.ones(h, w, 1)
+    mask[0, 0] = 0
+    metrics, images = model.get_image_metrics_and_images(outputs, {"image": image, "fg_mask": mask})
+    assert "lpips" not in metrics
+    assert metrics["psnr_masked"] > 90 and metrics["psnr"] < 40
+    assert images["img"].shape == (h, 2 * w, 3) and images["normal"].shape == (h, w, 3)
+
+
+def test_method_defaults_are_the_originals():
+    trainer = coco_inr.config
+    model = trainer.pipeline.model
+    assert trainer.method_name == "coco-inr" and trainer.max_num_iterations == 200_000
+    assert trainer.pipeline.datamanager.train_num_rays_per_batch == 1024
+    assert trainer.pipeline.datamanager.pixel_sampler.images_per_batch == 1
+    assert trainer.optimizers["fields"]["optimizer"].lr == 5e-4
+    assert trainer.optimizers["fields"]["scheduler"].final_ratio == 0.1
+    assert (model.num_samples, model.num_samples_eval, model.num_samples_extra) == (64, 128, 32)
+    assert (model.error_bound_eps, model.beta_iters, model.max_total_iters) == (0.1, 10, 5)
+    assert (model.scene_radius, model.beta_init, model.eikonal_loss_mult, model.fg_mask_loss_mult) == (
+        3.0,
+        0.1,
+        0.1,
+        0.0,
+    )
+    assert model.sdf_field.bias == 0.6 and model.num_samples_outside == 32
+
+
+def test_entry_points_are_registered():
+    from nerfstudio.configs.method_configs import all_methods
+    from nerfstudio.configs.dataparser_configs import all_dataparsers
+
+    assert "coco-inr" in all_methods and "volsdf" in all_methods
+    assert "idr-data" in all_dataparsers
