@@ -11,7 +11,7 @@ import os
 import pickle
 import types
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ HOW_TO_GET = (
     "The codebook is the quantizer embedding (state_dict['quantize.embedding.weight'], 16384 x 256) of "
     "taming-transformers' VQGAN 'ImageNet f16-16384' (https://github.com/CompVis/taming-transformers). "
     "Download that checkpoint, then run `cocoinr-extract-codebook --vqgan-checkpoint last.ckpt` to store "
-    f"the compact codebook at {{cache}}, or put the checkpoint at {{cwd}}, or pass "
+    "the compact codebook at {cache}, or put the checkpoint at {cwd}, or pass "
     "--pipeline.model.codebook-path PATH. For a prior-free ablation, pass --pipeline.model.codebook-source random."
 )
 
@@ -40,12 +40,12 @@ def user_cache_dir() -> Path:
     return Path(base) / "cocoinr"
 
 
-def default_codebook_locations() -> List[Path]:
+def default_codebook_locations() -> list[Path]:
     """Where a codebook is looked for when no path is given, in order."""
     return [Path.cwd() / "ckpts" / CODEBOOK_FILENAME, user_cache_dir() / CODEBOOK_FILENAME]
 
 
-def locate_codebook(path: Optional[Path]) -> Path:
+def locate_codebook(path: Path | None) -> Path:
     """Returns the codebook file to use, or raises a ``CodebookError`` that explains how to get one."""
     if path is not None:
         path = Path(path).expanduser()
@@ -81,8 +81,8 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
     numpy scalars are rebuilt; every other class becomes an inert placeholder.
     """
 
-    _BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray"}
-    _NUMPY = {"_reconstruct", "scalar", "ndarray", "dtype"}
+    _BUILTINS = frozenset({"set", "frozenset", "slice", "complex", "bytearray"})
+    _NUMPY = frozenset({"_reconstruct", "scalar", "ndarray", "dtype"})
 
     def _is_allowed(self, module: str, name: str) -> bool:
         if module == "builtins":

@@ -6,6 +6,13 @@ configuration lives here, and nothing optional (tinycudann, open3d) is imported.
 
 from __future__ import annotations
 
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
 from cocoinr_nerfstudio.data.idr_dataparser import IDRDataParserConfig
 from cocoinr_nerfstudio.data.idr_dataset import IDRDataset
 from cocoinr_nerfstudio.data.pixel_sampler import PerImagePixelSamplerConfig
@@ -13,12 +20,6 @@ from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConf
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModelConfig
-from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
-from nerfstudio.plugins.types import MethodSpecification
 
 MAX_STEPS = 200_000
 LEARNING_RATE = 5e-4

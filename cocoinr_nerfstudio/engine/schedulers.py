@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Type
-
-from torch.optim import Optimizer, lr_scheduler
 
 from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
+from torch.optim import Optimizer, lr_scheduler
 
 
 @dataclass
 class ExponentialDecayToSchedulerConfig(SchedulerConfig):
     """``lr(step) = lr_init * final_ratio ** (step / max_steps)``, then constant: the original's decay."""
 
-    _target: Type = field(default_factory=lambda: ExponentialDecayToScheduler)
+    _target: type = field(default_factory=lambda: ExponentialDecayToScheduler)
     final_ratio: float = 0.1
     """Learning rate at ``max_steps`` as a fraction of the initial one."""
     max_steps: int = 200_000

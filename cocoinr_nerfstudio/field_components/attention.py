@@ -6,7 +6,7 @@ lets every sample point read from those prototypes. Both are pre-norm, residual 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def attend(
 class MultiHeadAttention(nn.Module):
     """Multi-head attention from ``query_dim`` inputs to a context (itself when none is given)."""
 
-    def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 4, dim_head: int = 32) -> None:
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, dim_head: int = 32) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
@@ -49,7 +49,7 @@ class MultiHeadAttention(nn.Module):
         return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
 
     def forward(
-        self, x: Float[Tensor, "*b n dq"], context: Optional[Float[Tensor, "*b m dc"]] = None, fused: bool = True
+        self, x: Float[Tensor, "*b n dq"], context: Float[Tensor, "*b m dc"] | None = None, fused: bool = True
     ) -> Float[Tensor, "*b n dq"]:
         context = x if context is None else context
         k, v = self.to_kv(context).chunk(2, dim=-1)
@@ -154,7 +154,7 @@ class CodebookAttention(nn.Module):
         x = self.latents
         x = x + self.cross_attention(x, codebook.to(x.dtype), fused=fused)
         x = x + self.cross_feed_forward(x)
-        for attention, feed_forward in zip(self.self_attentions, self.feed_forwards):
+        for attention, feed_forward in zip(self.self_attentions, self.feed_forwards, strict=True):
             x = x + attention(x, fused=fused)
             x = x + feed_forward(x)
         return x

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class SDFMLP(nn.Module):
         bias: float = 0.6,
         weight_norm: bool = True,
         raw_input_dim: int = 3,
-        activation: Optional[nn.Module] = None,
+        activation: nn.Module | None = None,
     ) -> None:
         super().__init__()
         dims = [in_dim, *hidden_dims, out_dim]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,7 @@ class PrototypeBank(nn.Module):
                 for head in heads
             }
         )
-        self._cache: Dict[str, Tensor] = {}
+        self._cache: dict[str, Tensor] = {}
 
     @property
     def prototype_dim(self) -> int:
@@ -79,7 +79,7 @@ class PrototypeBank(nn.Module):
         self._cache = {}
 
     def get(self, head: str) -> Tensor:
-        cached: Optional[Tensor] = self._cache.get(head)
+        cached: Tensor | None = self._cache.get(head)
         if cached is not None:
             return cached
         if self.training:
@@ -88,7 +88,7 @@ class PrototypeBank(nn.Module):
             self._cache[head] = self.compute(head)
         return self._cache[head]
 
-    def train(self, mode: bool = True) -> "PrototypeBank":
+    def train(self, mode: bool = True) -> PrototypeBank:
         self.invalidate()
         return super().train(mode)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Type
 
 import torch
 from jaxtyping import Float
+from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
 from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
@@ -14,14 +14,13 @@ from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 from cocoinr_nerfstudio.fields.coco_field import CoordinateAttentionConfig, PrototypeSource
 from cocoinr_nerfstudio.model_components.density import abs_density
-from nerfstudio.configs.base_config import InstantiateConfig
 
 
 @dataclass
 class CocoBackgroundFieldConfig(InstantiateConfig):
     """Background outside the bounding sphere (inverted-sphere parametrisation). Original's defaults."""
 
-    _target: Type = field(default_factory=lambda: CocoBackgroundField)
+    _target: type = field(default_factory=lambda: CocoBackgroundField)
     use_coordinate_attention: bool = True
     """Let background points attend to codebook prototypes."""
     coordinate_attention: CoordinateAttentionConfig = field(default_factory=CoordinateAttentionConfig)
@@ -32,7 +31,7 @@ class CocoBackgroundFieldConfig(InstantiateConfig):
     """Coordinate-attention blocks of the density head."""
     density_attention_activation: FeedForwardActivation = "softplus"
     """Activation of the density head's attention feed-forward."""
-    hidden_dims: Tuple[int, ...] = (256, 256, 256, 256)
+    hidden_dims: tuple[int, ...] = (256, 256, 256, 256)
     """Hidden widths of the density MLP."""
     feature_dim: int = 256
     """Feature passed from the density head to the colour head."""
@@ -42,7 +41,7 @@ class CocoBackgroundFieldConfig(InstantiateConfig):
     """Coordinate-attention blocks of the colour head."""
     color_attention_activation: FeedForwardActivation = "gelu"
     """Activation of the colour head's attention feed-forward."""
-    color_hidden_dims: Tuple[int, ...] = ()
+    color_hidden_dims: tuple[int, ...] = ()
     """Hidden widths of the colour MLP after attention."""
 
 
@@ -52,7 +51,7 @@ class CocoBackgroundField(nn.Module):
     def __init__(
         self,
         config: CocoBackgroundFieldConfig,
-        prototype_source: Optional[PrototypeSource] = None,
+        prototype_source: PrototypeSource | None = None,
         prototype_dim: int = 128,
     ) -> None:
         super().__init__()
@@ -108,7 +107,7 @@ class CocoBackgroundField(nn.Module):
 
     def forward(
         self, points: Float[Tensor, "n 4"], directions: Float[Tensor, "n 3"]
-    ) -> Tuple[Float[Tensor, "n 1"], Float[Tensor, "n 3"]]:
+    ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n 3"]]:
         """Returns (density, rgb)."""
         fused = self.config.coordinate_attention.fused
         encoded = self.position_encoding(points)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Literal, Optional, Tuple, Type
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from nerfstudio.cameras.rays import RaySamples
+from nerfstudio.configs.base_config import InstantiateConfig
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
 
 from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
-from nerfstudio.cameras.rays import RaySamples
-from nerfstudio.configs.base_config import InstantiateConfig
-from nerfstudio.field_components.field_heads import FieldHeadNames
-from nerfstudio.fields.base_field import Field
 
 PrototypeSource = Callable[[str], Tensor]
 """Returns the prototypes of a named head (``"geometry"``, ``"color"``, ...)."""
@@ -38,7 +39,7 @@ class CoordinateAttentionConfig:
 class CocoFieldConfig(InstantiateConfig):
     """Foreground SDF + colour field. Defaults are the original's DTU configuration."""
 
-    _target: Type = field(default_factory=lambda: CocoField)
+    _target: type = field(default_factory=lambda: CocoField)
     use_coordinate_attention: bool = True
     """Let points attend to codebook prototypes (off: the plain VolSDF MLPs, the prior-free baseline)."""
     coordinate_attention: CoordinateAttentionConfig = field(default_factory=CoordinateAttentionConfig)
@@ -49,9 +50,9 @@ class CocoFieldConfig(InstantiateConfig):
     """Coordinate-attention blocks in the geometry head."""
     geometry_attention_activation: FeedForwardActivation = "softplus"
     """Activation of the geometry head's attention feed-forward (softplus keeps second derivatives smooth)."""
-    geometry_hidden_dims: Tuple[int, ...] = (256, 256, 256, 256)
+    geometry_hidden_dims: tuple[int, ...] = (256, 256, 256, 256)
     """Hidden widths of the SDF MLP."""
-    geometry_skip_in: Tuple[int, ...] = ()
+    geometry_skip_in: tuple[int, ...] = ()
     """Layers that re-read the MLP input (VolSDF uses (4,) with 8 layers)."""
     feature_dim: int = 256
     """Geometry feature passed to the colour head."""
@@ -67,7 +68,7 @@ class CocoFieldConfig(InstantiateConfig):
     """Coordinate-attention blocks in the colour head."""
     color_attention_activation: FeedForwardActivation = "gelu"
     """Activation of the colour head's attention feed-forward."""
-    color_hidden_dims: Tuple[int, ...] = ()
+    color_hidden_dims: tuple[int, ...] = ()
     """Hidden widths of the colour MLP after attention (the original: none, a single linear layer)."""
     color_weight_norm: bool = False
     """Weight normalisation in the colour MLP."""
@@ -85,7 +86,7 @@ class CocoField(Field):
     def __init__(
         self,
         config: CocoFieldConfig,
-        prototype_source: Optional[PrototypeSource] = None,
+        prototype_source: PrototypeSource | None = None,
         prototype_dim: int = 128,
     ) -> None:
         super().__init__()
@@ -148,7 +149,7 @@ class CocoField(Field):
         return self.config.coordinate_attention.fused and not create_graph
 
     def forward_geonetwork(
-        self, points: Float[Tensor, "*batch 3"], fused: Optional[bool] = None
+        self, points: Float[Tensor, "*batch 3"], fused: bool | None = None
     ) -> Float[Tensor, "*batch 1+feature_dim"]:
         """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract)."""
         if fused is None:
@@ -167,7 +168,7 @@ class CocoField(Field):
 
     def sdf_and_gradient(
         self, points: Float[Tensor, "n 3"], create_graph: bool
-    ) -> Tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
+    ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
         """SDF, feature and d(sdf)/dx. ``create_graph`` keeps the gradient differentiable (eikonal loss)."""
         with torch.enable_grad():
             x = points.detach().requires_grad_(True)
@@ -201,8 +202,8 @@ class CocoField(Field):
         raise NotImplementedError("CocoField predicts an SDF; the model turns it into density (LaplaceDensity).")
 
     def get_outputs(  # type: ignore[override]
-        self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None
-    ) -> Dict[FieldHeadNames, Tensor]:
+        self, ray_samples: RaySamples, density_embedding: Tensor | None = None
+    ) -> dict[FieldHeadNames, Tensor]:
         shape = ray_samples.frustums.shape
         points = ray_samples.frustums.get_start_positions().reshape(-1, 3)
         directions = ray_samples.frustums.directions.reshape(-1, 3)
@@ -215,5 +216,5 @@ class CocoField(Field):
             FieldHeadNames.NORMALS: F.normalize(gradients, dim=-1).reshape(*shape, 3),
         }
 
-    def forward(self, ray_samples: RaySamples, compute_normals: bool = False) -> Dict[FieldHeadNames, Tensor]:  # type: ignore[override]
+    def forward(self, ray_samples: RaySamples, compute_normals: bool = False) -> dict[FieldHeadNames, Tensor]:  # type: ignore[override]
         return self.get_outputs(ray_samples)

@@ -86,7 +86,7 @@ def _block_volume(sampler: _GridSampler, ranges: Sequence[tuple[int, int]]) -> n
     for piece in itertools.product(*(_segments(lo, hi) for lo, hi in ranges)):
         if any(b <= a for a, b in piece):
             continue  # empty interior when a block is one cell thick
-        sl = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(piece, ranges))
+        sl = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(piece, ranges, strict=True))
         volume[sl] = sampler.evaluate([np.arange(a, b) for a, b in piece])
     return volume
 
@@ -124,7 +124,7 @@ def _progress() -> Progress:
 
 def _iter_blocks(bounds: Sequence[np.ndarray]) -> Iterator[tuple[tuple[int, int], ...]]:
     for ids in itertools.product(*(range(len(b) - 1) for b in bounds)):
-        yield tuple((int(b[i]), int(b[i + 1])) for b, i in zip(bounds, ids))
+        yield tuple((int(b[i]), int(b[i + 1])) for b, i in zip(bounds, ids, strict=True))
 
 
 def extract_mesh(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -24,9 +22,7 @@ class LaplaceDensity(nn.Module):
     def get_beta(self) -> Float[Tensor, ""]:
         return self.beta_param.abs() + self.beta_min
 
-    def forward(
-        self, sdf: Float[Tensor, "*batch 1"], beta: Optional[Union[Tensor, float]] = None
-    ) -> Float[Tensor, "*batch 1"]:
+    def forward(self, sdf: Float[Tensor, "*batch 1"], beta: Tensor | float | None = None) -> Float[Tensor, "*batch 1"]:
         beta = self.get_beta() if beta is None else beta
         return (0.5 + 0.5 * sdf.sign() * torch.expm1(-sdf.abs() / beta)) / beta
 

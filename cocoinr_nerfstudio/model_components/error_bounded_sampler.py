@@ -9,17 +9,17 @@ that does is used to place the final samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from nerfstudio.cameras.rays import RayBundle, RaySamples
+from nerfstudio.model_components.ray_samplers import Sampler
+from torch import Tensor
 
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
-from nerfstudio.cameras.rays import RayBundle, RaySamples
-from nerfstudio.model_components.ray_samplers import Sampler
 
 SDFCallable = Callable[[Float[Tensor, "num_points 3"]], Float[Tensor, "num_points 1"]]
 
@@ -30,11 +30,11 @@ class ErrorBoundInfo:
 
     eikonal_z: Float[Tensor, "num_rays 1"]
     """One distance per ray drawn from the final samples: a near-surface eikonal point."""
-    beta: Float[Tensor, "num_rays"]
+    beta: Float[Tensor, " num_rays"]
     """The beta each ray's final samples were drawn with (>= the model's beta)."""
-    error_bound: Float[Tensor, "num_rays"]
+    error_bound: Float[Tensor, " num_rays"]
     """Theorem 1's opacity error bound of the dense sample set at ``beta``."""
-    num_rounds: Float[Tensor, "num_rays"]
+    num_rounds: Float[Tensor, " num_rays"]
     """Rounds of Algorithm 1 each ray went through (1 = no upsampling needed)."""
     num_queries: int
     """SDF evaluations spent, all rays together."""
@@ -85,7 +85,7 @@ def opacity_error_bound(
     sdf: Float[Tensor, "n m"],
     dists: Float[Tensor, "n m_minus_1"],
     d_star: Float[Tensor, "n m_minus_1"],
-) -> Tuple[Float[Tensor, "n m_minus_1"], Float[Tensor, "n m"]]:
+) -> tuple[Float[Tensor, "n m_minus_1"], Float[Tensor, "n m"]]:
     """Per-interval bound on the opacity error, and the estimated optical depth at each sample."""
     sigma = density(sdf, beta=beta)
     optical_depth = torch.cumsum(torch.cat([torch.zeros_like(dists[:, :1]), dists * sigma[:, :-1]], -1), -1)
@@ -178,10 +178,10 @@ class ErrorBoundedSampler(Sampler):
 
     def generate_ray_samples(  # type: ignore[override]
         self,
-        ray_bundle: Optional[RayBundle] = None,
-        sdf_fn: Optional[SDFCallable] = None,
-        density: Optional[LaplaceDensity] = None,
-    ) -> Tuple[RaySamples, ErrorBoundInfo]:
+        ray_bundle: RayBundle | None = None,
+        sdf_fn: SDFCallable | None = None,
+        density: LaplaceDensity | None = None,
+    ) -> tuple[RaySamples, ErrorBoundInfo]:
         assert ray_bundle is not None and sdf_fn is not None and density is not None
         assert ray_bundle.nears is not None and ray_bundle.fars is not None, "run a collider first"
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
-
 from nerfstudio.utils.rich_utils import CONSOLE
+from torch import Tensor
 
 
 def masked_psnr(
     pred: Float[Tensor, "h w 3"], target: Float[Tensor, "h w 3"], mask: Float[Tensor, "h w 1"]
-) -> Optional[float]:
+) -> float | None:
     """PSNR over the object's pixels only (mean squared error over masked pixels and channels)."""
     weight = (mask > 0.5).to(pred.dtype).expand_as(pred)
     count = weight.sum()
@@ -41,7 +39,7 @@ class OptionalLPIPS:
         self._metric = None
         self._unavailable = False
 
-    def __call__(self, pred: Float[Tensor, "1 3 h w"], target: Float[Tensor, "1 3 h w"]) -> Optional[float]:
+    def __call__(self, pred: Float[Tensor, "1 3 h w"], target: Float[Tensor, "1 3 h w"]) -> float | None:
         if self._unavailable:
             return None
         if self._metric is None:

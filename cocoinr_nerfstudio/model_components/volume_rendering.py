@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -11,7 +9,7 @@ from torch import Tensor
 
 def volume_weights(
     deltas: Float[Tensor, "*batch s"], density: Float[Tensor, "*batch s"]
-) -> Tuple[Float[Tensor, "*batch s"], Float[Tensor, "*batch"]]:
+) -> tuple[Float[Tensor, "*batch s"], Float[Tensor, "*batch"]]:
     """Weights ``(1 - exp(-sigma_i delta_i)) T_i`` and the transmittance left after the last sample.
 
     The leftover transmittance is what the background receives (nerfstudio's ``get_weights`` drops it).

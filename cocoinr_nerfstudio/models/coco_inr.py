@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from nerfstudio.cameras.rays import RayBundle, RaySamples
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.model_components.losses import L1Loss
+from nerfstudio.model_components.renderers import RGBRenderer
+from nerfstudio.model_components.scene_colliders import SphereCollider
+from nerfstudio.models.base_model import Model
+from nerfstudio.models.base_surface_model import SurfaceModel, SurfaceModelConfig
+from nerfstudio.utils import colormaps
+from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 from torch.nn import Parameter
 
@@ -24,15 +33,6 @@ from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
-from nerfstudio.cameras.rays import RayBundle, RaySamples
-from nerfstudio.field_components.field_heads import FieldHeadNames
-from nerfstudio.model_components.losses import L1Loss
-from nerfstudio.model_components.renderers import RGBRenderer
-from nerfstudio.model_components.scene_colliders import SphereCollider
-from nerfstudio.models.base_model import Model
-from nerfstudio.models.base_surface_model import SurfaceModel, SurfaceModelConfig
-from nerfstudio.utils import colormaps
-from nerfstudio.utils.rich_utils import CONSOLE
 
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 
@@ -41,13 +41,13 @@ PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 class CocoInrModelConfig(SurfaceModelConfig):
     """CoCo-INR. Every default is the original implementation's DTU value."""
 
-    _target: Type = field(default_factory=lambda: CocoInrModel)
-    codebook_path: Optional[Path] = None
+    _target: type = field(default_factory=lambda: CocoInrModel)
+    codebook_path: Path | None = None
     """Prior codebook: a taming-transformers VQGAN checkpoint, its extracted codebook, a .pt/.pth tensor or a
     .npy. Default: ./ckpts/model_16384x256_codebook.ckpt, then ~/.cache/cocoinr/model_16384x256_codebook.ckpt."""
     codebook_source: Literal["file", "random"] = "file"
     """``random``: the prior-free ablation (a seeded N(0,1) codebook instead of VQGAN's)."""
-    random_codebook_shape: Tuple[int, int] = (16384, 256)
+    random_codebook_shape: tuple[int, int] = (16384, 256)
     """Shape of the random ablation codebook."""
     random_codebook_seed: int = 0
     """Seed of the random ablation codebook (reloading rebuilds the same one)."""
@@ -110,7 +110,7 @@ class CocoInrModel(SurfaceModel):
     def populate_modules(self) -> None:
         # SurfaceModel.populate_modules builds nerfstudio's tiny-cuda-nn SDFField: skip it, keep the base setup
         Model.populate_modules(self)
-        self.prior: Optional[PrototypeBank] = None
+        self.prior: PrototypeBank | None = None
         if self.config.use_codebook_prior:
             self.prior = PrototypeBank(
                 self._load_codebook(),
@@ -123,7 +123,7 @@ class CocoInrModel(SurfaceModel):
         source = self.prior.get if self.prior is not None else None
         prototype_dim = self.config.codebook_attention.latent_dim
         self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
-        self.field_background: Optional[CocoBackgroundField] = None
+        self.field_background: CocoBackgroundField | None = None
         if self.config.background_model == "nerf++":
             self.field_background = self.config.background_field.setup(
                 prototype_source=source, prototype_dim=prototype_dim
@@ -169,7 +169,7 @@ class CocoInrModel(SurfaceModel):
         CONSOLE.print(f"Codebook prior: {path} ({codebook.shape[0]} x {codebook.shape[1]})")
         return codebook
 
-    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+    def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {"fields": list(self.field.parameters()) + list(self.density.parameters())}
         if self.prior is not None:
             groups["fields"] += list(self.prior.parameters())
@@ -177,7 +177,7 @@ class CocoInrModel(SurfaceModel):
             groups["field_background"] = list(self.field_background.parameters())
         return groups
 
-    def sample_and_forward_field(self, ray_bundle: RayBundle) -> Dict[str, Any]:
+    def sample_and_forward_field(self, ray_bundle: RayBundle) -> dict[str, Any]:
         ray_samples, info = self.sampler(ray_bundle, sdf_fn=self.field.get_sdf_values, density=self.density)
         if self.training or self.config.eval_weight_threshold <= 0:
             field_outputs = self.field(ray_samples)
@@ -193,7 +193,7 @@ class CocoInrModel(SurfaceModel):
             "sampler_info": info,
         }
 
-    def _forward_visible_samples(self, ray_samples: RaySamples) -> Tuple[Dict[FieldHeadNames, Tensor], Tensor, Tensor]:
+    def _forward_visible_samples(self, ray_samples: RaySamples) -> tuple[dict[FieldHeadNames, Tensor], Tensor, Tensor]:
         """Rendering shortcut: SDF everywhere (cheap, no autograd), gradient and colour where weights matter."""
         sdf = self.field.get_sdf_values(ray_samples.frustums.get_start_positions())
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
@@ -233,7 +233,7 @@ class CocoInrModel(SurfaceModel):
         near_surface = origins + eikonal_z * directions
         return torch.cat([uniform, near_surface], dim=0)
 
-    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Any]:  # type: ignore[override]
+    def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Any]:  # type: ignore[override]
         if self.training and self.prior is not None:
             self.prior.refresh()  # once per step: shared by sampler, render pass and eikonal points
         samples = self.sample_and_forward_field(ray_bundle)
@@ -249,7 +249,7 @@ class CocoInrModel(SurfaceModel):
         if self.field_background is not None:
             rgb = rgb + samples["bg_transmittance"] * self._render_background(ray_bundle).reshape(rgb.shape)
 
-        outputs: Dict[str, Any] = {
+        outputs: dict[str, Any] = {
             "rgb": rgb,
             "accumulation": accumulation,
             "depth": depth,  # distance along the (unit) ray, as nerfstudio's exporters and viewer expect
@@ -263,11 +263,11 @@ class CocoInrModel(SurfaceModel):
             outputs["weights"] = weights
         return outputs
 
-    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, Tensor]:
         # SurfaceModel's: L1 rgb, eikonal on outputs["eik_grad"], optional fg-mask BCE
         return super().get_loss_dict(outputs, batch, metrics_dict)
 
-    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+    def get_metrics_dict(self, outputs, batch) -> dict[str, Tensor]:
         metrics = super().get_metrics_dict(outputs, batch)
         metrics["beta"] = self.density.get_beta().detach()
         if self.training and "eik_grad" in outputs:
@@ -275,8 +275,8 @@ class CocoInrModel(SurfaceModel):
         return metrics
 
     def get_image_metrics_and_images(
-        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
-    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
         image = batch["image"].to(self.device)[..., :3]
         rgb = outputs["rgb"]
         images = {
@@ -286,7 +286,7 @@ class CocoInrModel(SurfaceModel):
             "normal": outputs["normals"],
         }
         image_nchw, rgb_nchw = image.permute(2, 0, 1)[None], rgb.permute(2, 0, 1)[None]
-        metrics: Dict[str, float] = {
+        metrics: dict[str, float] = {
             "psnr": float(self.psnr(rgb_nchw, image_nchw)),
             "ssim": float(self.ssim(rgb_nchw, image_nchw)),  # type: ignore[arg-type]
         }

@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import tyro
+from nerfstudio.utils.rich_utils import CONSOLE
 
 from cocoinr_nerfstudio.codebook import CODEBOOK_FILENAME, CodebookError, load_codebook, save_codebook, user_cache_dir
-from nerfstudio.utils.rich_utils import CONSOLE
 
 
 @dataclass
@@ -23,7 +22,7 @@ class ExtractCodebook:
 
     vqgan_checkpoint: Path
     """Full VQGAN checkpoint (e.g. taming's ImageNet f16-16384 last.ckpt), or any supported codebook file."""
-    output: Optional[Path] = None
+    output: Path | None = None
     """Where to write the codebook (default: the user cache, ~/.cache/cocoinr/model_16384x256_codebook.ckpt)."""
     overwrite: bool = False
     """Replace an existing output file."""

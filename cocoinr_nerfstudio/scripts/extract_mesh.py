@@ -70,7 +70,10 @@ def training_views(pipeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         raise CLIError(f"--cull-by-masks: {len(masks)} masks but {len(cameras)} training cameras")
     sx = np.array([m.shape[1] for m in masks]) / cameras.width.reshape(-1).cpu().numpy()
     sy = np.array([m.shape[0] for m in masks]) / cameras.height.reshape(-1).cpu().numpy()
-    flat = lambda t: t.reshape(-1).cpu().numpy().astype(np.float64)
+
+    def flat(t):
+        return t.reshape(-1).cpu().numpy().astype(np.float64)
+
     return (
         flat(cameras.fx) * sx,
         flat(cameras.fy) * sy,

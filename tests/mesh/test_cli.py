@@ -163,7 +163,9 @@ def test_extract_box_options(extract, capsys):
 
 
 def test_extract_largest_component(extract):
-    two = lambda p: torch.minimum(ball(0.4, (-0.45, 0, 0))(p), ball(0.2, (0.6, 0, 0))(p))
+    def two(p):
+        return torch.minimum(ball(0.4, (-0.45, 0, 0))(p), ball(0.2, (0.6, 0, 0))(p))
+
     code, _, out = extract("--largest-component", "--normalized-frame", pipeline=fake_pipeline(sdf=two))
     assert code == 0
     vertices = trimesh.load(out, process=False).vertices

@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
+from nerfstudio.cameras.rays import RayBundle
 
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import (
     ErrorBoundedSampler,
     distance_bound,
-    opacity_error_bound,
     sample_pdf,
 )
-from nerfstudio.cameras.rays import RayBundle
 
 RADIUS = 0.6
 

@@ -6,6 +6,8 @@ import io
 
 import pytest
 import torch
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import SceneBox
 
 from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
@@ -13,8 +15,6 @@ from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSett
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
-from nerfstudio.cameras.rays import RayBundle
-from nerfstudio.data.scene_box import SceneBox
 
 SCENE_BOX = SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3]))
 
@@ -277,8 +277,8 @@ def test_method_defaults_are_the_originals():
 
 
 def test_entry_points_are_registered():
-    from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.configs.dataparser_configs import all_dataparsers
+    from nerfstudio.configs.method_configs import all_methods
 
     assert "coco-inr" in all_methods and "volsdf" in all_methods
     assert "idr-data" in all_dataparsers
