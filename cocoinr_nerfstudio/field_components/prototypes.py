@@ -31,7 +31,8 @@ class PrototypeBank(nn.Module):
     Prototypes do not depend on sample points. In training they are recomputed once per step by
     :meth:`refresh` (with gradients, shared by the sampler, the render pass and the eikonal points);
     in evaluation they are computed on first use and cached until the module trains again or loads
-    new weights, so a frame rendered in many chunks pays for them once.
+    new weights, so a frame rendered in many chunks pays for them once. ``cache=False`` recomputes them
+    on every use, as the original does (kept as the reference for benchmarks).
     """
 
     def __init__(
@@ -40,8 +41,10 @@ class PrototypeBank(nn.Module):
         heads: Sequence[str],
         settings: CodebookAttentionSettings,
         fused_attention: bool = True,
+        cache: bool = True,
     ) -> None:
         super().__init__()
+        self.cache = cache
         # persistent: checkpoints carry the codebook once, so they stay self-describing
         self.register_buffer("codebook", codebook.detach().clone().float(), persistent=True)
         self.fused_attention = fused_attention
@@ -73,7 +76,8 @@ class PrototypeBank(nn.Module):
 
     def refresh(self) -> None:
         """Recomputes every head's prototypes; call once at the start of each training step."""
-        self._cache = {head: self.compute(head) for head in self.attentions}
+        if self.cache:
+            self._cache = {head: self.compute(head) for head in self.attentions}
 
     def invalidate(self) -> None:
         self._cache = {}
@@ -82,8 +86,8 @@ class PrototypeBank(nn.Module):
         cached: Tensor | None = self._cache.get(head)
         if cached is not None:
             return cached
-        if self.training:
-            return self.compute(head)  # not refreshed this step: compute, but do not keep a graph around
+        if self.training or not self.cache:
+            return self.compute(head)  # uncached: what the original does on every call of every head
         with torch.no_grad():
             self._cache[head] = self.compute(head)
         return self._cache[head]

@@ -148,3 +148,34 @@ def test_sampler_queries_without_autograd():
     sampler(bundle, sdf_fn=sdf_fn, density=LaplaceDensity(0.05))
     assert calls and not any(calls)
     assert len(calls) <= 3  # one batched query per round
+
+
+def test_batched_search_finds_the_bisection_beta():
+    """15 candidates per level reach the sequential bisection's answer (to its precision) in fewer launches."""
+    density = LaplaceDensity(beta_init=0.002, beta_min=0.0)
+    bundle, _ = rays_at_sphere(16)
+    results = {}
+    for batched in (True, False):
+        sampler = ErrorBoundedSampler(batched_bisection=batched, max_total_iters=1, num_samples_eval=64)
+        sampler.eval()
+        results[batched] = sampler(bundle, sdf_fn=sphere_sdf, density=density)[1]
+    fast, reference = results[True], results[False]
+    assert (fast.beta > 0.002).all()  # one round of 64 samples cannot meet the bound with the model's beta
+    lemma2 = math.sqrt(63 * (5.0 / 63) ** 2 / (4 * math.log(1.1)))  # the search interval's upper end
+    torch.testing.assert_close(fast.beta, reference.beta, atol=lemma2 / 2**10, rtol=0)
+    assert (fast.error_bound <= 0.1 + 1e-6).all()
+
+
+def test_compiled_search_matches_eager():
+    from cocoinr_nerfstudio.model_components.error_bounded_sampler import grid_search_beta
+
+    torch.manual_seed(0)
+    z = torch.sort(torch.rand(8, 20) * 4, -1).values
+    sdf = z - 2.0
+    dists = z[:, 1:] - z[:, :-1]
+    d_star = distance_bound(z, sdf)
+    density = LaplaceDensity(0.01, 0.0)
+    args = (density, density.get_beta().detach(), torch.full((8,), 2.0), sdf, dists, d_star, 0.1, 3)
+    # fullgraph: no graph breaks, so on GPU it compiles into a few fused kernels
+    compiled = torch.compile(grid_search_beta, dynamic=True, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*args), grid_search_beta(*args))
