@@ -95,6 +95,8 @@ class CocoField(Field):
             raise ValueError("CocoField with coordinate attention needs a prototype source (the codebook prior).")
         # a plain attribute, not a submodule: the prior is owned (and checkpointed) by the model
         self.prototype_source = prototype_source
+        self.color_autocast: torch.dtype | None = None
+        """Autocast dtype for the colour head (set by the model), None for float32."""
         attention = config.coordinate_attention
 
         self.position_encoding = IDRFrequencyEncoding(3, config.position_frequencies)
@@ -193,10 +195,14 @@ class CocoField(Field):
             x = torch.cat([points, encoded_dirs, gradients, features], dim=-1)
         else:
             x = torch.cat([encoded_dirs, features], dim=-1)
-        if self.color_attention is not None:
-            assert self.prototype_source is not None
-            x = self.color_attention(x, self.prototype_source("color"), fused=self.config.coordinate_attention.fused)
-        return torch.sigmoid(self.color_mlp(x))
+        dtype = self.color_autocast
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self.color_attention is not None:
+                assert self.prototype_source is not None
+                x = self.color_attention(
+                    x, self.prototype_source("color"), fused=self.config.coordinate_attention.fused
+                )
+            return torch.sigmoid(self.color_mlp(x)).float()
 
     def get_density(self, ray_samples: RaySamples):  # type: ignore[override]
         raise NotImplementedError("CocoField predicts an SDF; the model turns it into density (LaplaceDensity).")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from nerfstudio.cameras.rays import RayBundle, RaySamples
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.model_components.losses import L1Loss
 from nerfstudio.model_components.renderers import RGBRenderer
@@ -32,7 +33,9 @@ from cocoinr_nerfstudio.model_components.background import (
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
+from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
+from cocoinr_nerfstudio.viewer.panel import MethodPanel
 
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 
@@ -57,6 +60,14 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Codebook attention (prototype extractor) shape, one module per head."""
     fused_prototype_attention: bool = True
     """Use torch's fused attention kernels to compute prototypes."""
+    cache_prototypes: bool = True
+    """Compute prototypes once per training step and once per rendered frame (the original: on every call)."""
+    tf32_matmul: bool = False
+    """Allow TensorFloat-32 matrix products on Ampere+ GPUs (sets torch's float32 matmul precision to 'high',
+    process-wide)."""
+    sampler_autocast: Literal["none", "bfloat16"] = "none"
+    """Run the error-bounded sampler's SDF queries in bfloat16 (they only place samples; the rendered SDF,
+    its gradient and every loss stay float32)."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -87,6 +98,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Error-bounded sampler: floor added to the upsampling pdf."""
     per_ray_convergence: bool = True
     """Error-bounded sampler: stop upsampling each ray once its bound is met (the original waits for all rays)."""
+    batched_bisection: bool = True
+    """Error-bounded sampler: test 15 betas per level instead of halving one at a time (same or finer precision)."""
+    compile_sampler: bool = False
+    """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation)."""
     sampler_chunk_size: int = 1 << 20
     """Points per SDF query inside the sampler (bounds memory; queries run without autograd)."""
     num_samples_outside: int = 32
@@ -100,6 +115,20 @@ class CocoInrModelConfig(SurfaceModelConfig):
     eval_weight_threshold: float = 1e-4
     """When rendering (not training), samples whose weight is below this skip the SDF gradient and the colour
     head; they would change a pixel by at most their summed weight. 0 evaluates every sample."""
+    train_weight_threshold: float = 0.0
+    """In training, samples whose weight is below this skip the (twice-differentiated) SDF gradient and the
+    colour head; their colour counts as 0. Every sample's SDF, hence density and transmittance, keeps its
+    gradient. 0 evaluates every sample, as the original."""
+    render_mode: Literal["volume", "surface"] = "volume"
+    """Whole-image rendering outside training: ``volume`` is the method's own rendering (metrics, exports);
+    ``surface`` sphere-traces the zero level set and shades the hit point, a fast preview for the viewer."""
+    preview_trace_steps: int = 64
+    """Sphere-tracing steps of the ``surface`` render mode."""
+    preview_background_samples: int = 8
+    """Background samples per ray in the ``surface`` render mode."""
+    bf16_color_heads: bool = False
+    """Run the colour heads and the background field under bfloat16 autocast. The SDF, its gradient, the
+    density and the losses stay float32."""
 
 
 class CocoInrModel(SurfaceModel):
@@ -117,17 +146,21 @@ class CocoInrModel(SurfaceModel):
                 heads=PRIOR_HEADS if self.config.background_model != "none" else PRIOR_HEADS[:2],
                 settings=self.config.codebook_attention,
                 fused_attention=self.config.fused_prototype_attention,
+                cache=self.config.cache_prototypes,
             )
             # every rank loads the same codebook: do not let DDP broadcast 16 MiB each step
             self._ddp_params_and_buffers_to_ignore = ["prior.codebook"]
         source = self.prior.get if self.prior is not None else None
         prototype_dim = self.config.codebook_attention.latent_dim
         self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
+        self.field.color_autocast = torch.bfloat16 if self.config.bf16_color_heads else None
         self.field_background: CocoBackgroundField | None = None
         if self.config.background_model == "nerf++":
             self.field_background = self.config.background_field.setup(
                 prototype_source=source, prototype_dim=prototype_dim
             )
+        if self.config.tf32_matmul:
+            torch.set_float32_matmul_precision("high")
         self.density = LaplaceDensity(self.config.beta_init, self.config.beta_min)
         self.sampler = ErrorBoundedSampler(
             num_samples=self.config.num_samples,
@@ -139,6 +172,8 @@ class CocoInrModel(SurfaceModel):
             add_tiny=self.config.add_tiny,
             chunk_size=self.config.sampler_chunk_size,
             per_ray_convergence=self.config.per_ray_convergence,
+            batched_bisection=self.config.batched_bisection,
+            compile=self.config.compile_sampler,
         )
         self.collider = SphereCollider(
             center=torch.zeros(3), radius=self.config.scene_radius, near_plane=self.config.near_plane
@@ -151,6 +186,7 @@ class CocoInrModel(SurfaceModel):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = structural_similarity_index_measure
         self.lpips = OptionalLPIPS()
+        self.viewer_panel = MethodPanel(self)  # viewer elements only: no parameters, no buffers
 
     def _load_codebook(self) -> Tensor:
         config = self.config
@@ -178,13 +214,14 @@ class CocoInrModel(SurfaceModel):
         return groups
 
     def sample_and_forward_field(self, ray_bundle: RayBundle) -> dict[str, Any]:
-        ray_samples, info = self.sampler(ray_bundle, sdf_fn=self.field.get_sdf_values, density=self.density)
-        if self.training or self.config.eval_weight_threshold <= 0:
+        ray_samples, info = self.sampler(ray_bundle, sdf_fn=self._sampler_sdf, density=self.density)
+        threshold = self.config.train_weight_threshold if self.training else self.config.eval_weight_threshold
+        if threshold <= 0:
             field_outputs = self.field(ray_samples)
             sdf = field_outputs[FieldHeadNames.SDF]
             weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
         else:
-            field_outputs, weights, bg_transmittance = self._forward_visible_samples(ray_samples)
+            field_outputs, weights, bg_transmittance = self._forward_visible_samples(ray_samples, threshold)
         return {
             "ray_samples": ray_samples,
             "field_outputs": field_outputs,
@@ -193,11 +230,21 @@ class CocoInrModel(SurfaceModel):
             "sampler_info": info,
         }
 
-    def _forward_visible_samples(self, ray_samples: RaySamples) -> tuple[dict[FieldHeadNames, Tensor], Tensor, Tensor]:
-        """Rendering shortcut: SDF everywhere (cheap, no autograd), gradient and colour where weights matter."""
-        sdf = self.field.get_sdf_values(ray_samples.frustums.get_start_positions())
+    def _sampler_sdf(self, points: Tensor) -> Tensor:
+        """SDF queries that only place samples: optionally in bfloat16."""
+        if self.config.sampler_autocast == "bfloat16":
+            with torch.autocast(points.device.type, dtype=torch.bfloat16):
+                return self.field.get_sdf_values(points).float()
+        return self.field.get_sdf_values(points)
+
+    def _forward_visible_samples(
+        self, ray_samples: RaySamples, threshold: float
+    ) -> tuple[dict[FieldHeadNames, Tensor], Tensor, Tensor]:
+        """SDF everywhere (first-order only), SDF gradient and colour only where the weights matter."""
+        points = ray_samples.frustums.get_start_positions()
+        sdf = self.field.forward_geonetwork(points, fused=self.field.config.coordinate_attention.fused)[..., :1]
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
-        visible = weights > self.config.eval_weight_threshold
+        visible = weights.detach() > threshold
         outputs = {FieldHeadNames.SDF: sdf}
         for name in (FieldHeadNames.RGB, FieldHeadNames.NORMALS, FieldHeadNames.GRADIENT):
             outputs[name] = sdf.new_zeros(*sdf.shape[:-1], 3)
@@ -207,11 +254,11 @@ class CocoInrModel(SurfaceModel):
                     outputs[name][visible] = value
         return outputs, weights, bg_transmittance
 
-    def _render_background(self, ray_bundle: RayBundle) -> Tensor:
+    def _render_background(self, ray_bundle: RayBundle, num_samples: int | None = None) -> Tensor:
         assert self.field_background is not None
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
         inverse_radii = inverted_sphere_samples(
-            self.config.num_samples_outside,
+            num_samples or self.config.num_samples_outside,
             origins.shape[0],
             self.config.scene_radius,
             stratified=self.training,
@@ -219,9 +266,11 @@ class CocoInrModel(SurfaceModel):
         )
         points = inverted_sphere_points(origins, directions, inverse_radii)
         num_rays, num_samples = inverse_radii.shape
-        density, rgb = self.field_background(
-            points.reshape(-1, 4), directions[:, None, :].expand(num_rays, num_samples, 3).reshape(-1, 3)
-        )
+        with torch.autocast(origins.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_color_heads):
+            density, rgb = self.field_background(
+                points.reshape(-1, 4), directions[:, None, :].expand(num_rays, num_samples, 3).reshape(-1, 3)
+            )
+        density, rgb = density.float(), rgb.float()
         weights = background_weights(inverse_radii, density.reshape(num_rays, num_samples))
         return (weights[..., None] * rgb.reshape(num_rays, num_samples, 3)).sum(-2)
 
@@ -233,7 +282,34 @@ class CocoInrModel(SurfaceModel):
         near_surface = origins + eikonal_z * directions
         return torch.cat([uniform, near_surface], dim=0)
 
+    def _render_surface(self, ray_bundle: RayBundle) -> dict[str, Any]:
+        """Preview: colour of the first surface hit (sphere tracing), background elsewhere; no volume integral."""
+        bundle = ray_bundle.flatten()
+        origins, directions = bundle.origins, bundle.directions
+        assert bundle.nears is not None and bundle.fars is not None
+        t, hit = sphere_trace(
+            self.field.get_sdf_values, origins, directions, bundle.nears, bundle.fars, self.config.preview_trace_steps
+        )
+        rgb, normal = torch.zeros_like(origins), torch.zeros_like(origins)
+        if bool(hit.any()):
+            points = (origins + t * directions)[hit]
+            _, features, gradients = self.field.sdf_and_gradient(points, create_graph=False)
+            rgb[hit] = self.field.get_colors(points, directions[hit], gradients, features)
+            normal[hit] = F.normalize(gradients, dim=-1)
+        if self.field_background is not None and not bool(hit.all()):
+            rgb[~hit] = self._render_background(bundle[~hit], self.config.preview_background_samples)
+        shape = (*ray_bundle.shape, -1)
+        return {
+            "rgb": rgb.reshape(shape),
+            "accumulation": hit.to(rgb.dtype).reshape(shape),
+            "depth": torch.where(hit[:, None], t, bundle.fars).reshape(shape),
+            "normal": normal.reshape(shape),
+            "normals": ((normal + 1.0) / 2.0).clamp(0.0, 1.0).reshape(shape),
+        }
+
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Any]:  # type: ignore[override]
+        if not self.training and self.config.render_mode == "surface":
+            return self._render_surface(ray_bundle)
         if self.training and self.prior is not None:
             self.prior.refresh()  # once per step: shared by sampler, render pass and eikonal points
         samples = self.sample_and_forward_field(ray_bundle)
@@ -272,7 +348,14 @@ class CocoInrModel(SurfaceModel):
         metrics["beta"] = self.density.get_beta().detach()
         if self.training and "eik_grad" in outputs:
             metrics["eikonal"] = ((outputs["eik_grad"].norm(dim=-1) - 1.0) ** 2).mean().detach()
+        self.viewer_panel.record_metrics(metrics)
         return metrics
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> list[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        return [*callbacks, *self.viewer_panel.training_callbacks(training_callback_attributes)]
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]
@@ -281,6 +364,7 @@ class CocoInrModel(SurfaceModel):
         rgb = outputs["rgb"]
         images = {
             "img": torch.cat([image, rgb], dim=1),
+            "rgb": rgb,
             "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
             "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
             "normal": outputs["normals"],
@@ -294,7 +378,7 @@ class CocoInrModel(SurfaceModel):
         if lpips is not None:
             metrics["lpips"] = lpips
         if "fg_mask" in batch:
+            # every image reports it (nerfstudio averages per key); NaN when the object is out of view
             value = masked_psnr(rgb, image, batch["fg_mask"].to(self.device))
-            if value is not None:
-                metrics["psnr_masked"] = value
+            metrics["psnr_masked"] = float("nan") if value is None else value
         return metrics, images

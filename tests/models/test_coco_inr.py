@@ -282,3 +282,52 @@ def test_entry_points_are_registered():
 
     assert "coco-inr" in all_methods and "volsdf" in all_methods
     assert "idr-data" in all_dataparsers
+
+
+def _train_outputs(model: CocoInrModel, seed: int = 3):
+    torch.manual_seed(seed)
+    model.train()
+    outputs = model(rays(32, seed=seed))
+    loss = sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3)}).values())
+    loss.backward()
+    return outputs
+
+
+def test_training_shortcut_keeps_gradients_and_colours():
+    """Skipping negligible samples in training changes the render by at most their summed weight."""
+    config = tiny_config(beta_init=0.02, num_samples=32, num_samples_eval=64, num_samples_extra=8)
+    full = _train_outputs(build(config))
+    config.train_weight_threshold = 1e-4
+    model = build(config)
+    pruned = _train_outputs(model)
+    torch.testing.assert_close(pruned["rgb"], full["rgb"], atol=5e-3, rtol=0)
+    torch.testing.assert_close(pruned["depth"], full["depth"], atol=1e-5, rtol=0)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "device_indicator" not in n)
+
+
+def test_bfloat16_colour_heads_stay_close_to_float32():
+    config = tiny_config()
+    reference = _train_outputs(build(config))
+    config.bf16_color_heads = True
+    model = build(config)
+    outputs = _train_outputs(model)
+    assert outputs["rgb"].dtype == torch.float32 and outputs["eik_grad"].dtype == torch.float32
+    torch.testing.assert_close(outputs["rgb"], reference["rgb"], atol=2e-2, rtol=0)
+    torch.testing.assert_close(outputs["eik_grad"], reference["eik_grad"])  # the SDF path is untouched
+
+
+def test_surface_preview_finds_the_volume_renders_surface():
+    """The viewer's fast mode: sphere tracing lands where the volume render puts the depth."""
+    model = build(tiny_config(beta_init=0.01, max_total_iters=5, num_samples=64, num_samples_eval=128))
+    model.eval()
+    bundle = rays(24)
+    with torch.no_grad():
+        volume = model(bundle)
+        model.config.render_mode = "surface"
+        surface = model(bundle)
+    assert set(surface) == set(volume)
+    hit = (volume["accumulation"][:, 0] > 0.99) & (surface["accumulation"][:, 0] == 1)
+    assert hit.sum() >= 12
+    assert (surface["depth"][hit] - volume["depth"][hit]).abs().max() < 0.05
+    assert ((surface["normals"][hit] - volume["normals"][hit]).abs().max(-1).values < 0.2).all()
+    assert surface["rgb"].min() >= 0 and surface["rgb"].max() <= 1

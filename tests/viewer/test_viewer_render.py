@@ -1,0 +1,65 @@
+"""What the live viewer asks of the model: a frame of cheap per-ray outputs, rendered without autograd state."""
+
+from __future__ import annotations
+
+import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
+
+VIEWER_OUTPUTS = {"rgb", "accumulation", "depth", "normal", "normals"}
+
+
+def camera(height: int = 12, width: int = 16) -> Cameras:
+    """Looking down -z at the origin from 2.5 units away (nerfstudio's OpenGL camera convention)."""
+    c2w = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
+    return Cameras(
+        camera_to_worlds=c2w,
+        fx=14.0,
+        fy=14.0,
+        cx=width / 2,
+        cy=height / 2,
+        width=width,
+        height=height,
+        camera_type=CameraType.PERSPECTIVE,
+    )
+
+
+def render_like_the_viewer(model, cam: Cameras) -> dict[str, torch.Tensor]:
+    """nerfstudio's RenderStateMachine._render_img: eval mode and no_grad around get_outputs_for_camera."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model.get_outputs_for_camera(cam)
+    finally:
+        if was_training:
+            model.train()
+
+
+def test_a_viewer_frame_is_per_ray_outputs_without_an_autograd_graph(tiny_model):
+    tiny_model.train()
+    outputs = render_like_the_viewer(tiny_model, camera())
+    assert set(outputs) == VIEWER_OUTPUTS  # nothing per sample (weights, eik_grad) is gathered into the frame
+    for name, channels in (("rgb", 3), ("accumulation", 1), ("depth", 1), ("normal", 3), ("normals", 3)):
+        value = outputs[name]
+        assert value.shape == (12, 16, channels), name
+        assert not value.requires_grad and value.grad_fn is None, name  # no graph kept alive by the frame
+    assert tiny_model.training
+    assert all(p.grad is None for p in tiny_model.parameters())  # the normals' autograd call left no gradients
+    assert torch.is_grad_enabled()
+
+    normals, hit = outputs["normals"], outputs["accumulation"][..., 0] > 0.9
+    assert normals.min() >= 0.0 and normals.max() <= 1.0  # the viewer shows [0, 1] normals as colours
+    assert hit.sum() > 20
+    # normals come from the SDF gradient (computed with autograd inside the field), so they vary over the sphere
+    assert normals[hit].std(dim=0).min() > 0.05
+    assert (outputs["depth"][hit] > 1.0).all() and (outputs["depth"][hit] < 2.5).all()  # ray distance to the sphere
+
+
+def test_a_frame_does_not_depend_on_the_chunk_size(tiny_model):
+    """Per-ray sampling: the chunk size is a speed/memory setting only, so any value shows the same picture."""
+    tiny_model.config.eval_num_rays_per_chunk = 1024
+    whole = render_like_the_viewer(tiny_model, camera(8, 12))
+    tiny_model.config.eval_num_rays_per_chunk = 29
+    chunked = render_like_the_viewer(tiny_model, camera(8, 12))
+    for name in VIEWER_OUTPUTS:
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=1e-5)
