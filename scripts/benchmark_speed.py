@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""Training speed of coco-inr: iterations/s, peak memory and quality at equal steps, per configuration.
+
+Every configuration trains from scratch through nerfstudio's own Trainer on the same generated scene
+(the project's embedded default scene), then is evaluated on held-out views (PSNR) and by its mesh
+(Chamfer against the scene's ground truth, world units). ``reference`` is our model configured like
+the original implementation with every speed-up off; the ratio column is relative to it.
+
+    python scripts/benchmark_speed.py --device cuda --steps 300            # GPU: the table for the docs
+    python scripts/benchmark_speed.py --device cpu --steps 3 --rays 64     # anywhere: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.engine.callbacks import TrainingCallbackLocation
+from nerfstudio.engine.trainer import TrainerConfig
+
+from cocoinr_nerfstudio.data.scene_generator import generate_scene
+from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
+from cocoinr_nerfstudio.mesh.evaluation import mesh_distances
+from cocoinr_nerfstudio.mesh.extraction import NoSurfaceError, extract_mesh, transform_mesh
+from cocoinr_nerfstudio.method_configs import coco_inr
+from cocoinr_nerfstudio.models.coco_inr import CocoInrModelConfig
+
+
+def _reference(model: CocoInrModelConfig) -> None:
+    """The original's behaviour: prototypes on every call, explicit attention, batch-level sampler."""
+    model.cache_prototypes = False
+    model.fused_prototype_attention = False
+    model.sdf_field.coordinate_attention.fused = False
+    model.background_field.coordinate_attention.fused = False
+    model.per_ray_convergence = False
+    model.batched_bisection = False
+    model.eval_weight_threshold = 0.0
+
+
+def _default(model: CocoInrModelConfig) -> None:
+    """The shipped defaults: exact speed-ups only (prototype cache, fused attention, sampler bookkeeping)."""
+
+
+def _tf32(model: CocoInrModelConfig) -> None:
+    model.tf32_matmul = True
+
+
+def _fast(model: CocoInrModelConfig) -> None:
+    """Every approximate lever too: TF32, bf16 sampler queries and colour heads, negligible samples skipped."""
+    model.tf32_matmul = True
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+    model.train_weight_threshold = 1e-4
+
+
+def _fast_compiled(model: CocoInrModelConfig) -> None:
+    _fast(model)
+    model.compile_sampler = True
+
+
+CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
+    "reference": _reference,
+    "default": _default,
+    "tf32": _tf32,
+    "fast": _fast,
+    "fast+compile": _fast_compiled,
+}
+
+
+def _shrink(model: CocoInrModelConfig) -> None:
+    """--tiny: the same code paths with small widths, for CPU smoke runs."""
+    model.codebook_attention = CodebookAttentionSettings(num_latents=16, latent_dim=32, depth=1, ff_mult=2)
+    model.sdf_field.geometry_hidden_dims = (64, 64)
+    model.sdf_field.feature_dim = 32
+    model.background_field.hidden_dims = (64,)
+    model.background_field.feature_dim = 32
+    model.num_samples, model.num_samples_eval, model.num_samples_extra = 16, 32, 8
+    model.num_samples_outside = 8
+
+
+@dataclass
+class Result:
+    name: str
+    device: str
+    iters_per_sec: float
+    ms_per_step: float
+    peak_memory_gib: float
+    psnr: float
+    psnr_masked: float
+    chamfer: float
+    frame_seconds: float
+    frame_surface_seconds: float
+    final_loss: float
+
+
+def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerConfig:
+    config = copy.deepcopy(coco_inr.config)
+    config.output_dir = output_dir
+    config.experiment_name = "benchmark"
+    config.timestamp = name
+    config.vis = "tensorboard"
+    config.machine.device_type = args.device
+    config.machine.seed = args.seed
+    config.max_num_iterations = args.steps + args.warmup
+    config.steps_per_save = 10**9
+    config.save_only_latest_checkpoint = True
+    datamanager = config.pipeline.datamanager
+    datamanager.train_num_rays_per_batch = args.rays
+    datamanager.eval_num_rays_per_batch = args.rays
+    datamanager.dataparser.data = scene
+    datamanager.dataparser.num_views = args.train_views
+    datamanager.dataparser.eval_stride = args.eval_stride
+    model = config.pipeline.model
+    if args.codebook is not None:
+        model.codebook_path = args.codebook
+    else:
+        model.codebook_source = "random"
+        model.random_codebook_shape = tuple(args.codebook_shape)
+    if args.tiny:
+        _shrink(model)
+    CONFIGS[name](model)
+    return config
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _frame_camera(reference: Cameras, size: int) -> Cameras:
+    """A size x size pinhole camera at the pose of a held-out view (what the viewer renders)."""
+    focal = float(reference.fx[0, 0]) * size / float(reference.width[0, 0])
+    return Cameras(
+        camera_to_worlds=reference.camera_to_worlds[:1],
+        fx=focal,
+        fy=focal,
+        cx=size / 2.0,
+        cy=size / 2.0,
+        width=size,
+        height=size,
+        camera_type=CameraType.PERSPECTIVE,
+    )
+
+
+def _chamfer(pipeline, gt_mesh: Path, resolution: int, device: str) -> float:
+    import trimesh
+
+    model = pipeline.model
+    model.eval()
+    try:
+        with torch.no_grad():
+            mesh = extract_mesh(
+                lambda x: model.field.forward_geonetwork(x)[:, 0],
+                resolution=resolution,
+                device=device,
+                show_progress=False,
+            )
+    except NoSurfaceError:
+        return float("nan")
+    finally:
+        model.train()
+    scale_mat = np.asarray(pipeline.datamanager.train_dataparser_outputs.metadata["scale_mat"], dtype=np.float64)
+    return float(mesh_distances(transform_mesh(mesh, scale_mat), trimesh.load(gt_mesh)).chamfer)
+
+
+def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
+    """Prints where a step's time goes (top operators), to direct optimisation work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for step in range(first_step, first_step + num_steps):
+            trainer.train_iteration(step)
+        _sync(device)
+    sort_by = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60), flush=True)
+
+
+def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
+    torch.manual_seed(args.seed)
+    config = _trainer_config(args, scene, name, output_dir)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    device = trainer.device
+    durations: list[float] = []
+    losses: list[float] = []
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        for callback in trainer.callbacks:
+            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        loss, _, _ = trainer.train_iteration(step)
+        for callback in trainer.callbacks:
+            callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        _sync(device)
+        if step >= args.warmup:
+            durations.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    if args.profile > 0:
+        _profile(trainer, args.warmup + args.steps, args.profile, device)
+    pipeline = trainer.pipeline
+    metrics = pipeline.get_average_eval_image_metrics() if args.eval else {}
+    chamfer = _chamfer(pipeline, scene / "gt_mesh.ply", args.mesh_resolution, device) if args.mesh else float("nan")
+    frame_seconds = {"volume": float("nan"), "surface": float("nan")}
+    if args.frame_size > 0:
+        camera = _frame_camera(pipeline.datamanager.eval_dataset.cameras, args.frame_size).to(device)
+        model = pipeline.model
+        model.eval()
+        for mode in frame_seconds:
+            model.config.render_mode = mode
+            model.get_outputs_for_camera(camera)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            model.get_outputs_for_camera(camera)
+            _sync(device)
+            frame_seconds[mode] = time.perf_counter() - start
+        model.config.render_mode = "volume"
+        model.train()
+    median = statistics.median(durations)
+    return Result(
+        name=name,
+        device=torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU",
+        iters_per_sec=1.0 / median,
+        ms_per_step=1000.0 * median,
+        peak_memory_gib=peak,
+        psnr=float(metrics.get("psnr", float("nan"))),
+        psnr_masked=float(metrics.get("psnr_masked", float("nan"))),
+        chamfer=chamfer,
+        frame_seconds=frame_seconds["volume"],
+        frame_surface_seconds=frame_seconds["surface"],
+        final_loss=float(np.mean(losses[-10:])),
+    )
+
+
+def format_table(results: list[Result], args) -> str:
+    reference = next((r for r in results if r.name == "reference"), None)
+    lines = [
+        f"Device: {results[0].device}; {args.rays} rays/step; {args.steps} timed steps after {args.warmup} warm-up; "
+        f"codebook {'file ' + str(args.codebook) if args.codebook else 'random ' + 'x'.join(map(str, args.codebook_shape))}; "
+        f"{args.train_views} training views{'; tiny model' if args.tiny else ''}",
+        "",
+        f"| config | it/s | ms/step | x reference | peak GiB | held-out PSNR | masked PSNR | Chamfer | "
+        f"{args.frame_size}px frame s (volume / surface) | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r.iters_per_sec / reference.iters_per_sec if reference else float("nan")
+        lines.append(
+            f"| {r.name} | {r.iters_per_sec:.2f} | {r.ms_per_step:.1f} | {ratio:.2f} | {r.peak_memory_gib:.2f} | "
+            f"{r.psnr:.2f} | {r.psnr_masked:.2f} | {r.chamfer:.3f} | {r.frame_seconds:.2f} / {r.frame_surface_seconds:.2f} | "
+            f"{r.final_loss:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=300, help="timed training steps per configuration")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 20 on GPU, 1 on CPU)")
+    parser.add_argument("--rays", type=int, default=1024)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--codebook", type=Path, default=None, help="real codebook file; default: random (shape below)")
+    parser.add_argument("--codebook-shape", type=int, nargs=2, default=None, help="default 16384 256 (CPU: 1024 256)")
+    parser.add_argument("--scene", type=Path, default=None, help="IDR scene; default: generate one")
+    parser.add_argument("--scene-size", type=int, nargs=3, default=None, metavar=("VIEWS", "W", "H"))
+    parser.add_argument("--train-views", type=int, default=8)
+    parser.add_argument(
+        "--eval-stride", type=int, default=None, help="every n-th held-out view (default 4 GPU, 40 CPU)"
+    )
+    parser.add_argument("--no-eval", dest="eval", action="store_false")
+    parser.add_argument("--no-mesh", dest="mesh", action="store_false")
+    parser.add_argument("--mesh-resolution", type=int, default=256)
+    parser.add_argument("--frame-size", type=int, default=None, help="viewer frame to time (default 512 GPU, 0 CPU)")
+    parser.add_argument("--tiny", action="store_true", default=None, help="shrink the model (default on CPU)")
+    parser.add_argument("--full-model", dest="tiny", action="store_false", help="the paper's model even on CPU")
+    parser.add_argument("--profile", type=int, default=0, help="also profile this many steps per config (top ops)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and results (.json)")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    if args.warmup is None:
+        args.warmup = 20 if gpu else 1
+    if args.eval_stride is None:
+        args.eval_stride = 4 if gpu else 40
+    if args.frame_size is None:
+        args.frame_size = 512 if gpu else 0
+    if args.tiny is None:
+        args.tiny = not gpu
+    if args.codebook_shape is None:
+        args.codebook_shape = [16384, 256] if gpu else [1024, 256]
+    if args.scene_size is None:
+        args.scene_size = [49, 400, 300] if gpu else [49, 48, 36]
+    if not gpu:
+        args.mesh_resolution = min(args.mesh_resolution, 48)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = args.scene
+        if scene is None:
+            views, width, height = args.scene_size
+            scene = Path(tmp) / "scene"
+            generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=128)
+        results = []
+        for name in args.configs:
+            try:
+                results.append(run_config(args, scene, name, Path(tmp) / "outputs"))
+            except Exception:  # one broken lever must not cost the other measurements
+                traceback.print_exc()
+                continue
+            finally:
+                torch.set_float32_matmul_precision("highest")  # tf32 is process-wide: reset between configs
+            print(f"{name}: {results[-1]}", flush=True)
+    table = format_table(results, args)
+    print(table)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".md").write_text(table + "\n")
+        args.output.with_suffix(".json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
