@@ -148,8 +148,6 @@ class CocoInrModel(SurfaceModel):
                 fused_attention=self.config.fused_prototype_attention,
                 cache=self.config.cache_prototypes,
             )
-            # every rank loads the same codebook: do not let DDP broadcast 16 MiB each step
-            self._ddp_params_and_buffers_to_ignore = ["prior.codebook"]
         source = self.prior.get if self.prior is not None else None
         prototype_dim = self.config.codebook_attention.latent_dim
         self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
@@ -187,6 +185,9 @@ class CocoInrModel(SurfaceModel):
         self.ssim = structural_similarity_index_measure
         self.lpips = OptionalLPIPS()
         self.viewer_panel = MethodPanel(self)  # viewer elements only: no parameters, no buffers
+        # every rank builds the same buffers (the 16 MiB codebook, the encodings' constant frequencies):
+        # DDP need neither broadcast them at start-up nor before every forward
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
     def _load_codebook(self) -> Tensor:
         config = self.config
