@@ -1,8 +1,9 @@
-"""Mesh accuracy/completeness/Chamfer: a generic surface-sampled version and the standard DTU protocol.
+"""Mesh accuracy/completeness/Chamfer/Hausdorff: a generic surface-sampled version and the standard DTU protocol.
 
 Accuracy is prediction -> ground truth (is what we built really there?), completeness is ground truth ->
-prediction (is everything there built?); Chamfer is their mean. All nearest-neighbour searches use
-``scipy.spatial.cKDTree``.
+prediction (is everything there built?); Chamfer is their mean. The symmetric Hausdorff distance is the larger
+of the two directed maxima: the worst error in either direction, where Chamfer is an average. All
+nearest-neighbour searches use ``scipy.spatial.cKDTree``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class DistanceMetrics:
     accuracy: float
     completeness: float
     chamfer: float
+    hausdorff: float
+    """max(max accuracy distance, max completeness distance): the symmetric Hausdorff distance of the point sets."""
     num_points_pred: int
     num_points_gt: int
     precision: dict[str, float] = field(default_factory=dict)
@@ -62,7 +65,14 @@ def point_set_distances(pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[f
     d_pred = nearest_distances(pred, gt)
     d_gt = nearest_distances(gt, pred)
     acc, comp = float(d_pred.mean()), float(d_gt.mean())
-    out = DistanceMetrics(acc, comp, (acc + comp) / 2, len(pred), len(gt))
+    out = DistanceMetrics(
+        accuracy=acc,
+        completeness=comp,
+        chamfer=(acc + comp) / 2,
+        hausdorff=float(max(d_pred.max(), d_gt.max())),
+        num_points_pred=len(pred),
+        num_points_gt=len(gt),
+    )
     for t in thresholds:
         p, r = float((d_pred < t).mean()), float((d_gt < t).mean())
         out.precision[str(t)], out.recall[str(t)] = p, r
@@ -191,6 +201,9 @@ class DTUMetrics:
     accuracy: float
     completeness: float
     chamfer: float
+    hausdorff: float
+    """Symmetric Hausdorff distance of the evaluated point sets (the same points as accuracy and completeness),
+    taken before the ``max_dist`` outlier cut: that cut only keeps outliers out of the means."""
     num_points_sampled: int
     num_points_downsampled: int
     num_points_pred: int
@@ -226,7 +239,8 @@ def dtu_metrics_from_points(
     Reconstruction points are thinned to ``downsample_density``; accuracy uses those inside the bounding box
     and observation mask (-> reference points); completeness uses reference points above the ground plane and
     inside the bounding box (-> all thinned reconstruction points, as in the official MATLAB code). Distances
-    of ``max_dist`` or more are outliers and left out of both means.
+    of ``max_dist`` or more are outliers and left out of both means; the Hausdorff distance (not part of the
+    official protocol) is the largest of all these distances, outliers included.
     """
     if len(recon_points) == 0:
         raise MeshEvaluationError("the reconstruction has no points")
@@ -245,11 +259,21 @@ def dtu_metrics_from_points(
         raise MeshEvaluationError("no reference point lies above the ground plane inside the bounding box")
     d_acc = nearest_distances(pred, gt.stl_points)
     d_comp = nearest_distances(stl, down)
+    hausdorff = float(max(d_acc.max(), d_comp.max()))
     d_acc, d_comp = d_acc[d_acc < max_dist], d_comp[d_comp < max_dist]
     if len(d_acc) == 0 or len(d_comp) == 0:
         raise MeshEvaluationError(f"every distance is an outlier (>= {max_dist} mm): is the mesh in the right frame?")
     acc, comp = float(d_acc.mean()), float(d_comp.mean())
-    return DTUMetrics(acc, comp, (acc + comp) / 2, len(recon_points), len(down), len(pred), len(stl))
+    return DTUMetrics(
+        accuracy=acc,
+        completeness=comp,
+        chamfer=(acc + comp) / 2,
+        hausdorff=hausdorff,
+        num_points_sampled=len(recon_points),
+        num_points_downsampled=len(down),
+        num_points_pred=len(pred),
+        num_points_gt=len(stl),
+    )
 
 
 def evaluate_dtu(

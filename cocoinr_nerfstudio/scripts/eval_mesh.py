@@ -1,6 +1,8 @@
-"""cocoinr-eval-mesh: accuracy / completeness / Chamfer of a mesh, against a GT mesh or the official DTU data.
+"""cocoinr-eval-mesh: accuracy / completeness / Chamfer / Hausdorff of a mesh, against a GT mesh or the DTU data.
 
-Prints one JSON object on stdout (messages go to stderr, so the output can be piped).
+Prints one JSON object on stdout (messages go to stderr, so the output can be piped). ``hausdorff`` is the
+symmetric Hausdorff distance (the larger directed maximum); in DTU mode it includes the points that the
+protocol's means drop as outliers (>= --max-dist).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def load_mesh(path: Path, what: str, allow_points: bool = False):
 
 @dataclass
 class EvalMesh:
-    """Evaluate a reconstructed mesh: give exactly one of --gt or --dtu-dir (with --scan)."""
+    """Evaluate a reconstructed mesh (accuracy, completeness, Chamfer, Hausdorff): give exactly one of --gt or
+    --dtu-dir (with --scan)."""
 
     mesh: Path
     """Reconstructed mesh (.ply/.obj/...)."""
