@@ -9,7 +9,7 @@ from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
-from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
+from cocoinr_nerfstudio.field_components.attention import FeedForwardActivation
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 from cocoinr_nerfstudio.fields.coco_field import CoordinateAttentionConfig, PrototypeSource
@@ -64,14 +64,7 @@ class CocoBackgroundField(nn.Module):
         enc_dim = self.position_encoding.get_out_dim()
         use_attention = config.use_coordinate_attention
         self.density_attention = (
-            CoordinateAttention(
-                enc_dim,
-                prototype_dim,
-                config.density_attention_depth,
-                attention.heads,
-                attention.dim_head,
-                config.density_attention_activation,
-            )
+            attention.setup(enc_dim, prototype_dim, config.density_attention_depth, config.density_attention_activation)
             if use_attention
             else None
         )
@@ -85,14 +78,7 @@ class CocoBackgroundField(nn.Module):
         self.direction_encoding = IDRFrequencyEncoding(3, config.direction_frequencies)
         color_in = self.direction_encoding.get_out_dim() + config.feature_dim
         self.color_attention = (
-            CoordinateAttention(
-                color_in,
-                prototype_dim,
-                config.color_attention_depth,
-                attention.heads,
-                attention.dim_head,
-                config.color_attention_activation,
-            )
+            attention.setup(color_in, prototype_dim, config.color_attention_depth, config.color_attention_activation)
             if use_attention
             else None
         )

@@ -34,6 +34,12 @@ class CoordinateAttentionConfig:
     fused: bool = True
     """Use torch's fused scaled-dot-product kernels where no second derivative is needed."""
 
+    def setup(
+        self, query_dim: int, prototype_dim: int, depth: int, activation: FeedForwardActivation
+    ) -> CoordinateAttention:
+        """A coordinate-attention module of this shape for one head."""
+        return CoordinateAttention(query_dim, prototype_dim, depth, self.heads, self.dim_head, activation)
+
 
 @dataclass
 class CocoFieldConfig(InstantiateConfig):
@@ -102,13 +108,8 @@ class CocoField(Field):
         self.position_encoding = IDRFrequencyEncoding(3, config.position_frequencies)
         enc_dim = self.position_encoding.get_out_dim()
         self.geometry_attention = (
-            CoordinateAttention(
-                enc_dim,
-                prototype_dim,
-                depth=config.geometry_attention_depth,
-                heads=attention.heads,
-                dim_head=attention.dim_head,
-                activation=config.geometry_attention_activation,
+            attention.setup(
+                enc_dim, prototype_dim, config.geometry_attention_depth, config.geometry_attention_activation
             )
             if config.use_coordinate_attention
             else None
@@ -127,14 +128,7 @@ class CocoField(Field):
         dir_dim = self.direction_encoding.get_out_dim()
         color_in = dir_dim + config.feature_dim + (6 if config.color_mode == "idr" else 0)
         self.color_attention = (
-            CoordinateAttention(
-                color_in,
-                prototype_dim,
-                depth=config.color_attention_depth,
-                heads=attention.heads,
-                dim_head=attention.dim_head,
-                activation=config.color_attention_activation,
-            )
+            attention.setup(color_in, prototype_dim, config.color_attention_depth, config.color_attention_activation)
             if config.use_coordinate_attention
             else None
         )

@@ -7,41 +7,12 @@ import io
 import pytest
 import torch
 from nerfstudio.cameras.rays import RayBundle
-from nerfstudio.data.scene_box import SceneBox
+from tiny_models import build, tiny_config
 
 from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
-from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
-from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
-
-SCENE_BOX = SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3]))
-
-
-def tiny_config(**overrides) -> CocoInrModelConfig:
-    """The real architecture, narrowed so a CPU test runs in a second."""
-    settings = dict(
-        codebook_source="random",
-        random_codebook_shape=(64, 16),
-        codebook_attention=CodebookAttentionSettings(num_latents=8, latent_dim=16, depth=1, ff_mult=2),
-        sdf_field=CocoFieldConfig(geometry_hidden_dims=(32, 32), feature_dim=16),
-        num_samples=8,
-        num_samples_eval=16,
-        num_samples_extra=4,
-        num_samples_outside=4,
-        max_total_iters=3,
-    )
-    settings.update(overrides)
-    config = CocoInrModelConfig(**settings)
-    config.background_field.hidden_dims = (32,)
-    config.background_field.feature_dim = 16
-    return config
-
-
-def build(config: CocoInrModelConfig) -> CocoInrModel:
-    torch.manual_seed(0)
-    return config.setup(scene_box=SCENE_BOX, num_train_data=4)
 
 
 def rays(num: int = 32, seed: int = 0) -> RayBundle:
