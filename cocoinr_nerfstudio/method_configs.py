@@ -9,7 +9,6 @@ from __future__ import annotations
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
@@ -17,6 +16,7 @@ from cocoinr_nerfstudio.data.idr_dataparser import IDRDataParserConfig
 from cocoinr_nerfstudio.data.idr_dataset import IDRDataset
 from cocoinr_nerfstudio.data.pixel_sampler import PerImagePixelSamplerConfig
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
+from cocoinr_nerfstudio.engine.trainer import CocoTrainerConfig
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModelConfig
@@ -27,16 +27,16 @@ RAYS_PER_STEP = 1024
 
 
 def _optimizers() -> dict:
-    """Adam 5e-4 decaying exponentially to 0.1x over training, for both parameter groups."""
+    """Adam 5e-4 decaying exponentially to 0.1x over the run (200k steps by default), for both parameter groups."""
     group = {
         "optimizer": AdamOptimizerConfig(lr=LEARNING_RATE, eps=1e-8),
-        "scheduler": ExponentialDecayToSchedulerConfig(final_ratio=0.1, max_steps=MAX_STEPS),
+        "scheduler": ExponentialDecayToSchedulerConfig(final_ratio=0.1),  # over the whole run
     }
     return {"fields": dict(group), "field_background": dict(group)}
 
 
-def _trainer(method_name: str, model: CocoInrModelConfig) -> TrainerConfig:
-    return TrainerConfig(
+def _trainer(method_name: str, model: CocoInrModelConfig) -> CocoTrainerConfig:
+    return CocoTrainerConfig(
         method_name=method_name,
         steps_per_eval_image=5000,
         steps_per_eval_batch=5000,
@@ -55,7 +55,7 @@ def _trainer(method_name: str, model: CocoInrModelConfig) -> TrainerConfig:
             model=model,
         ),
         optimizers=_optimizers(),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 12),
+        viewer=ViewerConfig(),
         vis="viewer",
     )
 

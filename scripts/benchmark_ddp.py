@@ -2,7 +2,7 @@
 
 Each configuration trains ``coco-inr`` exactly as ``ns-train coco-inr --machine.num-devices N`` does:
 the method's registered TrainerConfig, nerfstudio's ``launch`` (on CUDA: its own spawn +
-``_distributed_worker`` + nccl; on CPU: the gloo equivalent in ``cocoinr_nerfstudio.engine.ddp``),
+``_distributed_worker`` + nccl; on CPU: the gloo equivalent in ``cocoinr_nerfstudio.benchmarks.ddp``),
 ``train_loop``, ``Trainer`` and ``VanillaPipeline``'s DistributedDataParallel. Every rank records the
 duration and loss of each ``Trainer.train_iteration`` (forward, backward with the gradient all-reduce,
 optimizer step; CUDA-synchronised), nothing else is changed.
@@ -44,8 +44,8 @@ except ImportError:  # run from a checkout that is not installed: the package si
 
 from nerfstudio.engine.trainer import TrainerConfig
 
+from cocoinr_nerfstudio.benchmarks.ddp import RecordingTrainLoop, launch, load_records
 from cocoinr_nerfstudio.data.scene_generator import generate_scene
-from cocoinr_nerfstudio.engine.ddp import RecordingTrainLoop, launch, load_records
 from cocoinr_nerfstudio.method_configs import coco_inr
 
 FINAL_LOSS_STEPS = 10

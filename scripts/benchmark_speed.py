@@ -13,6 +13,7 @@ the original implementation with every speed-up off; the ratio column is relativ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -222,14 +223,13 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         model = pipeline.model
         model.eval()
         for mode in frame_seconds:
-            model.config.render_mode = mode
-            model.get_outputs_for_camera(camera)  # warm-up
-            _sync(device)
-            start = time.perf_counter()
-            model.get_outputs_for_camera(camera)
-            _sync(device)
-            frame_seconds[mode] = time.perf_counter() - start
-        model.config.render_mode = "volume"
+            with model.surface_rendering() if mode == "surface" else contextlib.nullcontext():
+                model.get_outputs_for_camera(camera)  # warm-up
+                _sync(device)
+                start = time.perf_counter()
+                model.get_outputs_for_camera(camera)
+                _sync(device)
+                frame_seconds[mode] = time.perf_counter() - start
         model.train()
     median = statistics.median(durations)
     return Result(

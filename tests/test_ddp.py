@@ -24,8 +24,8 @@ from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.utils.eval_utils import eval_setup
 
+from cocoinr_nerfstudio.benchmarks.ddp import RecordingTrainLoop, launch, load_records
 from cocoinr_nerfstudio.codebook import random_codebook
-from cocoinr_nerfstudio.engine.ddp import RecordingTrainLoop, launch, load_records
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.method_configs import coco_inr

@@ -30,7 +30,6 @@ from PIL import Image
 from cocoinr_nerfstudio.data import splits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_H3DS_ID = re.compile(r"^[0-9a-f]{16}$")
 _FOLDER_HINTS = {"dtu": ("dtu",), "bmvs": ("blendedmvs", "bmvs"), "h3ds": ("h3ds",)}
 
 
@@ -364,7 +363,7 @@ class IDRDataParser(DataParser):
         in_tables = splits.datasets_with_scan(scan_id)
         if len(in_tables) == 1:
             return in_tables[0], scan_id
-        if _H3DS_ID.match(scan_id) or images[0].name.startswith("img_"):
+        if splits.H3DS_SCENE_ID.match(scan_id) or images[0].name.startswith("img_"):
             return "h3ds", scan_id
         return "custom", scan_id
 

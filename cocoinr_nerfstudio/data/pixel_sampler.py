@@ -22,7 +22,7 @@ class PerImagePixelSamplerConfig(PixelSamplerConfig):
 class PerImagePixelSampler(PixelSampler):
     """Uniform pixels within ``images_per_batch`` images chosen uniformly per step.
 
-    Images stay cached on the device, so choosing a new image each step costs nothing (the original
+    Images stay cached in memory, so choosing a new image each step costs nothing (the original
     reloads one, and its worker processes froze the sampled pixels for a whole epoch).
     """
 

@@ -19,7 +19,9 @@ import numpy as np
 DATASET_NAMES: dict[str, str] = {"dtu": "DTU", "bmvs": "BlendedMVS", "h3ds": "H3DS"}
 """Datasets with a paper split table, keyed by the name used in ``--dataset`` and in file names."""
 
-_TABLE_ID = re.compile(r"^(scan\d+|[0-9a-f]{16})$")
+H3DS_SCENE_ID = re.compile(r"^[0-9a-f]{16}$")
+"""H3DS names scenes by a 16-digit hex hash."""
+_TABLE_ID = re.compile(rf"^(scan\d+|{H3DS_SCENE_ID.pattern[1:-1]})$")
 
 NumViews = int | str
 
@@ -178,7 +180,7 @@ def eval_views(train: Sequence[int], num_images: int, eval_stride: int = 1) -> l
 def _unknown_scan_error(scan_id: str | None, dataset: str | None) -> ValueError:
     if scan_id is None:
         return ValueError("--split paper needs a scan id: pass --scan-id or name the folder like the table (scan65).")
-    shaped = ["h3ds"] if re.match(r"^[0-9a-f]{16}$", scan_id) else ["dtu", "bmvs"]
+    shaped = ["h3ds"] if H3DS_SCENE_ID.match(scan_id) else ["dtu", "bmvs"]
     candidates = [dataset] if dataset in DATASET_NAMES else (datasets_with_scan(scan_id) or shaped)
     listing = "; ".join(f"{DATASET_NAMES[ds]}: {', '.join(known_scans(ds))}" for ds in candidates)
     where = DATASET_NAMES.get(dataset or "", "any paper table")

@@ -15,8 +15,8 @@ class ExponentialDecayToSchedulerConfig(SchedulerConfig):
     _target: type = field(default_factory=lambda: ExponentialDecayToScheduler)
     final_ratio: float = 0.1
     """Learning rate at ``max_steps`` as a fraction of the initial one."""
-    max_steps: int = 200_000
-    """Steps over which the rate decays."""
+    max_steps: int | None = None
+    """Steps over which the rate decays; None: the whole run (``--max-num-iterations``, set by CocoTrainer)."""
 
 
 class ExponentialDecayToScheduler(Scheduler):
@@ -29,6 +29,11 @@ class ExponentialDecayToScheduler(Scheduler):
     config: ExponentialDecayToSchedulerConfig
 
     def get_scheduler(self, optimizer: Optimizer, lr_init: float) -> lr_scheduler.LRScheduler:
+        if self.config.max_steps is None:
+            raise ValueError(
+                "ExponentialDecayToScheduler needs max_steps: train with CocoTrainerConfig (it uses the run's length) "
+                "or pass --optimizers.<group>.scheduler.max-steps."
+            )
         ratio, max_steps = float(self.config.final_ratio), max(1, int(self.config.max_steps))
 
         def factor(step: int) -> float:

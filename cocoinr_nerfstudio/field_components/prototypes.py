@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
 
 
@@ -65,13 +66,15 @@ class PrototypeBank(nn.Module):
             }
         )
         self._cache: dict[str, Tensor] = {}
-
-    @property
-    def prototype_dim(self) -> int:
-        return next(iter(self.attentions.values())).latents.shape[1]
+        self.awaiting_checkpoint = False
+        """True while ``codebook`` is a placeholder that a checkpoint must replace (the file was not found)."""
 
     def compute(self, head: str) -> Tensor:
         """Prototypes for ``head`` from the current weights (no caching)."""
+        if self.awaiting_checkpoint:
+            raise CodebookError(
+                "No codebook: its file was not found and no checkpoint (which would carry it) has been loaded."
+            )
         return self.attentions[head](self.codebook, fused=self.fused_attention)
 
     def refresh(self) -> None:
@@ -99,6 +102,7 @@ class PrototypeBank(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         self.invalidate()
         key = prefix + "codebook"
+        self.awaiting_checkpoint = self.awaiting_checkpoint and key not in state_dict
         if key in state_dict and state_dict[key].shape != self.codebook.shape:
             # a checkpoint's codebook wins: resize so it can be copied in
             self.codebook = torch.empty_like(state_dict[key], device=self.codebook.device)

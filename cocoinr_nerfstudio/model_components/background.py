@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
+from cocoinr_nerfstudio.model_components.volume_rendering import jitter_within_intervals, volume_weights
 
 
 def inverted_sphere_samples(
@@ -18,10 +18,7 @@ def inverted_sphere_samples(
     """
     t = torch.linspace(0.0, 1.0, num_samples, device=device).expand(num_rays, num_samples)
     if stratified:
-        mids = 0.5 * (t[:, 1:] + t[:, :-1])
-        upper = torch.cat([mids, t[:, -1:]], -1)
-        lower = torch.cat([t[:, :1], mids], -1)
-        t = lower + (upper - lower) * torch.rand_like(t)
+        t = jitter_within_intervals(t)
     return torch.flip(t, dims=[-1]) / radius
 
 

@@ -19,7 +19,7 @@ from nerfstudio.model_components.ray_samplers import Sampler
 from torch import Tensor
 
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
-from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
+from cocoinr_nerfstudio.model_components.volume_rendering import jitter_within_intervals, volume_weights
 
 SDFCallable = Callable[[Float[Tensor, "num_points 3"]], Float[Tensor, "num_points 1"]]
 
@@ -108,7 +108,7 @@ def grid_search_beta(
     levels: int,
     count: int = 15,
 ) -> Float[Tensor, " n"]:
-    """Smallest beta in [beta0, beta_hi] meeting the bound, to (hi - lo) / (count + 1)^levels, per ray.
+    """Smallest beta in [beta0, beta_hi] meeting the bound, to (hi - lo) / count^levels, per ray.
 
     Bisection's answer (the bound falls as beta grows) with ``count`` candidates tested at once per
     level: a fixed, branch-free sequence of tensor operations, so it also compiles into few kernels.
@@ -186,12 +186,7 @@ class ErrorBoundedSampler(Sampler):
     def _uniform(self, nears: Tensor, fars: Tensor, num: int) -> Tensor:
         t = torch.linspace(0.0, 1.0, num, device=nears.device, dtype=nears.dtype)
         z = nears * (1.0 - t) + fars * t
-        if self.training:
-            mids = 0.5 * (z[:, 1:] + z[:, :-1])
-            upper = torch.cat([mids, z[:, -1:]], -1)
-            lower = torch.cat([z[:, :1], mids], -1)
-            z = lower + (upper - lower) * torch.rand_like(z)
-        return z
+        return jitter_within_intervals(z) if self.training else z
 
     def _bisect_beta(self, density, beta0, beta_hi, sdf, dists, d_star) -> Tensor:
         """Smallest beta in [beta0, beta_hi] (to bisection precision) meeting the bound, per ray."""
@@ -255,7 +250,7 @@ class ErrorBoundedSampler(Sampler):
             dists = z[:, 1:] - z[:, :-1]
             d_star = distance_bound(z, sdf)
             beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
-            bound, optical_depth = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
+            bound, _ = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
             done = beta <= beta0
             if not self.per_ray_convergence:
                 done = done.all().expand_as(done)
@@ -269,12 +264,8 @@ class ErrorBoundedSampler(Sampler):
                 break
             keep = ~done
             active, z, sdf, beta = active[keep], z[keep], sdf[keep], beta[keep]
-            dists, d_star, optical_depth = dists[keep], d_star[keep], optical_depth[keep]
-            # upsample where the error bound is largest
-            b = beta[:, None]
-            error = torch.cumsum(torch.exp(-d_star / b) * dists.pow(2) / (4 * b**2), -1)
-            pdf = (torch.exp(error).clamp(max=1e6) - 1.0) * torch.exp(-optical_depth[:, :-1]) + self.add_tiny
-            new_z = sample_pdf(z, pdf, self.num_samples_eval, deterministic=True)
+            # upsample where the opacity error bound is largest
+            new_z = sample_pdf(z, bound[keep] + self.add_tiny, self.num_samples_eval, deterministic=True)
             new_sdf = self._query(sdf_fn, origins[active], directions[active], new_z)
             num_queries += new_z.numel()
             z, order = torch.sort(torch.cat([z, new_z], -1), -1)

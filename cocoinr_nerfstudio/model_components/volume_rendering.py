@@ -1,4 +1,4 @@
-"""The volume-rendering quadrature shared by the foreground, the background and the sampler."""
+"""The volume-rendering quadrature and stratified sampling shared by the foreground, background and sampler."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def volume_weights(
     transmittance = torch.exp(-torch.cat([torch.zeros_like(optical_depth[..., :1]), optical_depth[..., :-1]], -1))
     weights = (1.0 - torch.exp(-free_energy)) * transmittance
     return weights, torch.exp(-optical_depth[..., -1])
+
+
+def jitter_within_intervals(t: Float[Tensor, "*batch s"]) -> Float[Tensor, "*batch s"]:
+    """Stratified sampling: each sorted sample moves uniformly within its cell (midpoints to its neighbours)."""
+    mids = 0.5 * (t[..., 1:] + t[..., :-1])
+    upper = torch.cat([mids, t[..., -1:]], -1)
+    lower = torch.cat([t[..., :1], mids], -1)
+    return lower + (upper - lower) * torch.rand_like(t)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.field_components.field_heads import FieldHeadNames
@@ -38,16 +42,22 @@ from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
 from cocoinr_nerfstudio.viewer.panel import MethodPanel
 
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
+DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 
 
 @dataclass
 class CocoInrModelConfig(SurfaceModelConfig):
-    """CoCo-INR. Every default is the original implementation's DTU value."""
+    """CoCo-INR. Method defaults are the original implementation's DTU values; the exact speed-ups on by default
+    (prototype cache, fused attention, per-ray convergence, batched beta search, the rendering shortcut) change
+    sample positions or renders only within the tolerances their tests state."""
 
     _target: type = field(default_factory=lambda: CocoInrModel)
     codebook_path: Path | None = None
     """Prior codebook: a taming-transformers VQGAN checkpoint, its extracted codebook, a .pt/.pth tensor or a
     .npy. Default: ./ckpts/model_16384x256_codebook.ckpt, then ~/.cache/cocoinr/model_16384x256_codebook.ckpt."""
+    codebook_dim: int = 256
+    """Width of the codebook's entries (VQGAN: 256). A file of another width is refused with a hint; known up
+    front so that ns-eval / ns-export can rebuild the model from a checkpoint when the codebook file is gone."""
     codebook_source: Literal["file", "random"] = "file"
     """``random``: the prior-free ablation (a seeded N(0,1) codebook instead of VQGAN's)."""
     random_codebook_shape: tuple[int, int] = (16384, 256)
@@ -74,10 +84,12 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """NeRF++ background field."""
     background_model: Literal["nerf++", "none"] = "nerf++"  # type: ignore[assignment]
     """Background beyond the bounding sphere: NeRF++ inverted sphere, or none (black)."""
-    scene_radius: float = 3.0
-    """Bounding sphere of the foreground in the normalised frame; the background lives outside it."""
+    scene_radius: float | None = None
+    """Bounding sphere of the foreground in the normalised frame; the background lives outside it.
+    Default: the data's (idr-data --scene-radius, 3.0 as VolSDF), or 3.0 for other dataparsers."""
     near_plane: float = 0.0
-    """Rays start at max(near_plane, entry into the bounding sphere)."""
+    """In training, rays start at max(near_plane, entry into the bounding sphere); renders start at the entry
+    (nerfstudio's SphereCollider)."""
     beta_init: float = 0.1
     """Initial Laplace scale beta of the density."""
     beta_min: float = 1e-4
@@ -112,6 +124,25 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
     eval_num_rays_per_chunk: int = 1024
     """Rays per chunk when rendering whole images."""
+    # SurfaceModel/Model options this model does not use (or that would be wrong here: its depth prior compares
+    # z-depth while our depth is ray distance): kept for nerfstudio, hidden from the command line
+    far_plane: tyro.conf.Suppress[float] = 4.0
+    far_plane_bg: tyro.conf.Suppress[float] = 1000.0
+    background_color: tyro.conf.Suppress[Literal["random", "last_sample", "white", "black"]] = "black"
+    use_average_appearance_embedding: tyro.conf.Suppress[bool] = False
+    mono_depth_loss_mult: tyro.conf.Suppress[float] = 0.0
+    periodic_tvl_mult: tyro.conf.Suppress[float] = 0.0
+    overwrite_near_far_plane: tyro.conf.Suppress[bool] = False
+    enable_collider: tyro.conf.Suppress[bool] = False  # our SphereCollider is set in populate_modules
+    collider_params: tyro.conf.Suppress[dict[str, float] | None] = None
+    loss_coefficients: tyro.conf.Suppress[dict[str, float]] = field(default_factory=dict)
+    prompt: tyro.conf.Suppress[str | None] = None
+
+    def __post_init__(self) -> None:
+        # config.yml must still lead ns-eval / ns-export / ns-viewer to the codebook from another folder
+        if self.codebook_path is not None:
+            self.codebook_path = Path(self.codebook_path).expanduser().absolute()
+
     eval_weight_threshold: float = 1e-4
     """When rendering (not training), samples whose weight is below this skip the SDF gradient and the colour
     head; they would change a pixel by at most their summed weight. 0 evaluates every sample."""
@@ -119,13 +150,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """In training, samples whose weight is below this skip the (twice-differentiated) SDF gradient and the
     colour head; their colour counts as 0. Every sample's SDF, hence density and transmittance, keeps its
     gradient. 0 evaluates every sample, as the original."""
-    render_mode: Literal["volume", "surface"] = "volume"
-    """Whole-image rendering outside training: ``volume`` is the method's own rendering (metrics, exports);
-    ``surface`` sphere-traces the zero level set and shades the hit point, a fast preview for the viewer."""
     preview_trace_steps: int = 64
-    """Sphere-tracing steps of the ``surface`` render mode."""
+    """Sphere-tracing steps of the viewer's fast ``surface`` render mode."""
     preview_background_samples: int = 8
-    """Background samples per ray in the ``surface`` render mode."""
+    """Background samples per ray in the viewer's fast ``surface`` render mode."""
     bf16_color_heads: bool = False
     """Run the colour heads and the background field under bfloat16 autocast. The SDF, its gradient, the
     density and the losses stay float32."""
@@ -140,6 +168,7 @@ class CocoInrModel(SurfaceModel):
         # SurfaceModel.populate_modules builds nerfstudio's tiny-cuda-nn SDFField: skip it, keep the base setup
         Model.populate_modules(self)
         self.prior: PrototypeBank | None = None
+        self._codebook_from_checkpoint = False
         if self.config.use_codebook_prior:
             self.prior = PrototypeBank(
                 self._load_codebook(),
@@ -148,6 +177,7 @@ class CocoInrModel(SurfaceModel):
                 fused_attention=self.config.fused_prototype_attention,
                 cache=self.config.cache_prototypes,
             )
+            self.prior.awaiting_checkpoint = self._codebook_from_checkpoint
         source = self.prior.get if self.prior is not None else None
         prototype_dim = self.config.codebook_attention.latent_dim
         self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
@@ -157,6 +187,12 @@ class CocoInrModel(SurfaceModel):
             self.field_background = self.config.background_field.setup(
                 prototype_source=source, prototype_dim=prototype_dim
             )
+        self.viewer_render_mode: Literal["volume", "surface"] = "volume"
+        """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
+        self._surface_override = threading.local()
+        metadata = self.kwargs.get("metadata") or {}
+        self.scene_radius = float(self.config.scene_radius or metadata.get("scene_radius", DEFAULT_SCENE_RADIUS))
+        """The bounding sphere's radius in use: the collider, the background and the eikonal cube share it."""
         if self.config.tf32_matmul:
             torch.set_float32_matmul_precision("high")
         self.density = LaplaceDensity(self.config.beta_init, self.config.beta_min)
@@ -174,7 +210,7 @@ class CocoInrModel(SurfaceModel):
             compile=self.config.compile_sampler,
         )
         self.collider = SphereCollider(
-            center=torch.zeros(3), radius=self.config.scene_radius, near_plane=self.config.near_plane
+            center=torch.zeros(3), radius=self.scene_radius, near_plane=self.config.near_plane
         )
         self.renderer_rgb = RGBRenderer(background_color="black")  # the background field paints the rest
         self.rgb_loss = L1Loss()
@@ -201,8 +237,21 @@ class CocoInrModel(SurfaceModel):
             raise CodebookError(
                 f"--pipeline.model.codebook-source must be 'file' or 'random', got {config.codebook_source!r}."
             )
-        path = locate_codebook(config.codebook_path)
+        try:
+            path = locate_codebook(config.codebook_path)
+        except CodebookError as error:
+            if self.kwargs.get("grad_scaler") is not None:
+                raise  # built by nerfstudio's Trainer: training must not start without the prior
+            # built by eval_setup (ns-eval, ns-export, ns-viewer, cocoinr-extract-mesh): checkpoints carry the codebook
+            CONSOLE.print(f"[bold yellow]{error} Using the codebook stored in the checkpoint that is loaded next.")
+            self._codebook_from_checkpoint = True
+            return torch.zeros(1, config.codebook_dim)
         codebook = load_codebook(path)
+        if codebook.shape[1] != config.codebook_dim:
+            raise CodebookError(
+                f"{path} holds {codebook.shape[1]}-dimensional entries; pass --pipeline.model.codebook-dim "
+                f"{codebook.shape[1]} (the default 256 is VQGAN's)."
+            )
         CONSOLE.print(f"Codebook prior: {path} ({codebook.shape[0]} x {codebook.shape[1]})")
         return codebook
 
@@ -261,7 +310,7 @@ class CocoInrModel(SurfaceModel):
         inverse_radii = inverted_sphere_samples(
             num_samples or self.config.num_samples_outside,
             origins.shape[0],
-            self.config.scene_radius,
+            self.scene_radius,
             stratified=self.training,
             device=origins.device,
         )
@@ -278,10 +327,26 @@ class CocoInrModel(SurfaceModel):
     def _eikonal_points(self, ray_bundle: RayBundle, eikonal_z: Tensor) -> Tensor:
         """One uniform point in the bounding cube and one near-surface point *on the ray* per ray."""
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
-        radius = self.config.scene_radius
+        radius = self.scene_radius
         uniform = (torch.rand_like(origins) * 2.0 - 1.0) * radius
         near_surface = origins + eikonal_z * directions
         return torch.cat([uniform, near_surface], dim=0)
+
+    @contextmanager
+    def surface_rendering(self) -> Iterator[None]:
+        """Renders made by this thread inside the block use the fast surface mode (benchmarks, tests)."""
+        self._surface_override.active = True
+        try:
+            yield
+        finally:
+            self._surface_override.active = False
+
+    def _renders_surface(self) -> bool:
+        """The panel's choice applies to the viewer's render threads only: metrics, ns-eval and exports, which
+        run in the main thread, always use the method's volume rendering."""
+        if getattr(self._surface_override, "active", False):
+            return True
+        return self.viewer_render_mode == "surface" and threading.current_thread() is not threading.main_thread()
 
     def _render_surface(self, ray_bundle: RayBundle) -> dict[str, Any]:
         """Preview: colour of the first surface hit (sphere tracing), background elsewhere; no volume integral."""
@@ -309,7 +374,7 @@ class CocoInrModel(SurfaceModel):
         }
 
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Any]:  # type: ignore[override]
-        if not self.training and self.config.render_mode == "surface":
+        if not self.training and self._renders_surface():
             return self._render_surface(ray_bundle)
         if self.training and self.prior is not None:
             self.prior.refresh()  # once per step: shared by sampler, render pass and eikonal points
@@ -339,10 +404,6 @@ class CocoInrModel(SurfaceModel):
             outputs["eik_grad"] = eikonal_gradients
             outputs["weights"] = weights
         return outputs
-
-    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, Tensor]:
-        # SurfaceModel's: L1 rgb, eikonal on outputs["eik_grad"], optional fg-mask BCE
-        return super().get_loss_dict(outputs, batch, metrics_dict)
 
     def get_metrics_dict(self, outputs, batch) -> dict[str, Tensor]:
         metrics = super().get_metrics_dict(outputs, batch)

@@ -84,6 +84,10 @@ def training_views(pipeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     )
 
 
+MESH_SUFFIXES = (".ply", ".obj", ".stl", ".off", ".glb")
+"""Mesh formats trimesh writes."""
+
+
 @dataclass
 class ExtractMesh:
     """Extract the zero level set of a trained model's SDF as a mesh."""
@@ -99,7 +103,7 @@ class ExtractMesh:
     bounding_box_max: tuple[float, float, float] | None = None
     """Box maximum in the normalised frame (default 1, 1, 1)."""
     use_scene_radius: bool = False
-    """Search the cube around the model's whole bounding sphere (model.config.scene_radius) instead."""
+    """Search the cube around the model's whole bounding sphere (model.scene_radius) instead."""
     isosurface_level: float = 0.0
     """SDF level to extract."""
     block_resolution: int = 256
@@ -132,9 +136,9 @@ class ExtractMesh:
         if self.bounding_box_min is not None and self.bounding_box_max is not None:
             return tuple(self.bounding_box_min), tuple(self.bounding_box_max)
         if self.use_scene_radius:
-            radius = getattr(getattr(model, "config", None), "scene_radius", None)
+            radius = getattr(model, "scene_radius", None)
             if radius is None:
-                raise CLIError("--use-scene-radius: the model config has no scene_radius")
+                raise CLIError("--use-scene-radius: the model has no scene_radius")
             return (-float(radius),) * 3, (float(radius),) * 3
         return (-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)
 
@@ -153,6 +157,8 @@ class ExtractMesh:
     def run(self) -> Path:
         """Load, extract, post-process and write the mesh; returns the written path."""
         out = self.output_path
+        if out.suffix.lower() not in MESH_SUFFIXES:
+            raise CLIError(f"--output-path {out}: expected one of {', '.join(MESH_SUFFIXES)}")
         if out.exists() and not self.overwrite:
             raise CLIError(f"{out} already exists: pass --overwrite to replace it")
         if not self.load_config.is_file():

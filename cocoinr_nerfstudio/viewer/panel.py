@@ -128,10 +128,11 @@ class MethodPanel(nn.Module):
         self.mesh_status = ViewerMarkdown("Preview status", self._idle_message())
         self.render_mode = ViewerDropdown(
             "Render mode",
-            model.config.render_mode,
+            model.viewer_render_mode,
             ["volume", "surface"],
             cb_hook=self._on_render_mode_changed,
-            hint="volume: the method's own rendering; surface: sphere-traced zero level set, a fast preview",
+            hint="volume: the method's own rendering; surface: sphere-traced zero level set, a fast preview "
+            "(viewer frames only: metrics and exports always volume-render)",
         )
         self.mesh_visible = ViewerCheckbox(
             "Show preview mesh",
@@ -141,7 +142,7 @@ class MethodPanel(nn.Module):
         )
 
     def _on_render_mode_changed(self, element: ViewerDropdown) -> None:
-        self._model.config.render_mode = element.value
+        self._model.viewer_render_mode = element.value
 
     # ---- training statistics -------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def test_trains_from_sdfstudio_data(tiny_scene, tmp_path):
     data = write_sdfstudio(tiny_scene, tmp_path / "sdfstudio")
     pipeline = _train_two_steps(SDFStudioDataParserConfig(data=data, auto_orient=False), tmp_path)
     centres = pipeline.datamanager.train_dataset.cameras.camera_to_worlds[:, :3, 3]
-    assert centres.norm(dim=-1).max() < pipeline.model.config.scene_radius  # cameras inside the bounding sphere
+    assert centres.norm(dim=-1).max() < pipeline.model.scene_radius  # cameras inside the bounding sphere
 
 
 @pytest.mark.slow
@@ -117,4 +117,4 @@ def test_trains_from_nerfstudio_data(tiny_scene, tmp_path):
     data = write_nerfstudio(tiny_scene, tmp_path / "nerfstudio")
     pipeline = _train_two_steps(NerfstudioDataParserConfig(data=data, eval_mode="fraction"), tmp_path)
     centres = pipeline.datamanager.train_dataset.cameras.camera_to_worlds[:, :3, 3]
-    assert centres.norm(dim=-1).max() < pipeline.model.config.scene_radius
+    assert centres.norm(dim=-1).max() < pipeline.model.scene_radius

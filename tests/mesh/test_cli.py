@@ -39,7 +39,7 @@ def fake_pipeline(sdf=None, scale_mat=SCALE_MAT, masks=True):
     model = torch.nn.Module()
     model.field = AnalyticField(sdf or ball())
     model.weight = torch.nn.Parameter(torch.zeros(1))
-    model.config = SimpleNamespace(scene_radius=3.0)
+    model.scene_radius = 3.0
     c2w = torch.eye(4)[None, :3].clone()
     c2w[0, 2, 3] = 3.0  # above the ball, looking down -z (OpenGL)
     cameras = Cameras(camera_to_worlds=c2w, fx=100.0, fy=100.0, cx=50.0, cy=50.0, width=100, height=100)
@@ -126,6 +126,12 @@ def test_extract_never_overwrites_silently(extract, capsys):
     assert pipeline.model.field.calls == 0 and out.read_bytes() == before
     assert extract("--overwrite", pipeline=fake_pipeline(sdf=ball(0.3)))[0] == 0
     assert out.read_bytes() != before
+
+
+def test_extract_refuses_an_unknown_mesh_format_before_extracting(extract, capsys):
+    code, pipeline, out = extract(output="mesh.foo")
+    assert code == 1 and "expected one of .ply" in capsys.readouterr().out
+    assert pipeline.model.field.calls == 0 and not out.exists()
 
 
 def test_extract_culls_by_masks(extract):

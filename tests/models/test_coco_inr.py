@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nerfstudio.cameras.rays import RayBundle
-from tiny_models import build, tiny_config
+from tiny_models import SCENE_BOX, build, tiny_config
 
 from cocoinr_nerfstudio.codebook import CodebookError
+from cocoinr_nerfstudio.engine.trainer import resolve_decay_lengths
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
 from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
@@ -54,16 +58,44 @@ def test_volsdf_baseline_has_no_prior_and_no_attention():
     assert model.field.sdf_mlp.skip_in == (4,) and len(model.field.sdf_mlp.layers) == 9
 
 
-def test_missing_codebook_stops_before_any_work(tmp_path):
+def test_missing_codebook_stops_training_before_any_work(tmp_path):
+    trainer_context = {"grad_scaler": torch.amp.GradScaler("cpu", enabled=False)}  # what nerfstudio's Trainer passes
     with pytest.raises(CodebookError, match="does not exist"):
-        build(CocoInrModelConfig(codebook_path=tmp_path / "absent.ckpt"))
+        CocoInrModelConfig(codebook_path=tmp_path / "absent.ckpt").setup(
+            scene_box=SCENE_BOX, num_train_data=4, **trainer_context
+        )
+
+
+def test_reloading_without_the_codebook_file_uses_the_checkpoints(tmp_path):
+    """ns-eval / ns-export on another machine: the file is gone, the checkpoint carries the codebook."""
+    codebook = torch.randn(32, 16)
+    path = tmp_path / "codebook.pt"
+    torch.save(codebook, path)
+    trained = build(tiny_config(codebook_source="file", codebook_path=path, codebook_dim=16))
+    state = {"model": trained.state_dict()}
+    path.unlink()
+    reloaded = build(tiny_config(codebook_source="file", codebook_path=path, codebook_dim=16))  # eval_setup's way
+    reloaded.eval()
+    with pytest.raises(CodebookError, match="no checkpoint"):
+        reloaded(rays(4))
+    reloaded.load_model(state)
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(rays(8))["rgb"], trained(rays(8))["rgb"], atol=0, rtol=0)
+
+
+def test_codebook_width_must_match_the_config(tmp_path):
+    path = tmp_path / "codebook.npy"
+    np.save(path, np.ones((8, 12), dtype=np.float32))
+    with pytest.raises(CodebookError, match="codebook-dim 12"):
+        build(tiny_config(codebook_source="file", codebook_path=path, codebook_dim=16))
 
 
 def test_codebook_file_is_used_and_stored_once(tmp_path):
     codebook = torch.randn(32, 16)
     path = tmp_path / "codebook.pt"
     torch.save(codebook, path)
-    model = build(tiny_config(codebook_source="file", codebook_path=path))
+    model = build(tiny_config(codebook_source="file", codebook_path=path, codebook_dim=16))
     torch.testing.assert_close(model.prior.codebook, codebook)
     assert [key for key in model.state_dict() if "codebook" in key] == ["prior.codebook"]
     assert not model.prior.codebook.requires_grad
@@ -158,7 +190,7 @@ def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
     z = torch.rand(10, 1) * 3.0
     points = model._eikonal_points(bundle, z)
     uniform, near = points[:10], points[10:]
-    assert uniform.abs().max() <= model.config.scene_radius
+    assert uniform.abs().max() <= model.scene_radius
     torch.testing.assert_close(near, bundle.origins + z * bundle.directions)
 
 
@@ -236,14 +268,15 @@ def test_method_defaults_are_the_originals():
     assert trainer.pipeline.datamanager.pixel_sampler.images_per_batch == 1
     assert trainer.optimizers["fields"]["optimizer"].lr == 5e-4
     assert trainer.optimizers["fields"]["scheduler"].final_ratio == 0.1
+    # the decay spans the run, whatever --max-num-iterations says (the original decays over its whole run)
+    for steps in (200_000, 2_000):
+        resolved = resolve_decay_lengths(trainer.optimizers, steps)
+        assert {group["scheduler"].max_steps for group in resolved.values()} == {steps}
+    assert trainer.optimizers["fields"]["scheduler"].max_steps is None  # the method's own config is untouched
     assert (model.num_samples, model.num_samples_eval, model.num_samples_extra) == (64, 128, 32)
     assert (model.error_bound_eps, model.beta_iters, model.max_total_iters) == (0.1, 10, 5)
-    assert (model.scene_radius, model.beta_init, model.eikonal_loss_mult, model.fg_mask_loss_mult) == (
-        3.0,
-        0.1,
-        0.1,
-        0.0,
-    )
+    assert (model.beta_init, model.eikonal_loss_mult, model.fg_mask_loss_mult) == (0.1, 0.1, 0.0)
+    assert model.scene_radius is None and trainer.pipeline.datamanager.dataparser.scene_radius == 3.0  # one source
     assert model.sdf_field.bias == 0.6 and model.num_samples_outside == 32
 
 
@@ -294,11 +327,34 @@ def test_surface_preview_finds_the_volume_renders_surface():
     bundle = rays(24)
     with torch.no_grad():
         volume = model(bundle)
-        model.config.render_mode = "surface"
-        surface = model(bundle)
+        with model.surface_rendering():
+            surface = model(bundle)
+        # the viewer's choice reaches only the viewer's render threads, never metrics or exports
+        model.viewer_render_mode = "surface"
+        torch.testing.assert_close(model(bundle)["depth"], volume["depth"])
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(model(bundle)))
+        thread.start()
+        thread.join()
+        torch.testing.assert_close(results["depth"], surface["depth"])
     assert set(surface) == set(volume)
     hit = (volume["accumulation"][:, 0] > 0.99) & (surface["accumulation"][:, 0] == 1)
     assert hit.sum() >= 12
     assert (surface["depth"][hit] - volume["depth"][hit]).abs().max() < 0.05
     assert ((surface["normals"][hit] - volume["normals"][hit]).abs().max(-1).values < 0.2).all()
     assert surface["rgb"].min() >= 0 and surface["rgb"].max() <= 1
+
+
+def test_a_relative_codebook_path_is_stored_absolute(tmp_path, monkeypatch):
+    """ns-train writes config.yml from the config object; ns-eval may run from another folder."""
+    monkeypatch.chdir(tmp_path)
+    assert CocoInrModelConfig(codebook_path=Path("ckpts/cb.pt")).codebook_path == tmp_path / "ckpts" / "cb.pt"
+    assert CocoInrModelConfig().codebook_path is None  # the default locations are searched at training time
+
+
+def test_the_bounding_sphere_comes_from_the_data_unless_set():
+    assert build(tiny_config()).scene_radius == 3.0
+    model = tiny_config().setup(scene_box=SCENE_BOX, num_train_data=4, metadata={"scene_radius": 2.0})
+    assert model.scene_radius == 2.0 and model.collider.radius == 2.0
+    model = tiny_config(scene_radius=2.5).setup(scene_box=SCENE_BOX, num_train_data=4, metadata={"scene_radius": 2.0})
+    assert model.scene_radius == 2.5

@@ -98,7 +98,7 @@ def test_render_mode_dropdown_switches_the_models_rendering(tiny_model, server):
     assert panel.render_mode.value == "volume"
     panel.render_mode.gui_handle.value = "surface"  # what a click in the browser does
     panel._on_render_mode_changed(panel.render_mode)
-    assert tiny_model.config.render_mode == "surface"
+    assert tiny_model.viewer_render_mode == "surface"
 
 
 def test_panel_shows_beta_and_the_latest_eikonal_term_from_training(tiny_model, server):

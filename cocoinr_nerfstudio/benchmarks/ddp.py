@@ -1,4 +1,5 @@
-"""Multi-process training through nerfstudio's own DDP path, on CUDA (nccl) and on CPU (gloo).
+"""Multi-process training through nerfstudio's own DDP path, on CUDA (nccl) and on CPU (gloo): a harness for
+the DDP test and benchmark (``ns-train --machine.num-devices N`` itself does not use this module).
 
 ``ns-train ... --machine.num-devices N`` runs ``nerfstudio.scripts.train.launch``, which spawns N
 ``_distributed_worker`` processes that each run ``train_loop``; ``VanillaPipeline`` wraps the model in
