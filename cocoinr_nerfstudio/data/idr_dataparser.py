@@ -13,6 +13,7 @@ anything that imports that module (datamanagers, method configs, trainer).
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -353,10 +354,13 @@ class IDRDataParser(DataParser):
 
         Folders come before the tables: DTU's scan1 (in no paper table) must not get BlendedMVS scan1's split.
         """
-        scan_id = self.config.scan_id or data.resolve().name
+        # the path as the user wrote it (made absolute, '..' folded) but not through symlinks:
+        # a link named scan65 to a differently named folder is scan65
+        named = Path(os.path.abspath(data))
+        scan_id = self.config.scan_id or named.name
         if self.config.dataset != "auto":
             return self.config.dataset, scan_id
-        for parent in list(data.resolve().parents)[:2]:
+        for parent in list(named.parents)[:2]:
             for dataset, hints in _FOLDER_HINTS.items():
                 if any(h in parent.name.lower() for h in hints):
                     return dataset, scan_id

@@ -209,6 +209,21 @@ def test_scan65_three_views(scenes, capsys):
         parser.get_dataparser_outputs("eval")
 
 
+def test_the_scan_id_is_the_folder_name_as_given_even_through_a_link(scenes, tmp_path):
+    link = tmp_path / "links" / "scan65"
+    link.parent.mkdir()
+    link.symlink_to(scenes["dtu"].resolve())
+    renamed = tmp_path / "renamed_target"
+    renamed.symlink_to(scenes["dtu"].resolve())  # another name for the same folder: not a table scan
+    assert IDRDataParserConfig(data=link, num_views=3).setup().get_dataparser_outputs("train").metadata[
+        "train_indices"
+    ] == [8, 24, 40]
+    assert (
+        IDRDataParserConfig(data=renamed, num_views=3).setup().get_dataparser_outputs("train").metadata["scan_id"]
+        == "renamed_target"
+    )
+
+
 def test_invalid_table_entries_give_one_warning(scenes, capsys):
     train, _ = parse(scenes["dtu"], num_views=4, eval_stride=10)
     assert train.metadata["train_indices"] == [18, 24]
