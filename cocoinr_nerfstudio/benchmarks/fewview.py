@@ -587,7 +587,8 @@ def extract_and_score(
     import trimesh
 
     from cocoinr_nerfstudio.mesh.evaluation import MeshEvaluationError, mesh_distances
-    from cocoinr_nerfstudio.scripts.extract_mesh import CLIError, ExtractMesh
+    from cocoinr_nerfstudio.scripts.cli_errors import CLIError
+    from cocoinr_nerfstudio.scripts.extract_mesh import ExtractMesh
 
     nan = {"chamfer": math.nan, "accuracy": math.nan, "completeness": math.nan, "hausdorff": math.nan}
     try:

@@ -85,8 +85,8 @@ def opacity_error_bound(
     sdf: Float[Tensor, "n m"],
     dists: Float[Tensor, "n m_minus_1"],
     d_star: Float[Tensor, "n m_minus_1"],
-) -> tuple[Float[Tensor, "n m_minus_1"], Float[Tensor, "n m"]]:
-    """Per-interval bound on the opacity error, and the estimated optical depth at each sample.
+) -> Float[Tensor, "n m_minus_1"]:
+    """Per-interval bound on the opacity error (Theorem 1), cumulative along the ray.
 
     Broadcasts: ``beta`` may carry extra leading dimensions (several candidate betas per ray).
     """
@@ -94,7 +94,7 @@ def opacity_error_bound(
     free_energy = dists * sigma[..., :-1]
     optical_depth = torch.cumsum(torch.cat([torch.zeros_like(free_energy[..., :1]), free_energy], -1), -1)
     error = torch.cumsum(torch.exp(-d_star / beta) * dists.pow(2) / (4.0 * beta**2), -1)
-    return (torch.exp(error).clamp(max=1e6) - 1.0) * torch.exp(-optical_depth[..., :-1]), optical_depth
+    return (torch.exp(error).clamp(max=1e6) - 1.0) * torch.exp(-optical_depth[..., :-1])
 
 
 def grid_search_beta(
@@ -113,14 +113,14 @@ def grid_search_beta(
     Bisection's answer (the bound falls as beta grows) with ``count`` candidates tested at once per
     level: a fixed, branch-free sequence of tensor operations, so it also compiles into few kernels.
     """
-    meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star)[0].max(-1).values <= eps
+    meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= eps
     hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)
     lo = beta0.expand_as(hi)
     fractions = torch.arange(1, count + 1, device=hi.device, dtype=hi.dtype) / count
     sdf, dists, d_star = sdf[:, None, :], dists[:, None, :], d_star[:, None, :]
     for _ in range(levels):
         candidates = lo[:, None] + (hi - lo)[:, None] * fractions  # [n, count], the last one is hi
-        ok = opacity_error_bound(density, candidates[..., None], sdf, dists, d_star)[0].max(-1).values <= eps
+        ok = opacity_error_bound(density, candidates[..., None], sdf, dists, d_star).max(-1).values <= eps
         ok = torch.cat([ok[:, :-1], torch.ones_like(ok[:, -1:])], -1)  # hi met the bound already
         first = ok.to(torch.uint8).argmax(-1, keepdim=True)
         below = candidates.gather(1, (first - 1).clamp(min=0))[:, 0]
@@ -196,12 +196,12 @@ class ErrorBoundedSampler(Sampler):
                 density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL
             )
         # the original's sequential bisection
-        meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star)[0].max(-1).values <= self.eps
+        meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)
         lo = beta0.expand_as(hi).clone()
         for _ in range(self.beta_iters):
             mid = 0.5 * (lo + hi)
-            ok = opacity_error_bound(density, mid[:, None], sdf, dists, d_star)[0].max(-1).values <= self.eps
+            ok = opacity_error_bound(density, mid[:, None], sdf, dists, d_star).max(-1).values <= self.eps
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
         return hi
@@ -250,7 +250,7 @@ class ErrorBoundedSampler(Sampler):
             dists = z[:, 1:] - z[:, :-1]
             d_star = distance_bound(z, sdf)
             beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
-            bound, _ = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
+            bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
             done = beta <= beta0
             if not self.per_ray_convergence:
                 done = done.all().expand_as(done)

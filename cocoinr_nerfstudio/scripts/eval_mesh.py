@@ -18,12 +18,9 @@ import tyro
 from rich.console import Console
 
 from cocoinr_nerfstudio.mesh.evaluation import MeshEvaluationError, evaluate_dtu, mesh_distances
+from cocoinr_nerfstudio.scripts.cli_errors import CLIError
 
 ERR_CONSOLE = Console(stderr=True, width=120)
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 1."""
 
 
 def load_mesh(path: Path, what: str, allow_points: bool = False):

@@ -23,10 +23,7 @@ from cocoinr_nerfstudio.mesh.extraction import (
     keep_largest_component,
     transform_mesh,
 )
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 1."""
+from cocoinr_nerfstudio.scripts.cli_errors import CLIError
 
 
 def eval_setup(config_path: Path, **kwargs):
@@ -55,7 +52,8 @@ def training_views(pipeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     dataset = getattr(datamanager, "train_dataset", None)
     if dataset is None or len(dataset) == 0:
         raise CLIError("--cull-by-masks: the pipeline has no training dataset to read masks from")
-    key = next((k for k in ("fg_mask", "mask") if k in dataset[0]), None)
+    items = [dataset[i] for i in range(len(dataset))]  # each view decoded once
+    key = next((k for k in ("fg_mask", "mask") if k in items[0]), None)
     if key is None:
         raise CLIError(
             "--cull-by-masks: the training data has no foreground masks (no 'fg_mask'): "
@@ -63,8 +61,8 @@ def training_views(pipeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         )
     cameras = datamanager.train_dataparser_outputs.cameras
     masks = []
-    for i in range(len(dataset)):
-        mask = torch.as_tensor(dataset[i][key]).cpu()
+    for item in items:
+        mask = torch.as_tensor(item[key]).cpu()
         masks.append(mask.reshape(mask.shape[:2]).numpy() > 0.5)
     if len(masks) != len(cameras):
         raise CLIError(f"--cull-by-masks: {len(masks)} masks but {len(cameras)} training cameras")
