@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from cocoinr_nerfstudio.data.idr_dataparser import IDRDataParserConfig
 from cocoinr_nerfstudio.data.idr_dataset import IDRDataset
 from cocoinr_nerfstudio.data.pixel_sampler import PerImagePixelSamplerConfig
+from cocoinr_nerfstudio.engine.optimizers import FusedAdamOptimizerConfig
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
 from cocoinr_nerfstudio.engine.trainer import CocoTrainerConfig
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
@@ -29,7 +29,7 @@ RAYS_PER_STEP = 1024
 def _optimizers() -> dict:
     """Adam 5e-4 decaying exponentially to 0.1x over the run (200k steps by default), for both parameter groups."""
     group = {
-        "optimizer": AdamOptimizerConfig(lr=LEARNING_RATE, eps=1e-8),
+        "optimizer": FusedAdamOptimizerConfig(lr=LEARNING_RATE, eps=1e-8),
         "scheduler": ExponentialDecayToSchedulerConfig(final_ratio=0.1),  # over the whole run
     }
     return {"fields": dict(group), "field_background": dict(group)}

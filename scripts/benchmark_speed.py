@@ -40,7 +40,8 @@ from cocoinr_nerfstudio.models.coco_inr import CocoInrModelConfig
 
 
 def _reference(model: CocoInrModelConfig) -> None:
-    """The original's behaviour: prototypes on every call, explicit attention, batch-level sampler."""
+    """The original's behaviour: prototypes on every call, explicit attention, batch-level sampler (and, in
+    _trainer_config, torch's default for-each Adam)."""
     model.cache_prototypes = False
     model.fused_prototype_attention = False
     model.sdf_field.coordinate_attention.fused = False
@@ -66,6 +67,19 @@ def _fast(model: CocoInrModelConfig) -> None:
     model.train_weight_threshold = 1e-4
 
 
+def _graph(model: CocoInrModelConfig) -> None:
+    """TF32 and the whole training step replayed as a CUDA graph (static-shape sampler)."""
+    model.tf32_matmul = True
+    model.cuda_graph = True
+
+
+def _graph_bf16(model: CocoInrModelConfig) -> None:
+    """The CUDA graph with bf16 sampler queries and colour heads (every sample still evaluated)."""
+    _graph(model)
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -77,6 +91,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "tf32": _tf32,
     "fast": _fast,
     "fast+compile": _fast_compiled,
+    "graph": _graph,
+    "graph+bf16": _graph_bf16,
 }
 
 
@@ -131,7 +147,14 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
         model.random_codebook_shape = tuple(args.codebook_shape)
     if args.tiny:
         _shrink(model)
+    if args.eval_chunk is not None:
+        model.eval_num_rays_per_chunk = args.eval_chunk
     CONFIGS[name](model)
+    if name == "reference":
+        for group in config.optimizers.values():
+            group["optimizer"].fused = False
+    if args.beta_init is not None:
+        model.beta_init = args.beta_init
     return config
 
 
@@ -185,8 +208,8 @@ def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
         for step in range(first_step, first_step + num_steps):
             trainer.train_iteration(step)
         _sync(device)
-    sort_by = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60), flush=True)
+    sort_by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=50), flush=True)
 
 
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
@@ -287,6 +310,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--no-mesh", dest="mesh", action="store_false")
     parser.add_argument("--mesh-resolution", type=int, default=256)
     parser.add_argument("--frame-size", type=int, default=None, help="viewer frame to time (default 512 GPU, 0 CPU)")
+    parser.add_argument(
+        "--beta-init", type=float, default=None, help="start from a sharper density, as late in training (0.1)"
+    )
+    parser.add_argument("--eval-chunk", type=int, default=None, help="rays per chunk when rendering (model default)")
     parser.add_argument("--tiny", action="store_true", default=None, help="shrink the model (default on CPU)")
     parser.add_argument("--full-model", dest="tiny", action="store_false", help="the paper's model even on CPU")
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps per config (top ops)")

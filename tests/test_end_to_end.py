@@ -327,8 +327,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path):
-    """(g) nerfstudio's Trainer on coco-inr's registered config, shrunk: 15 steps on one fixed batch of rays."""
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, cuda_graph, capsys):
+    """(g) nerfstudio's Trainer on coco-inr's registered config, shrunk: 15 steps on one fixed batch of rays.
+    With ``cuda_graph`` on a CPU the trainer says why it cannot capture and trains eagerly (static sampler)."""
     from nerfstudio.configs import base_config  # noqa: F401  (before writer: importing writer first is circular)
     from nerfstudio.utils import writer
 
@@ -352,6 +354,7 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path):
     model.background_field.hidden_dims, model.background_field.feature_dim = (32,), 16
     model.num_samples, model.num_samples_eval, model.num_samples_extra = 8, 16, 4
     model.num_samples_outside, model.max_total_iters = 4, 3
+    model.cuda_graph = cuda_graph
 
     writers_before = list(writer.EVENT_WRITERS)
     try:
@@ -368,5 +371,8 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path):
     finally:
         writer.EVENT_WRITERS[:] = writers_before
     assert all(np.isfinite(losses))
+    assert trainer.pipeline.model.sampler.static_shapes is cuda_graph
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert ("not used because the device is cpu, not CUDA" in printed) is cuda_graph
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.85 * first, losses

@@ -190,7 +190,11 @@ class CocoField(Field):
         else:
             x = torch.cat([encoded_dirs, features], dim=-1)
         dtype = self.color_autocast
-        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        # no weight-cast cache: it would outlive a captured CUDA graph's memory pool
+        autocast = torch.autocast(
+            x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+        )
+        with autocast:
             if self.color_attention is not None:
                 assert self.prototype_source is not None
                 x = self.color_attention(

@@ -147,6 +147,10 @@ class ErrorBoundedSampler(Sampler):
             per level, at least ``beta_iters`` bits in all) instead of ``beta_iters`` sequential halvings:
             the same or finer precision in a third of the kernel launches.
         compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU.
+        static_shapes: in training, run every round on every ray, freezing each ray's final samples at the round its own
+            bound is met: the result of ``per_ray_convergence`` with fixed tensor shapes and no host
+            synchronisation, so a whole training step can be captured as a CUDA graph. Spends queries on
+            rays that are done; pays only when kernel launches, not queries, bound the step.
     """
 
     CANDIDATES_PER_LEVEL = 15
@@ -164,6 +168,7 @@ class ErrorBoundedSampler(Sampler):
         per_ray_convergence: bool = True,
         batched_bisection: bool = True,
         compile: bool = False,
+        static_shapes: bool = False,
     ) -> None:
         super().__init__(num_samples=num_samples)
         self.num_samples_eval = num_samples_eval
@@ -175,6 +180,7 @@ class ErrorBoundedSampler(Sampler):
         self.chunk_size = chunk_size
         self.per_ray_convergence = per_ray_convergence
         self.batched_bisection = batched_bisection
+        self.static_shapes = static_shapes
         self._search_beta = torch.compile(grid_search_beta, dynamic=True) if compile else grid_search_beta
 
     def _query(self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor) -> Tensor:
@@ -215,30 +221,29 @@ class ErrorBoundedSampler(Sampler):
         if self.num_samples_extra <= 0:
             return samples
         if self.training:
-            extra_idx = torch.randperm(z.shape[1], device=z.device)[: self.num_samples_extra]
+            # a uniform random subset, drawn without a host round trip (CUDA-graph safe, unlike randperm)
+            extra_idx = torch.rand(z.shape[1], device=z.device).argsort()[: self.num_samples_extra]
         else:
             extra_idx = torch.linspace(0, z.shape[1] - 1, self.num_samples_extra, device=z.device).long()
         return torch.cat([samples, z[:, extra_idx]], -1)
 
-    def generate_ray_samples(  # type: ignore[override]
+    def _refine(
         self,
-        ray_bundle: RayBundle | None = None,
-        sdf_fn: SDFCallable | None = None,
-        density: LaplaceDensity | None = None,
-    ) -> tuple[RaySamples, ErrorBoundInfo]:
-        assert ray_bundle is not None and sdf_fn is not None and density is not None
-        assert ray_bundle.nears is not None and ray_bundle.fars is not None, "run a collider first"
-        origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
-        nears, fars = ray_bundle.nears.reshape(-1, 1), ray_bundle.fars.reshape(-1, 1)
+        sdf_fn: SDFCallable,
+        origins: Tensor,
+        directions: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        beta: Tensor,
+        beta0: Tensor,
+        density: LaplaceDensity,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Rounds of Algorithm 1 on the rays still refining (shapes shrink as rays finish).
+
+        Returns each ray's final samples, their beta and error bound, its round count, and the queries spent.
+        """
         num_rays, device = origins.shape[0], origins.device
-        beta0 = density.get_beta().detach()
-
-        z = self._uniform(nears, fars, self.num_samples_eval)
-        # Lemma 2: a beta that meets the bound for any SDF with these sample spacings
-        beta = torch.sqrt((z[:, 1:] - z[:, :-1]).pow(2).sum(-1) / (4.0 * math.log(1.0 + self.eps)))
-        sdf = self._query(sdf_fn, origins, directions, z)
         num_queries = z.numel()
-
         num_final = self.num_samples + max(self.num_samples_extra, 0)
         final = torch.empty(num_rays, num_final, device=device, dtype=z.dtype)
         final_beta = torch.empty(num_rays, device=device, dtype=z.dtype)
@@ -270,7 +275,77 @@ class ErrorBoundedSampler(Sampler):
             num_queries += new_z.numel()
             z, order = torch.sort(torch.cat([z, new_z], -1), -1)
             sdf = torch.cat([sdf, new_sdf], -1).gather(1, order)
+        return final, final_beta, final_bound, rounds, num_queries
 
+    def _refine_static(
+        self,
+        sdf_fn: SDFCallable,
+        origins: Tensor,
+        directions: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        beta: Tensor,
+        beta0: Tensor,
+        density: LaplaceDensity,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """The same rounds on every ray, with masks instead of subsets (see ``static_shapes``)."""
+        num_rays = origins.shape[0]
+        num_queries = z.numel()
+        num_final = self.num_samples + max(self.num_samples_extra, 0)
+        final = z.new_zeros(num_rays, num_final)
+        final_beta, final_bound, rounds = z.new_zeros(num_rays), z.new_zeros(num_rays), z.new_zeros(num_rays)
+        finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
+        for round_index in range(1, self.max_total_iters + 1):
+            rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
+            dists = z[:, 1:] - z[:, :-1]
+            d_star = distance_bound(z, sdf)
+            beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
+            bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
+            done = beta <= beta0
+            if not self.per_ray_convergence:
+                done = done.all().expand_as(done)
+            if round_index == self.max_total_iters:
+                done = torch.ones_like(done)
+            newly = done & ~finished
+            final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density), final)
+            final_beta = torch.where(newly, beta, final_beta)
+            final_bound = torch.where(newly, bound.max(-1).values, final_bound)
+            finished = finished | done
+            if round_index == self.max_total_iters:
+                break
+            new_z = sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
+            new_sdf = self._query(sdf_fn, origins, directions, new_z)
+            num_queries += new_z.numel()
+            z, order = torch.sort(torch.cat([z, new_z], -1), -1)
+            sdf = torch.cat([sdf, new_sdf], -1).gather(1, order)
+        return final, final_beta, final_bound, rounds, num_queries
+
+    def generate_ray_samples(  # type: ignore[override]
+        self,
+        ray_bundle: RayBundle | None = None,
+        sdf_fn: SDFCallable | None = None,
+        density: LaplaceDensity | None = None,
+    ) -> tuple[RaySamples, ErrorBoundInfo]:
+        assert ray_bundle is not None and sdf_fn is not None and density is not None
+        assert ray_bundle.nears is not None and ray_bundle.fars is not None, "run a collider first"
+        origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
+        nears, fars = ray_bundle.nears.reshape(-1, 1), ray_bundle.fars.reshape(-1, 1)
+        num_rays, device = origins.shape[0], origins.device
+        beta0 = density.get_beta().detach()
+
+        z = self._uniform(nears, fars, self.num_samples_eval)
+        # Lemma 2: a beta that meets the bound for any SDF with these sample spacings
+        beta = torch.sqrt((z[:, 1:] - z[:, :-1]).pow(2).sum(-1) / (4.0 * math.log(1.0 + self.eps)))
+        sdf = self._query(sdf_fn, origins, directions, z)
+
+        if self.static_shapes and self.training:  # renders are not captured: they keep the cheaper variant
+            final, final_beta, final_bound, rounds, num_queries = self._refine_static(
+                sdf_fn, origins, directions, z, sdf, beta, beta0, density
+            )
+        else:
+            final, final_beta, final_bound, rounds, num_queries = self._refine(
+                sdf_fn, origins, directions, z, sdf, beta, beta0, density
+            )
         final_z, _ = torch.sort(torch.cat([final, nears, fars], -1), -1)
         pick = torch.randint(final_z.shape[1], (num_rays, 1), device=device)
         info = ErrorBoundInfo(

@@ -105,24 +105,23 @@ def test_sampler_converges_with_the_models_beta_when_it_can():
     assert (info.error_bound <= sampler.eps).all()
 
 
-def test_per_ray_convergence_spends_fewer_queries_for_the_same_bound():
-    """Rays that miss the sphere converge at once; the original keeps upsampling them with the rest."""
-    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+def hit_and_miss_rays():
+    """8 rays that hit the sphere (several rounds at small beta), then 8 that miss it (done at once)."""
     hit_bundle, _ = rays_at_sphere(8)
-    miss = RayBundle(
-        origins=hit_bundle.origins,
-        directions=torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.2]]).expand(8, 3), dim=-1),
-        pixel_area=hit_bundle.pixel_area,
-        nears=hit_bundle.nears,
-        fars=hit_bundle.fars,
-    )
-    bundle = RayBundle(
-        origins=torch.cat([hit_bundle.origins, miss.origins]),
-        directions=torch.cat([hit_bundle.directions, miss.directions]),
+    directions = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.2]]).expand(8, 3), dim=-1)
+    return RayBundle(
+        origins=torch.cat([hit_bundle.origins, hit_bundle.origins]),
+        directions=torch.cat([hit_bundle.directions, directions]),
         pixel_area=torch.ones(16, 1),
         nears=torch.zeros(16, 1),
         fars=torch.full((16, 1), 5.0),
     )
+
+
+def test_per_ray_convergence_spends_fewer_queries_for_the_same_bound():
+    """Rays that miss the sphere converge at once; the original keeps upsampling them with the rest."""
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
     results = {}
     for per_ray in (True, False):
         sampler = ErrorBoundedSampler(per_ray_convergence=per_ray)
@@ -179,3 +178,57 @@ def test_compiled_search_matches_eager():
     # fullgraph: no graph breaks, so on GPU it compiles into a few fused kernels
     compiled = torch.compile(grid_search_beta, dynamic=True, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(*args), grid_search_beta(*args))
+
+
+@pytest.mark.parametrize("per_ray", [True, False])
+def test_static_shapes_give_the_same_samples(per_ray, constant_randomness):
+    """In training, the fixed-shape variant (CUDA graphs) keeps each ray's samples from the round it converged;
+    renders always take the shrinking variant."""
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
+    results = []
+    for static, training in ((False, True), (True, True), (True, False)):
+        sampler = ErrorBoundedSampler(per_ray_convergence=per_ray, static_shapes=static)
+        sampler.train(training)
+        results.append(sampler(bundle, sdf_fn=sphere_sdf, density=density))
+    (dynamic_samples, dynamic), (static_samples, static), (_, rendering) = results
+    assert rendering.num_queries == dynamic.num_queries
+    assert len(set(dynamic.num_rounds.tolist())) > 1 or not per_ray  # rays finish at different rounds
+    torch.testing.assert_close(static_samples.frustums.starts, dynamic_samples.frustums.starts)
+    torch.testing.assert_close(static.beta, dynamic.beta)
+    torch.testing.assert_close(static.error_bound, dynamic.error_bound)
+    torch.testing.assert_close(static.num_rounds, dynamic.num_rounds)
+    # every ray runs every round
+    assert static.num_queries == 16 * 128 * 5 > dynamic.num_queries or not per_ray
+
+
+def test_static_shapes_trace_without_host_synchronisation():
+    """No data-dependent branch or shape: the whole sampler traces as one graph (what CUDA-graph capture needs);
+    the shrinking variant must break the trace."""
+    import torch._dynamo
+
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
+
+    def run(sampler, origins, directions):
+        ray_bundle = RayBundle(
+            origins=origins,
+            directions=directions,
+            pixel_area=torch.ones(16, 1),
+            nears=torch.zeros(16, 1),
+            fars=torch.full((16, 1), 5.0),
+        )
+        samples, info = sampler(ray_bundle, sdf_fn=sphere_sdf, density=density)
+        return samples.frustums.starts, info.beta
+
+    for static in (True, False):
+        torch._dynamo.reset()
+        sampler = ErrorBoundedSampler(static_shapes=static)
+        sampler.train()
+        traced = torch.compile(run, backend="eager", fullgraph=True, dynamic=False)
+        if static:
+            starts, beta = traced(sampler, bundle.origins, bundle.directions)
+            assert starts.shape == (16, 64 + 32 + 1, 1) and (beta >= 0.005).all()
+        else:
+            with pytest.raises(Exception, match=r"(?i)data.dependent|graph break|Unsupported"):
+                traced(sampler, bundle.origins, bundle.directions)

@@ -1,0 +1,89 @@
+"""The CUDA-graph training step: input buffers on CPU; replay against eager autograd on a GPU (skipped here)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nerfstudio.cameras.rays import RayBundle
+from tiny_models import SCENE_BOX, tiny_config
+
+from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep, StaticShapeError, _copy_into, _static_clone
+
+
+def _bundle(num_rays: int, seed: int, device: str = "cpu") -> tuple[RayBundle, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    origins = torch.nn.functional.normalize(torch.randn(num_rays, 3, generator=generator), dim=-1) * 2.5
+    directions = torch.nn.functional.normalize(-origins + 0.3 * torch.randn(num_rays, 3, generator=generator), dim=-1)
+    bundle = RayBundle(
+        origins=origins.to(device),
+        directions=directions.to(device),
+        pixel_area=torch.full((num_rays, 1), 1e-4, device=device),
+        camera_indices=torch.zeros(num_rays, 1, dtype=torch.long, device=device),
+    )
+    batch = {"image": torch.rand(num_rays, 3, generator=generator).to(device), "indices": torch.zeros(num_rays, 3)}
+    return bundle, batch
+
+
+def test_batches_are_copied_into_the_captured_buffers_in_place():
+    _, batch = _bundle(4, seed=0)
+    static = _static_clone({"image": batch["image"], "meta": {"t": torch.zeros(4, 1)}}, torch.device("cpu"))
+    address = static["image"].data_ptr()
+    _copy_into(static, {"image": batch["image"] * 2, "meta": {"t": torch.ones(4, 1)}}, "batch")
+    assert static["image"].data_ptr() == address
+    torch.testing.assert_close(static["image"], batch["image"] * 2)
+    torch.testing.assert_close(static["meta"]["t"], torch.ones(4, 1))
+
+
+def test_a_batch_of_another_shape_is_refused_by_name():
+    _, batch = _bundle(4, seed=0)
+    static = _static_clone({"image": batch["image"]}, torch.device("cpu"))
+    with pytest.raises(StaticShapeError, match=r"batch\['image'\]: captured with shape \(4, 3\), got \(5, 3\)"):
+        _copy_into(static, {"image": torch.zeros(5, 3)}, "batch")
+    with pytest.raises(StaticShapeError, match="captured with keys"):
+        _copy_into(static, {"image": batch["image"], "fg_mask": torch.ones(4, 1)}, "batch")
+
+
+def test_sample_pruning_cannot_be_captured():
+    with pytest.raises(
+        ValueError, match=r"--pipeline\.model\.cuda-graph needs --pipeline\.model\.train-weight-threshold 0"
+    ):
+        tiny_config(cuda_graph=True, train_weight_threshold=1e-4).setup(scene_box=SCENE_BOX, num_train_data=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(constant_randomness):
+    torch.manual_seed(0)
+    model = tiny_config(cuda_graph=True).setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def eager(bundle, batch):
+        for p in params:
+            p.grad = None
+        outputs = model(copy.copy(bundle))  # the collider writes nears/fars onto its bundle
+        losses = model.get_loss_dict(outputs, batch)
+        sum(losses.values()).backward()
+        return {k: v.detach().clone() for k, v in losses.items()}, [
+            None if p.grad is None else p.grad.clone() for p in params
+        ]
+
+    step = CudaGraphTrainStep(model)
+    step(*_bundle(256, seed=1, device="cuda"))  # capture on one batch
+    for seed in (2, 3):
+        bundle, batch = _bundle(256, seed=seed, device="cuda")
+        expected_losses, expected_grads = eager(bundle, batch)
+        for p in params:
+            p.grad = None
+        _, losses = step(bundle, batch)
+        for name, value in expected_losses.items():
+            torch.testing.assert_close(losses[name], value, rtol=1e-4, atol=1e-6)
+        for p, grad in zip(params, expected_grads, strict=True):
+            if grad is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, grad, rtol=1e-3, atol=1e-6)
+        with torch.no_grad():  # the graph must read the updated weights in place
+            for p in params:
+                if p.grad is not None:
+                    p.sub_(0.01 * p.grad)

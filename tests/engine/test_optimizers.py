@@ -1,0 +1,34 @@
+"""The method's Adam: fused, and the same update as torch's default implementation."""
+
+from __future__ import annotations
+
+import torch
+
+from cocoinr_nerfstudio.engine.optimizers import FusedAdamOptimizerConfig
+from cocoinr_nerfstudio.method_configs import coco_inr
+
+
+def test_method_uses_fused_adam_with_the_originals_settings():
+    for group in coco_inr.config.optimizers.values():
+        optimizer = group["optimizer"]
+        assert isinstance(optimizer, FusedAdamOptimizerConfig)
+        assert (optimizer.lr, optimizer.eps, optimizer.fused) == (5e-4, 1e-8, True)
+
+
+def test_fused_adam_matches_the_default_implementation():
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    results = []
+    for fused in (True, False):
+        params = [p.clone().requires_grad_(True) for p in start]
+        optimizer = FusedAdamOptimizerConfig(lr=5e-4, eps=1e-8, fused=fused).setup(params)
+        assert optimizer.defaults["fused"] is fused
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    for fused, default, before in zip(*results, start, strict=True):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
+        assert (fused - before).abs().max() > 1e-3  # the steps moved the parameters
