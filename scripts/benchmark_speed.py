@@ -46,6 +46,8 @@ def _reference(model: CocoInrModelConfig) -> None:
     model.fused_prototype_attention = False
     model.sdf_field.coordinate_attention.fused = False
     model.background_field.coordinate_attention.fused = False
+    model.sdf_field.coordinate_attention.block_diagonal = False  # one batched product per head
+    model.background_field.coordinate_attention.block_diagonal = False
     model.per_ray_convergence = False
     model.batched_bisection = False
     model.eval_weight_threshold = 0.0

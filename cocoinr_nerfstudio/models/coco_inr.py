@@ -114,8 +114,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Error-bounded sampler: test 15 betas per level instead of halving one at a time (same or finer precision)."""
     compile_sampler: bool = False
     """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation)."""
-    sampler_chunk_size: int = 1 << 20
-    """Points per SDF query inside the sampler (bounds memory; queries run without autograd)."""
+    sampler_chunk_size: int = 1 << 18
+    """Points per SDF query inside the sampler (bounds memory: explicit attention holds 4 KiB of scores per point;
+    queries run without autograd)."""
     num_samples_outside: int = 32
     """Background samples per ray, uniform in inverse radius."""
     eikonal_loss_mult: float = 0.1

@@ -8,6 +8,8 @@ from cocoinr_nerfstudio.field_components.attention import (
     CoordinateAttention,
     MultiHeadAttention,
     attend,
+    attend_block_diagonal,
+    layer_norm_var_mean,
 )
 
 TOLERANCE = 1e-5  # fused (SDPA) vs explicit softmax(QK^T)V, float32
@@ -91,3 +93,55 @@ def test_explicit_path_has_second_derivatives():
     prototypes = torch.randn(5, 4, dtype=torch.float64)
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda p: block(p, prototypes, fused=False).sum(-1), (x,))
+
+
+def test_block_diagonal_attention_matches_batched_heads():
+    q, k, v = torch.randn(50, 128), torch.randn(70, 128), torch.randn(70, 128)
+    split = lambda x: x.unflatten(-1, (4, 32)).transpose(0, 1)  # noqa: E731
+    expected = attend(split(q), split(k), split(v), fused=False).transpose(0, 1).flatten(-2)
+    torch.testing.assert_close(attend_block_diagonal(q, k, v, heads=4), expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_block_diagonal_coordinate_attention_has_the_same_first_and_second_derivatives():
+    """The geometry head's path: d(out)/dx and the eikonal-style second derivative into the prototypes."""
+    batched = CoordinateAttention(39, 16, depth=2, activation="softplus", block_diagonal=False)
+    blocked = CoordinateAttention(39, 16, depth=2, activation="softplus", block_diagonal=True)
+    blocked.load_state_dict(batched.state_dict())
+    x0, prototypes0 = torch.randn(30, 39), torch.randn(20, 16)
+    results = []
+    for module in (batched, blocked):
+        x, prototypes = x0.clone().requires_grad_(True), prototypes0.clone().requires_grad_(True)
+        out = module(x, prototypes, fused=False)
+        (grad_x,) = torch.autograd.grad(out[:, 0].sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad_x.square().sum(), prototypes)
+        results.append((out, grad_x, second))
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+    assert results[0][2].abs().max() > 0  # the check is not vacuous
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_var_mean_layer_norm_matches_torch(affine):
+    norm = torch.nn.LayerNorm(39, elementwise_affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(100, 39) * 3 + 1
+    expected = norm(x)
+    got = layer_norm_var_mean(x, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the var_mean inference path is taken on CUDA only")
+def test_layer_norm_inference_path_on_cuda_matches_torch():
+    from cocoinr_nerfstudio.field_components.attention import LayerNorm
+
+    norm = LayerNorm(39).cuda()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(1000, 39, device="cuda") * 3 + 1
+    with torch.no_grad():
+        got = norm(x)
+    torch.testing.assert_close(
+        got, torch.nn.functional.layer_norm(x, (39,), norm.weight, norm.bias), atol=1e-5, rtol=1e-5
+    )
