@@ -82,6 +82,12 @@ def _graph_bf16(model: CocoInrModelConfig) -> None:
     model.bf16_color_heads = True
 
 
+def _graph_compiled(model: CocoInrModelConfig) -> None:
+    """The CUDA graph with the sampler's beta search compiled (fused elementwise kernels)."""
+    _graph(model)
+    model.compile_sampler = True
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -95,6 +101,7 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "fast+compile": _fast_compiled,
     "graph": _graph,
     "graph+bf16": _graph_bf16,
+    "graph+compile": _graph_compiled,
 }
 
 
