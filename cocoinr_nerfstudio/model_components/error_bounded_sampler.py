@@ -227,6 +227,32 @@ class ErrorBoundedSampler(Sampler):
             extra_idx = torch.linspace(0, z.shape[1] - 1, self.num_samples_extra, device=z.device).long()
         return torch.cat([samples, z[:, extra_idx]], -1)
 
+    def _search_round(
+        self, density: LaplaceDensity, beta0: Tensor, beta: Tensor, z: Tensor, sdf: Tensor, round_index: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One round's beta search: each ray's smallest beta meeting the bound (at most its last one), the
+        per-interval bound at that beta, and which rays are done."""
+        dists = z[:, 1:] - z[:, :-1]
+        d_star = distance_bound(z, sdf)
+        beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
+        bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
+        done = beta <= beta0
+        if not self.per_ray_convergence:
+            done = done.all().expand_as(done)
+        if round_index == self.max_total_iters:
+            done = torch.ones_like(done)
+        return beta, bound, done
+
+    def _upsample(
+        self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor, sdf: Tensor, bound: Tensor
+    ) -> tuple[Tensor, Tensor, int]:
+        """Adds ``num_samples_eval`` samples where the opacity error bound is largest: merged, sorted distances,
+        their SDF values, and the queries spent."""
+        new_z = sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
+        new_sdf = self._query(sdf_fn, origins, directions, new_z)
+        z, order = torch.sort(torch.cat([z, new_z], -1), -1)
+        return z, torch.cat([sdf, new_sdf], -1).gather(1, order), new_z.numel()
+
     def _refine(
         self,
         sdf_fn: SDFCallable,
@@ -252,15 +278,7 @@ class ErrorBoundedSampler(Sampler):
         active = torch.arange(num_rays, device=device)  # rays still refining; z, sdf, beta are theirs
         for round_index in range(1, self.max_total_iters + 1):
             rounds[active] = round_index
-            dists = z[:, 1:] - z[:, :-1]
-            d_star = distance_bound(z, sdf)
-            beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
-            bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
-            done = beta <= beta0
-            if not self.per_ray_convergence:
-                done = done.all().expand_as(done)
-            if round_index == self.max_total_iters:
-                done = torch.ones_like(done)
+            beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
             if bool(done.any()):
                 rays = active[done]
                 final[rays] = self._final_samples(z[done], sdf[done], beta[done], density)
@@ -269,12 +287,8 @@ class ErrorBoundedSampler(Sampler):
                 break
             keep = ~done
             active, z, sdf, beta = active[keep], z[keep], sdf[keep], beta[keep]
-            # upsample where the opacity error bound is largest
-            new_z = sample_pdf(z, bound[keep] + self.add_tiny, self.num_samples_eval, deterministic=True)
-            new_sdf = self._query(sdf_fn, origins[active], directions[active], new_z)
-            num_queries += new_z.numel()
-            z, order = torch.sort(torch.cat([z, new_z], -1), -1)
-            sdf = torch.cat([sdf, new_sdf], -1).gather(1, order)
+            z, sdf, spent = self._upsample(sdf_fn, origins[active], directions[active], z, sdf, bound[keep])
+            num_queries += spent
         return final, final_beta, final_bound, rounds, num_queries
 
     def _refine_static(
@@ -297,15 +311,7 @@ class ErrorBoundedSampler(Sampler):
         finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
         for round_index in range(1, self.max_total_iters + 1):
             rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
-            dists = z[:, 1:] - z[:, :-1]
-            d_star = distance_bound(z, sdf)
-            beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
-            bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
-            done = beta <= beta0
-            if not self.per_ray_convergence:
-                done = done.all().expand_as(done)
-            if round_index == self.max_total_iters:
-                done = torch.ones_like(done)
+            beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
             newly = done & ~finished
             final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density), final)
             final_beta = torch.where(newly, beta, final_beta)
@@ -313,11 +319,8 @@ class ErrorBoundedSampler(Sampler):
             finished = finished | done
             if round_index == self.max_total_iters:
                 break
-            new_z = sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
-            new_sdf = self._query(sdf_fn, origins, directions, new_z)
-            num_queries += new_z.numel()
-            z, order = torch.sort(torch.cat([z, new_z], -1), -1)
-            sdf = torch.cat([sdf, new_sdf], -1).gather(1, order)
+            z, sdf, spent = self._upsample(sdf_fn, origins, directions, z, sdf, bound)
+            num_queries += spent
         return final, final_beta, final_bound, rounds, num_queries
 
     def generate_ray_samples(  # type: ignore[override]
