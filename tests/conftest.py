@@ -19,14 +19,22 @@ def tiny_scene(tmp_path_factory: pytest.TempPathFactory) -> SceneInfo:
 
 @pytest.fixture
 def constant_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ``torch.rand``/``rand_like``/``randint`` draw is a constant (0.5, or 0 for integers), so two code
-    paths that draw random numbers in different orders or amounts can be compared exactly."""
+    """``torch.rand``/``rand_like`` draw the same row for every leading index (evenly spread values along the last
+    dimension) and ``randint`` draws 0, so two code paths that draw random numbers in different orders or for
+    different subsets of rays can be compared exactly."""
+
+    def spread(shape, **kwargs) -> torch.Tensor:
+        kwargs.pop("generator", None)
+        kwargs.pop("requires_grad", None)
+        shape = tuple(shape)
+        if not shape:
+            return torch.full((), 0.5, **kwargs)
+        row = torch.linspace(0.05, 0.95, shape[-1], **kwargs)
+        return row.expand(shape).contiguous()
 
     def rand(*size, **kwargs):
         size = kwargs.pop("size", size)
-        kwargs.pop("generator", None)
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        return torch.full(tuple(shape), 0.5, **kwargs)
+        return spread(size[0] if len(size) == 1 and not isinstance(size[0], int) else size, **kwargs)
 
     def randint(*args, **kwargs):
         size = kwargs.pop("size", args[-1])
@@ -34,5 +42,7 @@ def constant_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.zeros(tuple(size), dtype=torch.long, **kwargs)
 
     monkeypatch.setattr(torch, "rand", rand)
-    monkeypatch.setattr(torch, "rand_like", lambda x, **kwargs: torch.full_like(x, 0.5, **kwargs))
+    monkeypatch.setattr(
+        torch, "rand_like", lambda x, **kwargs: spread(x.shape, dtype=kwargs.get("dtype", x.dtype), device=x.device)
+    )
     monkeypatch.setattr(torch, "randint", randint)

@@ -327,10 +327,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, cuda_graph, capsys):
+@pytest.mark.parametrize(
+    ("device", "cuda_graph"),
+    [
+        ("cpu", False),
+        ("cpu", True),
+        pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, device, cuda_graph, capsys):
     """(g) nerfstudio's Trainer on coco-inr's registered config, shrunk: 15 steps on one fixed batch of rays.
-    With ``cuda_graph`` on a CPU the trainer says why it cannot capture and trains eagerly (static sampler)."""
+    With ``cuda_graph`` on a CPU the trainer says why it cannot capture and trains eagerly (static sampler); on a
+    GPU it captures once and replays, with the optimizer and scheduler stepping between replays."""
     from nerfstudio.configs import base_config  # noqa: F401  (before writer: importing writer first is circular)
     from nerfstudio.utils import writer
 
@@ -341,7 +349,7 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, cuda_graph
     config.output_dir = tmp_path
     config.experiment_name, config.timestamp = "in-process", "run"
     config.vis = "tensorboard"
-    config.machine.device_type = "cpu"
+    config.machine.device_type = device
     config.max_num_iterations = 15
     datamanager = config.pipeline.datamanager
     datamanager.data = tiny_scene.path
@@ -373,6 +381,8 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, cuda_graph
     assert all(np.isfinite(losses))
     assert trainer.pipeline.model.sampler.static_shapes is cuda_graph
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert ("not used because the device is cpu, not CUDA" in printed) is cuda_graph
+    assert ("not used because the device is cpu, not CUDA" in printed) is (cuda_graph and device == "cpu")
+    if device == "cuda":
+        assert trainer._graph_step is not None and trainer._graph_step.graph is not None
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.85 * first, losses

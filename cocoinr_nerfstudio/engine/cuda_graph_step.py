@@ -32,9 +32,9 @@ def _static_clone(value: Any, device: torch.device) -> Any:
 def _copy_into(static: Any, value: Any, name: str) -> None:
     """Copies ``value`` into the captured buffer ``static`` in place (the graph reads those addresses)."""
     if isinstance(static, Tensor):
-        if not isinstance(value, Tensor) or value.shape != static.shape:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise StaticShapeError(f"{name}: captured with shape {tuple(static.shape)}, got {got}")
+        if not isinstance(value, Tensor) or value.shape != static.shape or value.dtype != static.dtype:
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise StaticShapeError(f"{name}: captured as {tuple(static.shape)} {static.dtype}, got {got}")
         static.copy_(value, non_blocking=True)
     elif isinstance(static, dict):
         if not isinstance(value, dict) or value.keys() != static.keys():
@@ -52,7 +52,8 @@ class CudaGraphTrainStep:
     mode: static-shape sampler, no sample pruning) and every batch must have the captured shapes.
     Each call copies the batch into the captured input buffers, replays, and points every parameter's
     ``.grad`` at the gradient the graph wrote; the optimizer steps outside the graph, on the same
-    parameter tensors the graph reads. Returned outputs and losses are overwritten by the next call.
+    parameter tensors the graph reads (in place). If a parameter or buffer was replaced instead, the step
+    is captured again. Returned outputs and losses are overwritten by the next call.
 
     Args:
         model: the (not DDP-wrapped) model, in training mode, on a CUDA device.
@@ -66,6 +67,7 @@ class CudaGraphTrainStep:
         self.params = [param for param in model.parameters() if param.requires_grad]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.grads: list[Tensor | None] = []
+        self._addresses: list[int] = []
         self._bundle: RayBundle | None = None
         self._batch: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
@@ -86,6 +88,7 @@ class CudaGraphTrainStep:
 
     def capture(self, ray_bundle: RayBundle, batch: dict[str, Any]) -> None:
         """Records the graph on this batch (which then sits in the input buffers, ready to replay)."""
+        self.params = [param for param in self.model.parameters() if param.requires_grad]
         device = self.params[0].device
         fields = {f.name: _static_clone(getattr(ray_bundle, f.name), device) for f in dataclasses.fields(ray_bundle)}
         self._bundle = dataclasses.replace(ray_bundle, **fields)
@@ -99,11 +102,19 @@ class CudaGraphTrainStep:
         torch.cuda.current_stream(device).wait_stream(side)
         self._zero_grads()
         graph = torch.cuda.CUDAGraph()
-        # thread-local: the viewer may render from its own thread while the step is captured
+        # thread-local: only this thread's calls are checked for capture safety (others are not ours to police)
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs, self.loss_dict = self._forward_backward()
         self.grads = [param.grad for param in self.params]
+        self._addresses = self._tensor_addresses()
         self.graph = graph
+
+    def _tensor_addresses(self) -> list[int]:
+        """Where every parameter and buffer lives: the graph reads those addresses, whatever sits there."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return [tensor.data_ptr() for tensor in tensors] + [
+            int(param.requires_grad) for param in self.model.parameters()
+        ]
 
     def __call__(self, ray_bundle: RayBundle, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """One training step's outputs and losses; gradients are left in the parameters' ``.grad``.
@@ -111,6 +122,10 @@ class CudaGraphTrainStep:
         Raises:
             StaticShapeError: the batch's shapes differ from the captured batch's; run that step eagerly.
         """
+        if self.graph is not None and self._tensor_addresses() != self._addresses:
+            # weights were replaced, not updated in place (a checkpoint that resized a tensor, .to(), a frozen
+            # parameter): the graph would go on reading the old ones, so capture again
+            self.graph = None
         if self.graph is None:
             self.capture(ray_bundle, batch)
         else:

@@ -13,6 +13,7 @@ from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep, StaticShapeError
+from cocoinr_nerfstudio.engine.optimizers import set_fused
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
 
 
@@ -36,11 +37,15 @@ class CocoTrainerConfig(TrainerConfig):
 
 class CocoTrainer(Trainer):
     """Trainer whose open-ended decays follow ``max_num_iterations`` (the original decays over its whole run),
-    and which replays each step as a CUDA graph when the model asks for it (``--pipeline.model.cuda-graph``)."""
+    and which replays each step as a CUDA graph when the model asks for it (``--pipeline.model.cuda-graph``).
+
+    The graph path replaces ``pipeline.get_train_loss_dict`` with the model's forward and loss (what
+    VanillaPipeline does); a pipeline that customises that method would be bypassed."""
 
     config: CocoTrainerConfig
     _graph_step: CudaGraphTrainStep | None = None
     _graph_unavailable: str | None = None
+    _shape_warning_shown: bool = False
 
     def setup_optimizers(self) -> Optimizers:
         optimizers = resolve_decay_lengths(self.config.optimizers, self.config.max_num_iterations)
@@ -52,11 +57,34 @@ class CocoTrainer(Trainer):
             return f"the device is {self.device}, not CUDA"
         if self.world_size > 1:
             return "it runs distributed (DDP synchronises gradients inside backward)"
-        if self.mixed_precision:
-            return "mixed precision is on (the gradient scaler synchronises with the host)"
+        if self.use_grad_scaler:
+            return "the gradient scaler is on (mixed precision or --use-grad-scaler: it synchronises with the host)"
+        if self.config.log_gradients:
+            return "--log-gradients is on"
         if any(steps != 1 for steps in self.gradient_accumulation_steps.values()):
             return "gradients are accumulated over several steps"
         return None
+
+    def _announce_eager_training(self) -> None:
+        CONSOLE.print(
+            f"[bold yellow]--pipeline.model.cuda-graph: not used because {self._graph_unavailable}; "
+            "training runs eagerly (same static-shape sampler)."
+        )
+
+    def _eager_forward_backward(self, ray_bundle, batch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        model = self.pipeline.model
+        outputs = model(ray_bundle)
+        loss_dict = model.get_loss_dict(outputs, batch)
+        functools.reduce(torch.add, loss_dict.values()).backward()
+        return outputs, loss_dict
+
+    def _load_checkpoint(self) -> None:
+        super()._load_checkpoint()
+        # an optimizer's state dict carries its implementation flags: the configured one wins on resume
+        for name, optimizer in self.optimizers.optimizers.items():
+            fused = getattr(self.config.optimizers[name]["optimizer"], "fused", None)
+            if fused is not None:
+                set_fused(optimizer, fused)
 
     def train_iteration(self, step: int) -> TRAIN_INTERATION_OUTPUT:
         model = self.pipeline.model
@@ -65,10 +93,7 @@ class CocoTrainer(Trainer):
         if self._graph_step is None:
             self._graph_unavailable = self._cuda_graph_blocker()
             if self._graph_unavailable is not None:
-                CONSOLE.print(
-                    f"[bold yellow]--pipeline.model.cuda-graph: not used because {self._graph_unavailable}; "
-                    "training runs eagerly (same static-shape sampler)."
-                )
+                self._announce_eager_training()
                 return super().train_iteration(step)
             self._graph_step = CudaGraphTrainStep(model)
             CONSOLE.print("Capturing the training step as a CUDA graph (a few eager warm-up passes first).")
@@ -78,10 +103,17 @@ class CocoTrainer(Trainer):
         try:
             outputs, loss_dict = self._graph_step(ray_bundle, batch)
         except StaticShapeError as error:
-            CONSOLE.print(f"[bold yellow]CUDA graph skipped for step {step}: {error}")
-            outputs = model(ray_bundle)
-            loss_dict = model.get_loss_dict(outputs, batch)
-            functools.reduce(torch.add, loss_dict.values()).backward()
+            if not self._shape_warning_shown:
+                CONSOLE.print(f"[bold yellow]CUDA graph skipped for step {step} (and silently for later ones): {error}")
+                self._shape_warning_shown = True
+            outputs, loss_dict = self._eager_forward_backward(ray_bundle, batch)
+        except Exception as error:  # capture failed (an operation that cannot be captured): train eagerly from now on
+            if self._graph_step.graph is not None:
+                raise
+            self._graph_unavailable = f"capturing the step failed ({type(error).__name__}: {error})"
+            self._announce_eager_training()
+            self.optimizers.zero_grad_all()
+            outputs, loss_dict = self._eager_forward_backward(ray_bundle, batch)
         # the graph overwrites its outputs on the next replay: hand out copies
         loss_dict = {name: value.detach().clone() for name, value in loss_dict.items()}
         metrics_dict = model.get_metrics_dict(outputs, batch)

@@ -40,8 +40,9 @@ def attend_block_diagonal(
     """The explicit multi-head attention of 2-D inputs as two plain matrix products.
 
     Each head's keys (values) sit on the diagonal of one ``[heads*d, heads*m]`` (``[heads*m, heads*d]``) matrix,
-    so the scores of all heads are one ``q @ K`` and the outputs one ``P @ V``. Same result as :func:`attend`;
-    the point is the backward pass: the gradients of the few keys and values shared by every query are
+    so the scores of all heads are one ``q @ K`` and the outputs one ``P @ V``. Same result as :func:`attend`
+    for finite inputs (an inf in one head's keys would reach every head through the zero blocks), at ``heads``
+    times the multiply-adds, which tensor cores absorb; the point is the backward pass: the gradients of the few keys and values shared by every query are
     reductions over all ``n`` queries, which batched GEMMs (one per head) run on a handful of GPU blocks,
     while a plain GEMM spreads them over the whole GPU. Twice differentiable, like every explicit path.
     """
@@ -100,7 +101,10 @@ class GEGLU(nn.Module):
 
 
 def layer_norm_var_mean(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Layer norm over the last dimension, written with ``torch.var_mean`` (what :class:`LayerNorm` infers with)."""
+    """Layer norm over the last dimension, written with ``torch.var_mean`` (what :class:`LayerNorm` infers with).
+
+    Statistics and output in float32, as ``layer_norm`` under autocast."""
+    x = x.float()
     var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
     out = (x - mean) * torch.rsqrt(var + eps)
     if weight is not None:

@@ -147,10 +147,11 @@ class ErrorBoundedSampler(Sampler):
             per level, at least ``beta_iters`` bits in all) instead of ``beta_iters`` sequential halvings:
             the same or finer precision in a third of the kernel launches.
         compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU.
-        static_shapes: in training, run every round on every ray, freezing each ray's final samples at the round its own
-            bound is met: the result of ``per_ray_convergence`` with fixed tensor shapes and no host
-            synchronisation, so a whole training step can be captured as a CUDA graph. Spends queries on
-            rays that are done; pays only when kernel launches, not queries, bound the step.
+        static_shapes: in training, run every round on every ray and freeze each ray's final samples at the
+            round it is done (its own bound met with ``per_ray_convergence``, else every ray's): the same
+            samples with fixed tensor shapes and no host synchronisation, so a whole training step can be
+            captured as a CUDA graph. Spends queries on rays that are done; pays only when kernel
+            launches, not queries, bound the step.
     """
 
     CANDIDATES_PER_LEVEL = 15
@@ -171,6 +172,8 @@ class ErrorBoundedSampler(Sampler):
         static_shapes: bool = False,
     ) -> None:
         super().__init__(num_samples=num_samples)
+        if max_total_iters < 1:
+            raise ValueError(f"max_total_iters (rounds of Algorithm 1) must be at least 1, got {max_total_iters}")
         self.num_samples_eval = num_samples_eval
         self.num_samples_extra = num_samples_extra
         self.eps = eps

@@ -166,7 +166,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Capture the training step (sampler, fields, losses, backward) once as a CUDA graph and replay it every
     step: the step is bound by kernel launches, not arithmetic. Switches the sampler to fixed shapes (every ray
     runs every round; each keeps the samples of the round its bound was met, as with per-ray convergence).
-    Needs one GPU, float32, train_weight_threshold 0; elsewhere training runs eagerly with a warning."""
+    Needs train_weight_threshold 0 (refused otherwise). Without one CUDA device, or with mixed precision, the
+    gradient scaler, --log-gradients or gradient accumulation, training runs eagerly with a message."""
 
 
 class CocoInrModel(SurfaceModel):
@@ -412,11 +413,12 @@ class CocoInrModel(SurfaceModel):
         ray_samples, field_outputs = samples["ray_samples"], samples["field_outputs"]
         weights = samples["weights"]
 
-        # the background field paints what the foreground leaves: RGBRenderer's black background adds nothing but
-        # a host-to-device copy of its colour constant (which also rules out CUDA-graph capture)
-        rgb = (weights * field_outputs[FieldHeadNames.RGB]).sum(dim=-2)
-        if not self.training:
-            rgb = torch.nan_to_num(rgb)
+        if self.training:
+            # the background field paints what the foreground leaves: in training, RGBRenderer's black background
+            # adds nothing but a blocking host-to-device copy of its colour constant (no CUDA-graph capture either)
+            rgb = (weights * field_outputs[FieldHeadNames.RGB]).sum(dim=-2)
+        else:  # renders keep nerfstudio's behaviour: clamping, and the viewer's crop-background override
+            rgb = self.renderer_rgb(rgb=field_outputs[FieldHeadNames.RGB], weights=weights)
         accumulation = weights.sum(dim=-2)
         distances = ray_samples.frustums.starts
         depth = (weights * distances).sum(dim=-2) / accumulation.clamp(min=1e-10)

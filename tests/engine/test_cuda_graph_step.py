@@ -39,8 +39,11 @@ def test_batches_are_copied_into_the_captured_buffers_in_place():
 def test_a_batch_of_another_shape_is_refused_by_name():
     _, batch = _bundle(4, seed=0)
     static = _static_clone({"image": batch["image"]}, torch.device("cpu"))
-    with pytest.raises(StaticShapeError, match=r"batch\['image'\]: captured with shape \(4, 3\), got \(5, 3\)"):
+    expected = r"batch\['image'\]: captured as \(4, 3\) torch.float32, got \(5, 3\) torch.float32"
+    with pytest.raises(StaticShapeError, match=expected):
         _copy_into(static, {"image": torch.zeros(5, 3)}, "batch")
+    with pytest.raises(StaticShapeError, match=r"got \(4, 3\) torch.float64"):
+        _copy_into(static, {"image": torch.zeros(4, 3, dtype=torch.float64)}, "batch")
     with pytest.raises(StaticShapeError, match="captured with keys"):
         _copy_into(static, {"image": batch["image"], "fg_mask": torch.ones(4, 1)}, "batch")
 
