@@ -125,7 +125,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
     eval_num_rays_per_chunk: int = 8192
     """Rays per chunk when rendering whole images (volume mode). Large chunks mean few kernel launches per frame:
-    a 512x512 frame took 8.4 s at 1024 and 4.0 s at 8192 on an H200 (a few GiB of GPU memory)."""
+    a 512x512 frame took 8.4 s at 1024 and 4.0 s at 8192 on an H200. Memory grows with it (several GiB at 8192
+    early in training, when most samples are visible): lower it on GPUs with little memory."""
     # SurfaceModel/Model options this model does not use (or that would be wrong here: its depth prior compares
     # z-depth while our depth is ray distance): kept for nerfstudio, hidden from the command line
     far_plane: tyro.conf.Suppress[float] = 4.0
