@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from cocoinr_nerfstudio.data.idr_dataparser import IDRDataParserConfig
@@ -20,6 +19,7 @@ from cocoinr_nerfstudio.engine.trainer import CocoTrainerConfig
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModelConfig
+from cocoinr_nerfstudio.pipelines.coco_pipeline import CocoPipelineConfig
 
 MAX_STEPS = 200_000
 LEARNING_RATE = 5e-4
@@ -44,7 +44,7 @@ def _trainer(method_name: str, model: CocoInrModelConfig) -> CocoTrainerConfig:
         steps_per_eval_all_images=1_000_000,  # ns-eval does the full held-out pass
         max_num_iterations=MAX_STEPS,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=CocoPipelineConfig(
             datamanager=VanillaDataManagerConfig(
                 _target=VanillaDataManager[IDRDataset],
                 dataparser=IDRDataParserConfig(),

@@ -212,6 +212,24 @@ def test_ns_eval_writes_metrics_and_renders_every_held_out_view(workspace, train
     assert not (renders / f"eval_rgb_{len(EVAL_VIEWS):04d}.png").exists()
 
 
+def test_held_out_average_skips_a_view_without_mask_pixels(loaded, monkeypatch, capsys):
+    """A held-out view whose mask is empty has no masked PSNR: the average is over the other views, not NaN."""
+    import cocoinr_nerfstudio.models.coco_inr as coco_module
+
+    pipeline, _, _ = loaded
+    calls, original = [], coco_module.masked_psnr
+
+    def first_view_empty(rgb, image, mask):
+        calls.append(1)
+        return None if len(calls) == 1 else original(rgb, image, mask)
+
+    monkeypatch.setattr(coco_module, "masked_psnr", first_view_empty)
+    results = pipeline.get_average_eval_image_metrics(get_std=True)
+    assert len(calls) == len(EVAL_VIEWS) and np.isfinite(results["psnr_masked"]), results
+    assert "psnr_masked: undefined on 1 image(s)" in " ".join(capsys.readouterr().out.split())
+    assert pipeline.model.image_metrics_log is None
+
+
 def test_extract_mesh_in_world_units_and_eval_mesh(workspace, trained, loaded, tiny_scene):
     """(d) cocoinr-extract-mesh writes world units overlapping the GT; cocoinr-eval-mesh prints JSON."""
     run_dir, _ = trained

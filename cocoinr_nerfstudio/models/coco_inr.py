@@ -199,6 +199,8 @@ class CocoInrModel(SurfaceModel):
             self.field_background = self.config.background_field.setup(
                 prototype_source=source, prototype_dim=prototype_dim
             )
+        self.image_metrics_log: list[dict[str, float]] | None = None
+        """Set to a list by CocoPipeline while it averages held-out metrics: every image's metrics land here."""
         self.viewer_render_mode: Literal["volume", "surface"] = "volume"
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
@@ -480,4 +482,6 @@ class CocoInrModel(SurfaceModel):
             # every image reports it (nerfstudio averages per key); NaN when the object is out of view
             value = masked_psnr(rgb, image, batch["fg_mask"].to(self.device))
             metrics["psnr_masked"] = float("nan") if value is None else value
+        if self.image_metrics_log is not None:
+            self.image_metrics_log.append(dict(metrics))
         return metrics, images
