@@ -64,7 +64,8 @@ class CudaGraphTrainStep:
     def __init__(self, model: Model, warmup_steps: int = 3) -> None:
         self.model = model
         self.warmup_steps = warmup_steps
-        self.params = [param for param in model.parameters() if param.requires_grad]
+        self.params: list[Tensor] = []
+        """The parameters that train, as of the capture."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.grads: list[Tensor | None] = []
         self._addresses: list[int] = []

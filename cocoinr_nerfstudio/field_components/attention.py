@@ -42,9 +42,10 @@ def attend_block_diagonal(
     Each head's keys (values) sit on the diagonal of one ``[heads*d, heads*m]`` (``[heads*m, heads*d]``) matrix,
     so the scores of all heads are one ``q @ K`` and the outputs one ``P @ V``. Same result as :func:`attend`
     for finite inputs (an inf in one head's keys would reach every head through the zero blocks), at ``heads``
-    times the multiply-adds, which tensor cores absorb; the point is the backward pass: the gradients of the few keys and values shared by every query are
-    reductions over all ``n`` queries, which batched GEMMs (one per head) run on a handful of GPU blocks,
-    while a plain GEMM spreads them over the whole GPU. Twice differentiable, like every explicit path.
+    times the multiply-adds, which tensor cores absorb. The point is the backward pass: the gradients of the
+    few keys and values shared by every query are reductions over all ``n`` queries, which batched GEMMs (one
+    per head) run on a handful of GPU blocks, while a plain GEMM spreads them over the whole GPU. Twice
+    differentiable, like every explicit path.
     """
     m, inner = k.shape
     dim_head = inner // heads

@@ -232,7 +232,8 @@ class CocoInrModel(SurfaceModel):
         self.collider = SphereCollider(
             center=torch.zeros(3), radius=self.scene_radius, near_plane=self.config.near_plane
         )
-        self.renderer_rgb = RGBRenderer(background_color="black")  # SurfaceModel's loss blends ground truth with it
+        # renders (clamping, the viewer's background override) and SurfaceModel's loss use it; training sums directly
+        self.renderer_rgb = RGBRenderer(background_color="black")
         self.rgb_loss = L1Loss()
         from torchmetrics.functional import structural_similarity_index_measure
         from torchmetrics.image import PeakSignalNoiseRatio
