@@ -23,16 +23,22 @@ from cocoinr_nerfstudio.pipelines.coco_pipeline import CocoPipelineConfig
 
 MAX_STEPS = 200_000
 LEARNING_RATE = 5e-4
+HASH_GRID_LEARNING_RATE = 5e-3
 RAYS_PER_STEP = 1024
 
 
 def _optimizers() -> dict:
-    """Adam 5e-4 decaying exponentially to 0.1x over the run (200k steps by default), for both parameter groups."""
+    """Adam 5e-4 decaying exponentially to 0.1x over the run (200k steps by default), for both networks; the
+    optional hash grid (``--pipeline.model.sdf-field.use-hash-grid True``) at 10x that rate, as grid methods do."""
     group = {
         "optimizer": FusedAdamOptimizerConfig(lr=LEARNING_RATE, eps=1e-8),
         "scheduler": ExponentialDecayToSchedulerConfig(final_ratio=0.1),  # over the whole run
     }
-    return {"fields": dict(group), "field_background": dict(group)}
+    grid = {
+        "optimizer": FusedAdamOptimizerConfig(lr=HASH_GRID_LEARNING_RATE, eps=1e-15),
+        "scheduler": ExponentialDecayToSchedulerConfig(final_ratio=0.1),
+    }
+    return {"fields": dict(group), "field_background": dict(group), "hash_grid": grid}
 
 
 def _trainer(method_name: str, model: CocoInrModelConfig) -> CocoTrainerConfig:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
+from cocoinr_nerfstudio.field_components.hash_grid import HashGrid, HashGridConfig
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 
 PrototypeSource = Callable[[str], Tensor]
@@ -68,6 +69,12 @@ class CocoFieldConfig(InstantiateConfig):
     """Coordinate-attention blocks in the geometry head."""
     geometry_attention_activation: FeedForwardActivation = "softplus"
     """Activation of the geometry head's attention feed-forward (softplus keeps second derivatives smooth)."""
+    use_hash_grid: bool = False
+    """Append multiresolution hash-grid features (Instant-NGP) to the SDF MLP's input: local detail that an MLP
+    fed by 6 frequencies learns slowly. Off in the paper. Its columns start at zero (geometric init), so
+    training still starts from the sphere."""
+    hash_grid: HashGridConfig = field(default_factory=HashGridConfig)
+    """Hash-grid shape and implementation (tiny-cuda-nn when it imports, else torch)."""
     geometry_hidden_dims: tuple[int, ...] = (256, 256, 256, 256)
     """Hidden widths of the SDF MLP."""
     geometry_skip_in: tuple[int, ...] = ()
@@ -97,7 +104,8 @@ class CocoFieldConfig(InstantiateConfig):
 class CocoField(Field):
     """SDF field whose geometry and colour heads are enriched by coordinate attention.
 
-    Geometry: ``enc(x)`` attends to the geometry prototypes; ``[enc(x), attended]`` feeds the SDF MLP.
+    Geometry: ``enc(x)`` attends to the geometry prototypes; ``[enc(x), attended]`` feeds the SDF MLP, followed
+    by hash-grid features of x with ``use_hash_grid``.
     Colour: ``[x, enc(d), grad sdf, feature]`` attends to the colour prototypes, then a linear map + sigmoid.
     """
 
@@ -106,7 +114,10 @@ class CocoField(Field):
         config: CocoFieldConfig,
         prototype_source: PrototypeSource | None = None,
         prototype_dim: int = 128,
+        grid_bound: float = 3.0,
     ) -> None:
+        """``grid_bound``: half side of the cube the hash grid covers (the model passes its bounding sphere's
+        radius: every sample and eikonal point lies inside)."""
         super().__init__()
         self.config = config
         if config.use_coordinate_attention and prototype_source is None:
@@ -126,8 +137,10 @@ class CocoField(Field):
             if config.use_coordinate_attention
             else None
         )
+        self.hash_grid = HashGrid(config.hash_grid, grid_bound) if config.use_hash_grid else None
+        grid_dim = self.hash_grid.get_out_dim() if self.hash_grid is not None else 0
         self.sdf_mlp = SDFMLP(
-            in_dim=2 * enc_dim if config.use_coordinate_attention else enc_dim,
+            in_dim=(2 * enc_dim if config.use_coordinate_attention else enc_dim) + grid_dim,
             hidden_dims=config.geometry_hidden_dims,
             out_dim=1 + config.feature_dim,
             skip_in=config.geometry_skip_in,
@@ -163,12 +176,15 @@ class CocoField(Field):
         if fused is None:
             fused = self._fused(create_graph=self.training and torch.is_grad_enabled())
         shape = points.shape[:-1]
-        encoded = self.position_encoding(points.reshape(-1, 3))
+        flat = points.reshape(-1, 3)
+        encoded = self.position_encoding(flat)
+        inputs = [encoded]
         if self.geometry_attention is not None:
             assert self.prototype_source is not None
-            attended = self.geometry_attention(encoded, self.prototype_source("geometry"), fused=fused)
-            encoded = torch.cat([encoded, attended], dim=-1)
-        return self.sdf_mlp(encoded).reshape(*shape, -1)
+            inputs.append(self.geometry_attention(encoded, self.prototype_source("geometry"), fused=fused))
+        if self.hash_grid is not None:
+            inputs.append(self.hash_grid(flat))
+        return self.sdf_mlp(torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded).reshape(*shape, -1)
 
     def get_sdf_values(self, points: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 1"]:
         """SDF only; what samplers and mesh extraction query."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,7 +193,13 @@ class CocoInrModel(SurfaceModel):
             self.prior.awaiting_checkpoint = self._codebook_from_checkpoint
         source = self.prior.get if self.prior is not None else None
         prototype_dim = self.config.codebook_attention.latent_dim
-        self.field: CocoField = self.config.sdf_field.setup(prototype_source=source, prototype_dim=prototype_dim)
+        metadata = self.kwargs.get("metadata") or {}
+        self.scene_radius = float(self.config.scene_radius or metadata.get("scene_radius", DEFAULT_SCENE_RADIUS))
+        """The bounding sphere's radius in use: the collider, the background, the eikonal cube and the hash grid
+        share it."""
+        self.field: CocoField = self._sdf_field_config().setup(
+            prototype_source=source, prototype_dim=prototype_dim, grid_bound=self.scene_radius
+        )
         self.field.color_autocast = torch.bfloat16 if self.config.bf16_color_heads else None
         self.field_background: CocoBackgroundField | None = None
         if self.config.background_model == "nerf++":
@@ -204,9 +211,6 @@ class CocoInrModel(SurfaceModel):
         self.viewer_render_mode: Literal["volume", "surface"] = "volume"
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
-        metadata = self.kwargs.get("metadata") or {}
-        self.scene_radius = float(self.config.scene_radius or metadata.get("scene_radius", DEFAULT_SCENE_RADIUS))
-        """The bounding sphere's radius in use: the collider, the background and the eikonal cube share it."""
         if self.config.tf32_matmul:
             torch.set_float32_matmul_precision("high")
         if self.config.cuda_graph and self.config.train_weight_threshold > 0:
@@ -246,6 +250,20 @@ class CocoInrModel(SurfaceModel):
         # DDP need neither broadcast them at start-up nor before every forward
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
+    def _sdf_field_config(self) -> CocoFieldConfig:
+        """The field's config; under a CUDA graph, ``auto`` takes the torch hash grid (tiny-cuda-nn has not been
+        checked under graph capture). Decided from the config alone, so a reload builds the same table layout."""
+        field_config = self.config.sdf_field
+        if not (self.config.cuda_graph and field_config.use_hash_grid):
+            return field_config
+        if field_config.hash_grid.implementation == "tcnn":
+            raise ValueError(
+                "--pipeline.model.cuda-graph True needs --pipeline.model.sdf-field.hash-grid.implementation torch "
+                "(or auto): tiny-cuda-nn's grid has not been checked under CUDA-graph capture."
+            )
+        grid = dataclasses.replace(field_config.hash_grid, implementation="torch")
+        return dataclasses.replace(field_config, hash_grid=grid)
+
     def _load_codebook(self) -> Tensor:
         config = self.config
         if config.codebook_source == "random":
@@ -280,6 +298,10 @@ class CocoInrModel(SurfaceModel):
         groups = {"fields": list(self.field.parameters()) + list(self.density.parameters())}
         if self.prior is not None:
             groups["fields"] += list(self.prior.parameters())
+        if self.field.hash_grid is not None:  # its own learning rate: a table entry sees few gradients
+            grid_params = {id(param) for param in self.field.hash_grid.parameters()}
+            groups["fields"] = [param for param in groups["fields"] if id(param) not in grid_params]
+            groups["hash_grid"] = list(self.field.hash_grid.parameters())
         if self.field_background is not None:
             groups["field_background"] = list(self.field_background.parameters())
         return groups

@@ -9,10 +9,12 @@ from cocoinr_nerfstudio.method_configs import coco_inr
 
 
 def test_method_uses_fused_adam_with_the_originals_settings():
-    for group in coco_inr.config.optimizers.values():
+    expected = {"fields": (5e-4, 1e-8), "field_background": (5e-4, 1e-8), "hash_grid": (5e-3, 1e-15)}
+    assert set(coco_inr.config.optimizers) == set(expected)  # the grid's group exists only with the option
+    for name, group in coco_inr.config.optimizers.items():
         optimizer = group["optimizer"]
         assert isinstance(optimizer, FusedAdamOptimizerConfig)
-        assert (optimizer.lr, optimizer.eps, optimizer.fused) == (5e-4, 1e-8, True)
+        assert (optimizer.lr, optimizer.eps, optimizer.fused) == (*expected[name], True)
 
 
 def test_fused_adam_matches_the_default_implementation():
