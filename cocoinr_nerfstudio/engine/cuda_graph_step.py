@@ -68,11 +68,12 @@ class CudaGraphTrainStep:
         """The parameters that train, as of the capture."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.grads: list[Tensor | None] = []
-        self._addresses: list[int] = []
+        self._captured_state: list[Any] = []
         self._bundle: RayBundle | None = None
         self._batch: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
         self.loss_dict: dict[str, Tensor] = {}
+        self._warmup_stream: torch.cuda.Stream | None = None
 
     def _forward_backward(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         assert self._bundle is not None
@@ -89,12 +90,20 @@ class CudaGraphTrainStep:
 
     def capture(self, ray_bundle: RayBundle, batch: dict[str, Any]) -> None:
         """Records the graph on this batch (which then sits in the input buffers, ready to replay)."""
+        # a previous graph's memory (its outputs, losses, gradients) goes before the new one is recorded:
+        # capturing again must not hold two steps' worth of intermediates at once
+        self._zero_grads()
+        self.graph, self.outputs, self.loss_dict, self.grads = None, {}, {}, []
         self.params = [param for param in self.model.parameters() if param.requires_grad]
         device = self.params[0].device
         fields = {f.name: _static_clone(getattr(ray_bundle, f.name), device) for f in dataclasses.fields(ray_bundle)}
         self._bundle = dataclasses.replace(ray_bundle, **fields)
         self._batch = {key: _static_clone(value, device) for key, value in batch.items() if isinstance(value, Tensor)}
-        side = torch.cuda.Stream(device)
+        if self._warmup_stream is None:
+            # one for the object's lifetime: cuBLAS keeps a workspace per stream it has seen, so a new stream at
+            # every capture would leave ~64 MiB behind each time
+            self._warmup_stream = torch.cuda.Stream(device)
+        side = self._warmup_stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup_steps):
@@ -107,14 +116,18 @@ class CudaGraphTrainStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs, self.loss_dict = self._forward_backward()
         self.grads = [param.grad for param in self.params]
-        self._addresses = self._tensor_addresses()
+        self._captured_state = self._capture_state()
         self.graph = graph
 
-    def _tensor_addresses(self) -> list[int]:
-        """Where every parameter and buffer lives: the graph reads those addresses, whatever sits there."""
+    def _capture_state(self) -> list[Any]:
+        """Where every parameter and buffer lives (the graph reads those addresses, whatever sits there), and the
+        model's ``cuda_graph_key()`` if it has one: settings the graph baked in, such as a sampler's ray count."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return [tensor.data_ptr() for tensor in tensors] + [
-            int(param.requires_grad) for param in self.model.parameters()
+        key = getattr(self.model, "cuda_graph_key", None)
+        return [
+            *(tensor.data_ptr() for tensor in tensors),
+            *(int(param.requires_grad) for param in self.model.parameters()),
+            key() if key is not None else None,
         ]
 
     def __call__(self, ray_bundle: RayBundle, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -123,9 +136,9 @@ class CudaGraphTrainStep:
         Raises:
             StaticShapeError: the batch's shapes differ from the captured batch's; run that step eagerly.
         """
-        if self.graph is not None and self._tensor_addresses() != self._addresses:
+        if self.graph is not None and self._capture_state() != self._captured_state:
             # weights were replaced, not updated in place (a checkpoint that resized a tensor, .to(), a frozen
-            # parameter): the graph would go on reading the old ones, so capture again
+            # parameter), or the model changed a baked-in setting: the graph would replay the old ones
             self.graph = None
         if self.graph is None:
             self.capture(ray_bundle, batch)

@@ -38,6 +38,8 @@ class ErrorBoundInfo:
     """Rounds of Algorithm 1 each ray went through (1 = no upsampling needed)."""
     num_queries: int
     """SDF evaluations spent, all rays together."""
+    num_truncated: Tensor | int = 0
+    """Rays cut off by ``static_refine_budget``: they needed another round and kept their first round's samples."""
 
 
 def sample_pdf(
@@ -152,6 +154,11 @@ class ErrorBoundedSampler(Sampler):
             samples with fixed tensor shapes and no host synchronisation, so a whole training step can be
             captured as a CUDA graph. Spends queries on rays that are done; pays only when kernel
             launches, not queries, bound the step.
+        static_refine_budget: with ``static_shapes``, the share of rays that rounds 2.. run on (fixed shapes need a
+            fixed count): the rays still refining after round 1 first, then done ones. 1 runs every ray (exact).
+            Below that the later rounds cost proportionally less; a ray that needs refining but finds no place keeps
+            its first-round samples at the larger beta that meets the bound (what every ray gets when the rounds
+            run out), and is counted in ``ErrorBoundInfo.num_truncated``.
     """
 
     CANDIDATES_PER_LEVEL = 15
@@ -170,10 +177,16 @@ class ErrorBoundedSampler(Sampler):
         batched_bisection: bool = True,
         compile: bool = False,
         static_shapes: bool = False,
+        static_refine_budget: float = 1.0,
     ) -> None:
         super().__init__(num_samples=num_samples)
         if max_total_iters < 1:
             raise ValueError(f"max_total_iters (rounds of Algorithm 1) must be at least 1, got {max_total_iters}")
+        if not 0.0 < static_refine_budget <= 1.0:
+            raise ValueError(
+                f"static_refine_budget (share of rays refined) must be in (0, 1], got {static_refine_budget}"
+            )
+        self.static_refine_budget = static_refine_budget
         self.num_samples_eval = num_samples_eval
         self.num_samples_extra = num_samples_extra
         self.eps = eps
@@ -304,15 +317,52 @@ class ErrorBoundedSampler(Sampler):
         beta: Tensor,
         beta0: Tensor,
         density: LaplaceDensity,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """The same rounds on every ray, with masks instead of subsets (see ``static_shapes``)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor | int]:
+        """The same rounds on every ray, with masks instead of subsets (see ``static_shapes``); with a
+        ``static_refine_budget`` below 1, rounds 2.. on a fixed number of rays, those still refining first."""
         num_rays = origins.shape[0]
-        num_queries = z.numel()
+        budget = min(num_rays, math.ceil(self.static_refine_budget * num_rays))
         num_final = self.num_samples + max(self.num_samples_extra, 0)
-        final = z.new_zeros(num_rays, num_final)
-        final_beta, final_bound, rounds = z.new_zeros(num_rays), z.new_zeros(num_rays), z.new_zeros(num_rays)
+        unset = (z.new_zeros(num_rays, num_final), z.new_zeros(num_rays), z.new_zeros(num_rays), z.new_zeros(num_rays))
         finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
-        for round_index in range(1, self.max_total_iters + 1):
+        if budget == num_rays or self.max_total_iters == 1:
+            return (
+                *self._static_rounds(sdf_fn, origins, directions, z, sdf, beta, beta0, density, 1, finished, unset),
+                0,
+            )
+        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, 1)
+        final = self._final_samples(z, sdf, beta, density)  # every ray's round-1 samples; refined rays overwrite theirs
+        state = (final, beta, bound.max(-1).values, torch.ones_like(beta))
+        picked = torch.argsort(done.to(torch.uint8), stable=True)[:budget]  # still refining first
+        num_truncated = (~done).sum() - (~done[picked]).sum()
+        origins, directions = origins[picked], directions[picked]
+        z, sdf, spent = self._upsample(sdf_fn, origins, directions, z[picked], sdf[picked], bound[picked])
+        refined = self._static_rounds(
+            sdf_fn, origins, directions, z, sdf, beta[picked], beta0, density, 2, done[picked],
+            tuple(value[picked] for value in state),
+        )  # fmt: skip
+        merged = tuple(value.index_copy(0, picked, part) for value, part in zip(state, refined[:4], strict=True))
+        return (*merged, num_rays * self.num_samples_eval + spent + refined[4], num_truncated)
+
+    def _static_rounds(
+        self,
+        sdf_fn: SDFCallable,
+        origins: Tensor,
+        directions: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        beta: Tensor,
+        beta0: Tensor,
+        density: LaplaceDensity,
+        first_round: int,
+        finished: Tensor,
+        state: tuple[Tensor, Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Rounds ``first_round``.. on every given ray: final samples, beta, bound and round count of each ray
+        (updated in ``state`` from the round it is done), and the queries spent from ``z`` on."""
+        final, final_beta, final_bound, rounds = state
+        num_queries = z.numel() if first_round == 1 else 0
+        for round_index in range(first_round, self.max_total_iters + 1):
             rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
             beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
             newly = done & ~finished
@@ -344,8 +394,9 @@ class ErrorBoundedSampler(Sampler):
         beta = torch.sqrt((z[:, 1:] - z[:, :-1]).pow(2).sum(-1) / (4.0 * math.log(1.0 + self.eps)))
         sdf = self._query(sdf_fn, origins, directions, z)
 
+        num_truncated: Tensor | int = 0
         if self.static_shapes and self.training:  # renders are not captured: they keep the cheaper variant
-            final, final_beta, final_bound, rounds, num_queries = self._refine_static(
+            final, final_beta, final_bound, rounds, num_queries, num_truncated = self._refine_static(
                 sdf_fn, origins, directions, z, sdf, beta, beta0, density
             )
         else:
@@ -360,6 +411,7 @@ class ErrorBoundedSampler(Sampler):
             error_bound=final_bound,
             num_rounds=rounds,
             num_queries=num_queries,
+            num_truncated=num_truncated,
         )
         # the last distance closes the final interval (VolSDF's z_max)
         ray_samples = ray_bundle.get_ray_samples(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from nerfstudio.cameras.rays import RayBundle, RaySamples
-from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.model_components.losses import L1Loss
 from nerfstudio.model_components.renderers import RGBRenderer
@@ -38,12 +38,14 @@ from cocoinr_nerfstudio.model_components.background import (
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
+from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
 from cocoinr_nerfstudio.viewer.panel import MethodPanel
 
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
+REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
 
 
 @dataclass
@@ -170,6 +172,14 @@ class CocoInrModelConfig(SurfaceModelConfig):
     runs every round; each keeps the samples of the round its bound was met, as with per-ray convergence).
     Needs train_weight_threshold 0 (refused otherwise). Without one CUDA device, or with mixed precision, the
     gradient scaler, --log-gradients or gradient accumulation, training runs eagerly with a message."""
+    static_refine_budget: float | Literal["auto"] = 1.0
+    """With cuda_graph: the share of each batch's rays that the sampler's rounds 2.. run on (a graph needs a fixed
+    count), rays still refining first. 1 = every ray, exact. Where the object covers a fifth of the image, about a
+    fifth of the rays need a second round, so 0.25 makes those rounds 4x cheaper; a ray that needs one and finds no
+    place keeps its first-round samples (drawn at the larger beta that meets the error bound). ``auto`` starts at 1
+    and every 50 steps sets the budget to the highest share seen + 25% + 1/32 (the graph is captured again when it
+    changes). Training logs the share of rays that needed more than one round (``sampler_refined``), that were cut
+    off (``sampler_truncated``) and the budget (``sampler_budget``)."""
 
 
 class CocoInrModel(SurfaceModel):
@@ -218,6 +228,9 @@ class CocoInrModel(SurfaceModel):
                 "--pipeline.model.cuda-graph needs --pipeline.model.train-weight-threshold 0: skipping samples "
                 f"changes tensor shapes every step (got {self.config.train_weight_threshold})."
             )
+        budget = self.config.static_refine_budget
+        if budget != "auto" and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+            raise ValueError(f"--pipeline.model.static-refine-budget must be in (0, 1] or 'auto', got {budget!r}")
         self.density = LaplaceDensity(self.config.beta_init, self.config.beta_min)
         self.sampler = ErrorBoundedSampler(
             num_samples=self.config.num_samples,
@@ -232,6 +245,14 @@ class CocoInrModel(SurfaceModel):
             batched_bisection=self.config.batched_bisection,
             compile=self.config.compile_sampler,
             static_shapes=self.config.cuda_graph,
+            static_refine_budget=1.0
+            if self.config.static_refine_budget == "auto"
+            else self.config.static_refine_budget,
+        )
+        self.refine_budget = (
+            AdaptiveRefineBudget(self.sampler)
+            if self.config.cuda_graph and self.config.static_refine_budget == "auto"
+            else None
         )
         self.collider = SphereCollider(
             center=torch.zeros(3), radius=self.scene_radius, near_plane=self.config.near_plane
@@ -465,6 +486,11 @@ class CocoInrModel(SurfaceModel):
             _, _, eikonal_gradients = self.field.sdf_and_gradient(eikonal_points, create_graph=True)
             outputs["eik_grad"] = eikonal_gradients
             outputs["weights"] = weights
+            info = samples["sampler_info"]
+            outputs["sampler_rounds"] = info.num_rounds
+            truncated = info.num_truncated
+            # a fill kernel, not a host-to-device copy: nothing blocks, and CUDA-graph capture allows it
+            outputs["sampler_truncated"] = truncated if isinstance(truncated, Tensor) else info.beta.new_zeros(())
         return outputs
 
     def get_metrics_dict(self, outputs, batch) -> dict[str, Tensor]:
@@ -472,6 +498,12 @@ class CocoInrModel(SurfaceModel):
         metrics["beta"] = self.density.get_beta().detach()
         if self.training and "eik_grad" in outputs:
             metrics["eikonal"] = ((outputs["eik_grad"].norm(dim=-1) - 1.0) ** 2).mean().detach()
+            rounds = outputs["sampler_rounds"]
+            metrics["sampler_refined"] = (rounds > 1).float().mean()  # share of rays that needed upsampling
+            metrics["sampler_truncated"] = outputs["sampler_truncated"].float() / rounds.numel()
+            metrics["sampler_budget"] = self.sampler.static_refine_budget if self.sampler.static_shapes else 1.0
+            if self.refine_budget is not None:
+                self.refine_budget.observe(metrics["sampler_refined"] + metrics["sampler_truncated"])
         self.viewer_panel.record_metrics(metrics)
         return metrics
 
@@ -479,7 +511,28 @@ class CocoInrModel(SurfaceModel):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
+        if self.refine_budget is not None:
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                    update_every_num_iters=REFINE_BUDGET_INTERVAL,
+                    func=self._adapt_refine_budget,
+                )
+            )
         return [*callbacks, *self.viewer_panel.training_callbacks(training_callback_attributes)]
+
+    def _adapt_refine_budget(self, step: int) -> None:
+        assert self.refine_budget is not None
+        if self.refine_budget.adapt(step):
+            _, demand, budget = self.refine_budget.history[-1]
+            CONSOLE.print(
+                f"Sampler: {100 * demand:.1f}% of rays needed a second round (most in the last "
+                f"{REFINE_BUDGET_INTERVAL} steps): rounds 2.. now run on {100 * budget:.1f}% of them."
+            )
+
+    def cuda_graph_key(self) -> tuple:
+        """What a captured training step bakes in besides tensors: a new value means capturing again."""
+        return (self.sampler.static_refine_budget,)
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

@@ -73,7 +73,10 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
 
     step = CudaGraphTrainStep(model)
     step(*_bundle(256, seed=1, device="cuda"))  # capture on one batch
-    for seed in (2, 3):
+    first_graph = step.graph
+    for seed in (2, 3, 4):
+        if seed == 4:  # a new sampler budget (what ``auto`` does): the next call captures again, then agrees
+            model.sampler.static_refine_budget = 0.5
         bundle, batch = _bundle(256, seed=seed, device="cuda")
         expected_losses, expected_grads = eager(bundle, batch)
         for p in params:
@@ -90,3 +93,13 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
             for p in params:
                 if p.grad is not None:
                     p.sub_(0.01 * p.grad)
+    assert step.graph is not first_graph
+
+
+def test_a_changed_baked_in_setting_is_seen_as_a_reason_to_capture_again():
+    model = tiny_config(cuda_graph=True).setup(scene_box=SCENE_BOX, num_train_data=4)
+    step = CudaGraphTrainStep(model)
+    before = step._capture_state()
+    assert before == step._capture_state()
+    model.sampler.static_refine_budget = 0.5
+    assert step._capture_state() != before

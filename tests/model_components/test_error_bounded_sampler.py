@@ -202,6 +202,39 @@ def test_static_shapes_give_the_same_samples(per_ray, constant_randomness):
     assert static.num_queries == 16 * 128 * 5 > dynamic.num_queries or not per_ray
 
 
+def test_static_refine_budget_refines_rays_still_refining_first(constant_randomness):
+    """Rounds 2.. on a fixed share of the rays: exact while the rays still refining fit, and past that the rays
+    left out keep their first-round samples (what ``max_total_iters=1`` gives them) and are counted."""
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()  # rays 0-7 hit the sphere and need more rounds, 8-15 are done at once
+
+    def run(budget: float = 1.0, rounds: int = 5):
+        sampler = ErrorBoundedSampler(static_shapes=True, static_refine_budget=budget, max_total_iters=rounds)
+        sampler.train()
+        samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+        return samples.frustums.starts[..., 0], info
+
+    full_starts, full = run()
+    first_round_starts, first_round = run(rounds=1)
+    assert (full.num_rounds[:8] > 1).all() and (full.num_rounds[8:] == 1).all() and full.num_truncated == 0
+
+    starts, info = run(budget=0.5)  # 8 places for 8 refining rays
+    torch.testing.assert_close(starts, full_starts, atol=0, rtol=0)
+    torch.testing.assert_close(info.num_rounds, full.num_rounds)
+    assert int(info.num_truncated) == 0 and info.num_queries == 16 * 128 + 8 * 128 * 4
+
+    starts, info = run(budget=0.25)  # 4 places: rays 0-3 refine, 4-7 are cut off
+    assert int(info.num_truncated) == 4 and info.num_queries == 16 * 128 + 4 * 128 * 4
+    kept, cut = [0, 1, 2, 3, *range(8, 16)], [4, 5, 6, 7]
+    torch.testing.assert_close(starts[kept], full_starts[kept], atol=0, rtol=0)
+    torch.testing.assert_close(info.beta[kept], full.beta[kept])
+    torch.testing.assert_close(starts[cut], first_round_starts[cut], atol=0, rtol=0)
+    torch.testing.assert_close(info.beta[cut], first_round.beta[cut])
+    assert (info.num_rounds[cut] == 1).all() and (info.beta[cut] > 0.005).all()
+    with pytest.raises(ValueError, match="static_refine_budget"):
+        ErrorBoundedSampler(static_refine_budget=0.0)
+
+
 def test_static_shapes_trace_without_host_synchronisation():
     """No data-dependent branch or shape: the whole sampler traces as one graph (what CUDA-graph capture needs);
     the shrinking variant must break the trace."""
@@ -221,9 +254,9 @@ def test_static_shapes_trace_without_host_synchronisation():
         samples, info = sampler(ray_bundle, sdf_fn=sphere_sdf, density=density)
         return samples.frustums.starts, info.beta
 
-    for static in (True, False):
+    for static, budget in ((True, 1.0), (True, 0.5), (False, 1.0)):
         torch._dynamo.reset()
-        sampler = ErrorBoundedSampler(static_shapes=static)
+        sampler = ErrorBoundedSampler(static_shapes=static, static_refine_budget=budget)
         sampler.train()
         traced = torch.compile(run, backend="eager", fullgraph=True, dynamic=False)
         if static:

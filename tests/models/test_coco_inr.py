@@ -205,6 +205,45 @@ def test_losses_and_training_metrics():
     torch.testing.assert_close(metrics["beta"], torch.tensor(0.1 + 1e-4))
     expected = ((outputs["eik_grad"].norm(dim=-1) - 1) ** 2).mean() * 0.1
     torch.testing.assert_close(losses["eikonal_loss"], expected)
+    torch.testing.assert_close(metrics["sampler_refined"], (outputs["sampler_rounds"] > 1).float().mean())
+    assert metrics["sampler_truncated"] == 0.0  # no ray budget outside CUDA-graph training
+
+
+def test_sampler_budget_reaches_the_sampler_and_its_metric():
+    model = build(tiny_config(cuda_graph=True, static_refine_budget=0.25, beta_init=0.001))
+    model.train()
+    assert model.sampler.static_shapes and model.sampler.static_refine_budget == 0.25
+    outputs = model(rays())
+    metrics = model.get_metrics_dict(outputs, {"image": torch.rand(32, 3)})
+    # at a small beta most of the 32 rays (aimed at the initial sphere) need a second round; 8 places
+    refined = int((outputs["sampler_rounds"] > 1).sum())
+    assert refined <= 8 < refined + int(outputs["sampler_truncated"])
+    torch.testing.assert_close(metrics["sampler_truncated"], outputs["sampler_truncated"].float() / 32)
+
+
+def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+
+    model = build(tiny_config(cuda_graph=True, static_refine_budget="auto", num_samples_eval=128))
+    model.train()
+    assert model.sampler.static_refine_budget == 1.0 and model.refine_budget is not None
+    callbacks = model.get_training_callbacks(TrainingCallbackAttributes(None, None, None, None))
+    adapting = [c for c in callbacks if getattr(c.func, "__name__", "") == "_adapt_refine_budget"]
+    assert len(adapting) == 1 and adapting[0].update_every_num_iters == 50
+    key = model.cuda_graph_key()
+    demands = []
+    for seed in range(model.refine_budget.min_observations):  # fewer steps than that: the check keeps observing
+        bundle = rays(seed=seed)  # 8 rays at the initial sphere (a second round each), 24 past it (done at once)
+        bundle.directions[8:] = torch.nn.functional.normalize(torch.tensor([1.0, 0.0, -0.2]), dim=-1)
+        metrics = model.get_metrics_dict(model(bundle), {"image": torch.rand(32, 3)})
+        assert metrics["sampler_truncated"] == 0.0 and metrics["sampler_budget"] == 1.0
+        demands.append(float(metrics["sampler_refined"]))
+    assert max(demands) == 0.25
+    adapting[0].run_callback(step=50)
+    assert model.sampler.static_refine_budget == model.refine_budget.target(max(demands)) < 1.0
+    assert model.cuda_graph_key() != key  # a captured step sees the change and captures again
+    with pytest.raises(ValueError, match="static-refine-budget must be in"):
+        build(tiny_config(static_refine_budget=1.5))
 
 
 def test_mask_loss_only_when_asked():
