@@ -88,6 +88,24 @@ def _graph_compiled(model: CocoInrModelConfig) -> None:
     model.compile_sampler = True
 
 
+def _graph_hash(model: CocoInrModelConfig) -> None:
+    """The CUDA graph (with the compiled beta search) and hash-grid features added to the SDF MLP's input."""
+    _graph_compiled(model)
+    model.sdf_field.use_hash_grid = True
+
+
+def _graph_budget(model: CocoInrModelConfig) -> None:
+    """The CUDA graph (compiled beta search) with the sampler's rounds 2.. on a quarter of the rays."""
+    _graph_compiled(model)
+    model.static_refine_budget = 0.25
+
+
+def _graph_auto(model: CocoInrModelConfig) -> None:
+    """The CUDA graph (compiled beta search) with the refine budget sized from the observed demand."""
+    _graph_compiled(model)
+    model.static_refine_budget = "auto"
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -102,6 +120,9 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph": _graph,
     "graph+bf16": _graph_bf16,
     "graph+compile": _graph_compiled,
+    "graph+hash": _graph_hash,
+    "graph+budget": _graph_budget,
+    "graph+auto": _graph_auto,
 }
 
 
@@ -129,6 +150,10 @@ class Result:
     frame_seconds: float
     frame_surface_seconds: float
     final_loss: float
+    sampler_refined: float
+    """Share of rays that needed more than the sampler's first round (mean over the timed steps)."""
+    sampler_truncated: float
+    """Share of rays cut off by the graph's refine budget (mean over the timed steps)."""
 
 
 def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerConfig:
@@ -229,6 +254,7 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     device = trainer.device
     durations: list[float] = []
     losses: list[float] = []
+    sampler_shares: dict[str, list[float]] = {"sampler_refined": [], "sampler_truncated": []}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
@@ -236,12 +262,14 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         start = time.perf_counter()
         for callback in trainer.callbacks:
             callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        loss, _, _ = trainer.train_iteration(step)
+        loss, _, metrics = trainer.train_iteration(step)
         for callback in trainer.callbacks:
             callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         _sync(device)
         if step >= args.warmup:
             durations.append(time.perf_counter() - start)
+            for key, values in sampler_shares.items():
+                values.append(float(metrics[key]))
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     if args.profile > 0:
@@ -276,6 +304,8 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         frame_seconds=frame_seconds["volume"],
         frame_surface_seconds=frame_seconds["surface"],
         final_loss=float(np.mean(losses[-10:])),
+        sampler_refined=float(np.mean(sampler_shares["sampler_refined"])),
+        sampler_truncated=float(np.mean(sampler_shares["sampler_truncated"])),
     )
 
 
@@ -287,15 +317,15 @@ def format_table(results: list[Result], args) -> str:
         f"{args.train_views} training views{'; tiny model' if args.tiny else ''}",
         "",
         f"| config | it/s | ms/step | x reference | peak GiB | held-out PSNR | masked PSNR | Chamfer | "
-        f"{args.frame_size}px frame s (volume / surface) | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{args.frame_size}px frame s (volume / surface) | loss | rays refined / cut % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r.iters_per_sec / reference.iters_per_sec if reference else float("nan")
         lines.append(
             f"| {r.name} | {r.iters_per_sec:.2f} | {r.ms_per_step:.1f} | {ratio:.2f} | {r.peak_memory_gib:.2f} | "
             f"{r.psnr:.2f} | {r.psnr_masked:.2f} | {r.chamfer:.3f} | {r.frame_seconds:.2f} / {r.frame_surface_seconds:.2f} | "
-            f"{r.final_loss:.4f} |"
+            f"{r.final_loss:.4f} | {100 * r.sampler_refined:.1f} / {100 * r.sampler_truncated:.1f} |"
         )
     return "\n".join(lines)
 

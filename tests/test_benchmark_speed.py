@@ -25,6 +25,7 @@ def test_speed_benchmark_on_cpu(tmp_path):
     for row in results.values():
         assert row["device"] == "CPU" and row["iters_per_sec"] > 0 and math.isfinite(row["final_loss"])
         assert 5.0 < row["psnr"] < 60.0
+        assert 0.0 <= row["sampler_refined"] <= 1.0 and row["sampler_truncated"] == 0.0  # no budget in these
     table = out.with_suffix(".md").read_text()
     assert table.startswith("Device: CPU; 64 rays/step; 3 timed steps") and "| graph |" in table
     printed = " ".join(proc.stdout.split())

@@ -345,18 +345,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.parametrize(
-    ("device", "cuda_graph"),
+    ("device", "cuda_graph", "hash_grid"),
     [
-        ("cpu", False),
-        ("cpu", True),
-        pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+        ("cpu", False, False),
+        ("cpu", True, False),
+        ("cpu", False, True),
+        pytest.param("cuda", True, False, marks=ON_GPU),
+        pytest.param("cuda", True, True, marks=ON_GPU),
     ],
 )
-def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, device, cuda_graph, capsys):
+def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, device, cuda_graph, hash_grid, capsys):
     """(g) nerfstudio's Trainer on coco-inr's registered config, shrunk: 15 steps on one fixed batch of rays.
     With ``cuda_graph`` on a CPU the trainer says why it cannot capture and trains eagerly (static sampler); on a
-    GPU it captures once and replays, with the optimizer and scheduler stepping between replays."""
+    GPU it captures once and replays, with the optimizer and scheduler stepping between replays. ``hash_grid``
+    adds the grid features and their own optimizer group."""
     from nerfstudio.configs import base_config  # noqa: F401  (before writer: importing writer first is circular)
     from nerfstudio.utils import writer
 
@@ -381,6 +387,8 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, device, cu
     model.num_samples, model.num_samples_eval, model.num_samples_extra = 8, 16, 4
     model.num_samples_outside, model.max_total_iters = 4, 3
     model.cuda_graph = cuda_graph
+    model.sdf_field.use_hash_grid = hash_grid
+    model.sdf_field.hash_grid.log2_hashmap_size, model.sdf_field.hash_grid.max_res = 12, 128
 
     writers_before = list(writer.EVENT_WRITERS)
     try:
@@ -402,5 +410,8 @@ def test_in_process_training_decreases_the_loss(tiny_scene, tmp_path, device, cu
     assert ("not used because the device is cpu, not CUDA" in printed) is (cuda_graph and device == "cpu")
     if device == "cuda":
         assert trainer._graph_step is not None and trainer._graph_step.graph is not None
+    if hash_grid:
+        table = trainer.pipeline.model.field.hash_grid.table
+        assert "hash_grid" in trainer.optimizers.optimizers and table.abs().max() > model.sdf_field.hash_grid.init_scale
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.85 * first, losses
