@@ -151,9 +151,9 @@ class Result:
     frame_surface_seconds: float
     final_loss: float
     sampler_refined: float
-    """Share of rays that needed more than the sampler's first round (mean over the timed steps)."""
+    """Share of rays that got more than the sampler's first round (mean over the timed steps)."""
     sampler_truncated: float
-    """Share of rays cut off by the graph's refine budget (mean over the timed steps)."""
+    """Share of rays that needed another round but were cut off by the graph's refine budget (mean)."""
 
 
 def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerConfig:

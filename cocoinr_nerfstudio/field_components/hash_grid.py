@@ -1,10 +1,11 @@
 """A multiresolution hash grid (Instant-NGP) over a cube, for the geometry head's optional grid features.
 
 tiny-cuda-nn is used when it imports (its fused kernels); otherwise a pure-torch grid with the same
-levels. nerfstudio's ``HashEncoding`` has a torch fallback too, but it copies its constants from the host
-on every call (a blocking transfer, and no CUDA-graph capture) and hashes even the coarse levels that fit
-the table densely; this one keeps its constants on the device, indexes coarse levels densely, and bounds
-computes the eight cell corners in a few broadcast kernels.
+number of levels and resolutions (tiny-cuda-nn places its vertices slightly differently, so the two are
+not interchangeable). nerfstudio's ``HashEncoding`` has a torch fallback too, but it copies its constants
+from the host on every call (a blocking transfer, and no CUDA-graph capture) and hashes even the coarse
+levels that fit the table densely; this one keeps its constants on the device, indexes coarse levels
+densely, and computes the eight cell corners in a few broadcast kernels.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class HashGridConfig:
     """Cells per side of the finest level over the bounding cube (side 2 x scene radius: with VolSDF's
     radius 3 and the object in the unit sphere, about 680 cells across the object)."""
     init_scale: float = 1e-4
-    """Entries start uniform in [-init_scale, init_scale]: the SDF starts as the geometric-init sphere."""
+    """Entries start uniform in [-init_scale, init_scale] (torch grid; tiny-cuda-nn uses its own 1e-4). The SDF
+    starts as the geometric-init sphere either way: the grid's input columns start at zero."""
     implementation: Literal["auto", "tcnn", "torch"] = "auto"
     """``auto``: tiny-cuda-nn when it imports on a CUDA machine, torch otherwise. The two store their
     tables differently: a checkpoint loads only into the implementation that trained it."""
@@ -153,11 +155,13 @@ class HashGrid(nn.Module):
         )
         if prefix + other in state_dict and prefix + mine not in state_dict:
             trained = "tiny-cuda-nn" if other.startswith("tcnn") else "torch"
+            where = "on a CUDA machine where tinycudann imports" if trained == "tiny-cuda-nn" else "with the torch grid"
             raise RuntimeError(
                 f"This checkpoint's hash grid ({prefix.rstrip('.')}) was trained with the {trained} implementation "
                 f"and this process uses {self.implementation}: their tables are laid out differently. Load it "
-                f"where {'tinycudann imports' if trained == 'tiny-cuda-nn' else 'tinycudann is not used'} "
-                "(--pipeline.model.sdf-field.hash-grid.implementation)."
+                f"{where}: set `implementation: {'tcnn' if trained == 'tiny-cuda-nn' else 'torch'}` under "
+                "pipeline.model.sdf_field.hash_grid in the run's config.yml (what ns-eval, ns-export and ns-viewer "
+                "read), or pass --pipeline.model.sdf-field.hash-grid.implementation to ns-train."
             )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

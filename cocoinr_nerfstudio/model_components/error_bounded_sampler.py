@@ -186,6 +186,11 @@ class ErrorBoundedSampler(Sampler):
             raise ValueError(
                 f"static_refine_budget (share of rays refined) must be in (0, 1], got {static_refine_budget}"
             )
+        if static_refine_budget < 1.0 and not per_ray_convergence:
+            raise ValueError(
+                "static_refine_budget below 1 needs per_ray_convergence: with batch-level convergence every ray "
+                "refines while any ray does, so there is no 'still refining' ray to put first"
+            )
         self.static_refine_budget = static_refine_budget
         self.num_samples_eval = num_samples_eval
         self.num_samples_extra = num_samples_extra

@@ -4,8 +4,8 @@ A CUDA graph needs a fixed count of rays in the sampler's rounds 2.. (``static_r
 rays that need those rounds depends on the scene (how much of each image the object covers) and on the stage
 of training, so ``auto`` measures it: each step's demand (rays that refined + rays cut off) is folded into a
 running maximum on the device (no host synchronisation), and every ``interval`` steps the budget is set to
-that maximum plus a margin. It grows as soon as a check sees demand above it and shrinks only by a clear step
-(each change means a new graph capture).
+that maximum plus headroom. It grows at the first check where demand plus headroom exceeds it and shrinks
+only by a clear step (each change means a new graph capture).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class AdaptiveRefineBudget:
         floor: headroom added in absolute terms (a view the last interval did not draw may need more).
         quantum: budgets are multiples of this (fewer distinct graphs).
         shrink_hysteresis: shrink only when the new budget is at least this much lower.
-        min_observations: a check with fewer steps observed since the last change keeps observing (the first
+        min_observations: a check with fewer steps observed since the previous check that read them keeps observing (the first
             step, whose initial sphere fills much of the image, does not set the budget alone).
     """
 

@@ -178,8 +178,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     fifth of the rays need a second round, so 0.25 makes those rounds 4x cheaper; a ray that needs one and finds no
     place keeps its first-round samples (drawn at the larger beta that meets the error bound). ``auto`` starts at 1
     and every 50 steps sets the budget to the highest share seen + 25% + 1/32 (the graph is captured again when it
-    changes). Training logs the share of rays that needed more than one round (``sampler_refined``), that were cut
-    off (``sampler_truncated``) and the budget (``sampler_budget``)."""
+    changes). It applies whenever cuda_graph is set, also when training falls back to eager steps. Training logs
+    the share of rays that got more than one round (``sampler_refined``), that needed one but were cut off
+    (``sampler_truncated``; their sum is the demand) and the budget (``sampler_budget``). Needs
+    per_ray_convergence."""
 
 
 class CocoInrModel(SurfaceModel):
@@ -231,6 +233,11 @@ class CocoInrModel(SurfaceModel):
         budget = self.config.static_refine_budget
         if budget != "auto" and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
             raise ValueError(f"--pipeline.model.static-refine-budget must be in (0, 1] or 'auto', got {budget!r}")
+        if budget != 1.0 and not self.config.per_ray_convergence:
+            raise ValueError(
+                "--pipeline.model.static-refine-budget below 1 (or auto) needs --pipeline.model.per-ray-convergence "
+                "True: with batch-level convergence every ray refines while any ray does."
+            )
         self.density = LaplaceDensity(self.config.beta_init, self.config.beta_min)
         self.sampler = ErrorBoundedSampler(
             num_samples=self.config.num_samples,
@@ -499,7 +506,7 @@ class CocoInrModel(SurfaceModel):
         if self.training and "eik_grad" in outputs:
             metrics["eikonal"] = ((outputs["eik_grad"].norm(dim=-1) - 1.0) ** 2).mean().detach()
             rounds = outputs["sampler_rounds"]
-            metrics["sampler_refined"] = (rounds > 1).float().mean()  # share of rays that needed upsampling
+            metrics["sampler_refined"] = (rounds > 1).float().mean()  # share of rays that got a second round
             metrics["sampler_truncated"] = outputs["sampler_truncated"].float() / rounds.numel()
             metrics["sampler_budget"] = self.sampler.static_refine_budget if self.sampler.static_shapes else 1.0
             if self.refine_budget is not None:

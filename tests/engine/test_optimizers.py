@@ -10,7 +10,7 @@ from cocoinr_nerfstudio.method_configs import coco_inr
 
 def test_method_uses_fused_adam_with_the_originals_settings():
     expected = {"fields": (5e-4, 1e-8), "field_background": (5e-4, 1e-8), "hash_grid": (5e-3, 1e-15)}
-    assert set(coco_inr.config.optimizers) == set(expected)  # the grid's group exists only with the option
+    assert set(coco_inr.config.optimizers) == set(expected)  # the grid's group gets parameters only with the option
     for name, group in coco_inr.config.optimizers.items():
         optimizer = group["optimizer"]
         assert isinstance(optimizer, FusedAdamOptimizerConfig)

@@ -206,7 +206,15 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
     """Rounds 2.. on a fixed share of the rays: exact while the rays still refining fit, and past that the rays
     left out keep their first-round samples (what ``max_total_iters=1`` gives them) and are counted."""
     density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
-    bundle = hit_and_miss_rays()  # rays 0-7 hit the sphere and need more rounds, 8-15 are done at once
+    hit_then_miss = hit_and_miss_rays()
+    order = torch.cat([torch.arange(8, 16), torch.arange(8)])  # rays 0-7 miss (done at once), 8-15 hit the sphere
+    bundle = RayBundle(
+        origins=hit_then_miss.origins[order],
+        directions=hit_then_miss.directions[order],
+        pixel_area=torch.ones(16, 1),
+        nears=torch.zeros(16, 1),
+        fars=torch.full((16, 1), 5.0),
+    )
 
     def run(budget: float = 1.0, rounds: int = 5):
         sampler = ErrorBoundedSampler(static_shapes=True, static_refine_budget=budget, max_total_iters=rounds)
@@ -216,16 +224,16 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
 
     full_starts, full = run()
     first_round_starts, first_round = run(rounds=1)
-    assert (full.num_rounds[:8] > 1).all() and (full.num_rounds[8:] == 1).all() and full.num_truncated == 0
+    assert (full.num_rounds[:8] == 1).all() and (full.num_rounds[8:] > 1).all() and full.num_truncated == 0
 
-    starts, info = run(budget=0.5)  # 8 places for 8 refining rays
+    starts, info = run(budget=0.5)  # 8 places for the 8 refining rays, although they come last
     torch.testing.assert_close(starts, full_starts, atol=0, rtol=0)
     torch.testing.assert_close(info.num_rounds, full.num_rounds)
     assert int(info.num_truncated) == 0 and info.num_queries == 16 * 128 + 8 * 128 * 4
 
-    starts, info = run(budget=0.25)  # 4 places: rays 0-3 refine, 4-7 are cut off
+    starts, info = run(budget=0.25)  # 4 places: rays 8-11 refine, 12-15 are cut off
     assert int(info.num_truncated) == 4 and info.num_queries == 16 * 128 + 4 * 128 * 4
-    kept, cut = [0, 1, 2, 3, *range(8, 16)], [4, 5, 6, 7]
+    kept, cut = [*range(12)], [12, 13, 14, 15]
     torch.testing.assert_close(starts[kept], full_starts[kept], atol=0, rtol=0)
     torch.testing.assert_close(info.beta[kept], full.beta[kept])
     torch.testing.assert_close(starts[cut], first_round_starts[cut], atol=0, rtol=0)
@@ -233,6 +241,8 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
     assert (info.num_rounds[cut] == 1).all() and (info.beta[cut] > 0.005).all()
     with pytest.raises(ValueError, match="static_refine_budget"):
         ErrorBoundedSampler(static_refine_budget=0.0)
+    with pytest.raises(ValueError, match="needs per_ray_convergence"):
+        ErrorBoundedSampler(static_refine_budget=0.5, per_ray_convergence=False)
 
 
 def test_static_shapes_trace_without_host_synchronisation():

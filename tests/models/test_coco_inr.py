@@ -244,6 +244,8 @@ def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
     assert model.cuda_graph_key() != key  # a captured step sees the change and captures again
     with pytest.raises(ValueError, match="static-refine-budget must be in"):
         build(tiny_config(static_refine_budget=1.5))
+    with pytest.raises(ValueError, match=r"needs --pipeline\.model\.per-ray-convergence"):
+        build(tiny_config(cuda_graph=True, static_refine_budget="auto", per_ray_convergence=False))
 
 
 def test_mask_loss_only_when_asked():
