@@ -246,6 +246,19 @@ def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
     print(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=50), flush=True)
 
 
+def _trace_memory(step: int, peaks: list[int]) -> None:
+    """Prints the steps that raise peak GPU memory by more than 16 MiB, and what stays allocated after them
+    (memory a captured graph or its re-captures keep shows as a rising 'allocated')."""
+    peak = torch.cuda.max_memory_allocated()
+    if peak > peaks[0] + 2**24:
+        print(
+            f"  step {step}: peak {peaks[0] / 2**30:.3f} -> {peak / 2**30:.3f} GiB, "
+            f"allocated after the step {torch.cuda.memory_allocated() / 2**30:.3f} GiB",
+            flush=True,
+        )
+        peaks[0] = peak
+
+
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     torch.manual_seed(args.seed)
     config = _trainer_config(args, scene, name, output_dir)
@@ -257,6 +270,7 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     sampler_shares: dict[str, list[float]] = {"sampler_refined": [], "sampler_truncated": []}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    peaks = [0]  # --trace-memory: the peak at the last step that raised it
     for step in range(args.warmup + args.steps):
         _sync(device)
         start = time.perf_counter()
@@ -266,6 +280,8 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         for callback in trainer.callbacks:
             callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         _sync(device)
+        if args.trace_memory and device.startswith("cuda"):
+            _trace_memory(step, peaks)
         if step >= args.warmup:
             durations.append(time.perf_counter() - start)
             for key, values in sampler_shares.items():
@@ -356,6 +372,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--tiny", action="store_true", default=None, help="shrink the model (default on CPU)")
     parser.add_argument("--full-model", dest="tiny", action="store_false", help="the paper's model even on CPU")
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps per config (top ops)")
+    parser.add_argument(
+        "--trace-memory", action="store_true", help="print each step that raises peak GPU memory (CUDA only)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and results (.json)")
     args = parser.parse_args(argv)

@@ -30,3 +30,30 @@ def test_speed_benchmark_on_cpu(tmp_path):
     assert table.startswith("Device: CPU; 64 rays/step; 3 timed steps") and "| graph |" in table
     printed = " ".join(proc.stdout.split())
     assert "--pipeline.model.cuda-graph: not used because the device is cpu, not CUDA" in printed
+
+
+def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark_speed", module)
+    spec.loader.exec_module(module)
+    gib = 2**30
+    readings = iter([(7.0, 0.3), (7.0 + 2**-8, 0.3), (7.5, 0.4)])  # (peak, allocated); +4 MiB is noise
+    current = {}
+
+    def advance():
+        current["peak"], current["allocated"] = next(readings)
+
+    monkeypatch.setattr(module.torch.cuda, "max_memory_allocated", lambda: int(current["peak"] * gib))
+    monkeypatch.setattr(module.torch.cuda, "memory_allocated", lambda: int(current["allocated"] * gib))
+    peaks = [0]
+    for step in range(3):
+        advance()
+        module._trace_memory(step, peaks)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "  step 0: peak 0.000 -> 7.000 GiB, allocated after the step 0.300 GiB",
+        "  step 2: peak 7.000 -> 7.500 GiB, allocated after the step 0.400 GiB",
+    ]
