@@ -327,10 +327,10 @@ class ErrorBoundedSampler(Sampler):
         ``static_refine_budget`` below 1, rounds 2.. on a fixed number of rays, those still refining first."""
         num_rays = origins.shape[0]
         budget = min(num_rays, math.ceil(self.static_refine_budget * num_rays))
-        num_final = self.num_samples + max(self.num_samples_extra, 0)
-        unset = (z.new_zeros(num_rays, num_final), z.new_zeros(num_rays), z.new_zeros(num_rays), z.new_zeros(num_rays))
-        finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
         if budget == num_rays or self.max_total_iters == 1:
+            num_final = self.num_samples + max(self.num_samples_extra, 0)
+            unset = (z.new_zeros(num_rays, num_final), *(z.new_zeros(num_rays) for _ in range(3)))
+            finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
             return (
                 *self._static_rounds(sdf_fn, origins, directions, z, sdf, beta, beta0, density, 1, finished, unset),
                 0,
