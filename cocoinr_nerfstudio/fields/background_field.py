@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ class CocoBackgroundField(nn.Module):
         if config.use_coordinate_attention and prototype_source is None:
             raise ValueError("CocoBackgroundField with coordinate attention needs a prototype source.")
         self.prototype_source = prototype_source
+        self._compiled_forward: Callable[..., tuple[Tensor, Tensor]] | None = None
         attention = config.coordinate_attention
         self.position_encoding = IDRFrequencyEncoding(4, config.position_frequencies)
         enc_dim = self.position_encoding.get_out_dim()
@@ -91,20 +93,34 @@ class CocoBackgroundField(nn.Module):
             activation=nn.ReLU(),
         )
 
+    def enable_torch_compile(self, backend: str = "inductor") -> None:
+        """Run the field through ``torch.compile`` (it is differentiated once: no SDF gradient here)."""
+        self._compiled_forward = torch.compile(self._forward, backend=backend)
+
     def forward(
         self, points: Float[Tensor, "n 4"], directions: Float[Tensor, "n 3"]
     ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n 3"]]:
         """Returns (density, rgb)."""
+        use_prototypes = self.config.use_coordinate_attention and self.prototype_source is not None
+        density_prototypes = self.prototype_source("background_density") if use_prototypes else None
+        color_prototypes = self.prototype_source("background_color") if use_prototypes else None
+        forward = self._compiled_forward if self._compiled_forward is not None else self._forward
+        return forward(points, directions, density_prototypes, color_prototypes)
+
+    def _forward(
+        self, points: Tensor, directions: Tensor, density_prototypes: Tensor | None, color_prototypes: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` as a function of tensors alone (the prototypes are arguments), so that it compiles."""
         fused = self.config.coordinate_attention.fused
         encoded = self.position_encoding(points)
         if self.density_attention is not None:
-            assert self.prototype_source is not None
-            attended = self.density_attention(encoded, self.prototype_source("background_density"), fused=fused)
+            assert density_prototypes is not None
+            attended = self.density_attention(encoded, density_prototypes, fused=fused)
             encoded = torch.cat([encoded, attended], dim=-1)
         output = self.density_mlp(encoded)
         density, feature = abs_density(output[..., :1]), output[..., 1:]
         x = torch.cat([self.direction_encoding(directions), feature], dim=-1)
         if self.color_attention is not None:
-            assert self.prototype_source is not None
-            x = self.color_attention(x, self.prototype_source("background_color"), fused=fused)
+            assert color_prototypes is not None
+            x = self.color_attention(x, color_prototypes, fused=fused)
         return density, torch.sigmoid(self.color_mlp(x))

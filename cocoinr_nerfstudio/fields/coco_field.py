@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,14 @@ from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 
 PrototypeSource = Callable[[str], Tensor]
 """Returns the prototypes of a named head (``"geometry"``, ``"color"``, ...)."""
+
+
+class CompiledFieldPaths(NamedTuple):
+    """The field's hot paths, each wrapped by ``torch.compile`` (see :meth:`CocoField.enable_torch_compile`)."""
+
+    geometry: Callable[..., Tensor]
+    geometry_with_gradient: Callable[..., tuple[Tensor, Tensor]]
+    colors: Callable[..., Tensor]
 
 
 @dataclass
@@ -126,6 +134,7 @@ class CocoField(Field):
         self.prototype_source = prototype_source
         self.color_autocast: torch.dtype | None = None
         """Autocast dtype for the colour head (set by the model), None for float32."""
+        self._compiled: CompiledFieldPaths | None = None
         attention = config.coordinate_attention
 
         self.position_encoding = IDRFrequencyEncoding(3, config.position_frequencies)
@@ -169,22 +178,57 @@ class CocoField(Field):
     def _fused(self, create_graph: bool) -> bool:
         return self.config.coordinate_attention.fused and not create_graph
 
+    def enable_torch_compile(self, backend: str = "inductor") -> None:
+        """Run the geometry (with and without its gradient) and the colour head through ``torch.compile``.
+
+        The compiled SDF gradient is written as a function (``torch.func.grad``), so the compiled graph holds
+        the SDF, its gradient and the feature as one first-order graph that the loss differentiates once:
+        ``autograd.grad(create_graph=True)`` would need a second derivative of a compiled graph, which
+        torch.compile does not provide."""
+        self._compiled = CompiledFieldPaths(
+            geometry=torch.compile(self._geometry, backend=backend),
+            geometry_with_gradient=torch.compile(self._geometry_with_gradient, backend=backend),
+            colors=torch.compile(self._colors, backend=backend),
+        )
+
+    def _prototypes(self, head: str) -> Tensor | None:
+        if not self.config.use_coordinate_attention or self.prototype_source is None:
+            return None
+        return self.prototype_source(head)
+
+    def _geometry(self, flat: Float[Tensor, "n 3"], prototypes: Tensor | None, fused: bool) -> Float[Tensor, "n out"]:
+        """``[sdf, feature]``; a function of tensors alone (the prototypes are an argument), so it compiles."""
+        encoded = self.position_encoding(flat)
+        inputs = [encoded]
+        if self.geometry_attention is not None:
+            assert prototypes is not None
+            inputs.append(self.geometry_attention(encoded, prototypes, fused=fused))
+        if self.hash_grid is not None:
+            inputs.append(self.hash_grid(flat))
+        return self.sdf_mlp(torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded)
+
+    def _geometry_with_gradient(
+        self, flat: Float[Tensor, "n 3"], prototypes: Tensor | None
+    ) -> tuple[Float[Tensor, "n out"], Float[Tensor, "n 3"]]:
+        """``[sdf, feature]`` and d(sdf)/dx, the gradient by ``torch.func.grad`` (see :meth:`enable_torch_compile`).
+        Explicit attention inside: the fused kernels have no second derivative."""
+
+        def sdf_sum(x: Tensor) -> tuple[Tensor, Tensor]:
+            output = self._geometry(x, prototypes, fused=False)
+            return output[:, 0].sum(), output
+
+        gradient, output = torch.func.grad(sdf_sum, has_aux=True)(flat)
+        return output, gradient
+
     def forward_geonetwork(
         self, points: Float[Tensor, "*batch 3"], fused: bool | None = None
     ) -> Float[Tensor, "*batch 1+feature_dim"]:
         """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract)."""
         if fused is None:
             fused = self._fused(create_graph=self.training and torch.is_grad_enabled())
-        shape = points.shape[:-1]
-        flat = points.reshape(-1, 3)
-        encoded = self.position_encoding(flat)
-        inputs = [encoded]
-        if self.geometry_attention is not None:
-            assert self.prototype_source is not None
-            inputs.append(self.geometry_attention(encoded, self.prototype_source("geometry"), fused=fused))
-        if self.hash_grid is not None:
-            inputs.append(self.hash_grid(flat))
-        return self.sdf_mlp(torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded).reshape(*shape, -1)
+        geometry = self._compiled.geometry if self._compiled is not None else self._geometry
+        output = geometry(points.reshape(-1, 3), self._prototypes("geometry"), fused)
+        return output.reshape(*points.shape[:-1], -1)
 
     def get_sdf_values(self, points: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 1"]:
         """SDF only; what samplers and mesh extraction query."""
@@ -194,6 +238,11 @@ class CocoField(Field):
         self, points: Float[Tensor, "n 3"], create_graph: bool
     ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
         """SDF, feature and d(sdf)/dx. ``create_graph`` keeps the gradient differentiable (eikonal loss)."""
+        if self._compiled is not None:
+            output, gradient = self._compiled.geometry_with_gradient(points.detach(), self._prototypes("geometry"))
+            if not create_graph:
+                output, gradient = output.detach(), gradient.detach()
+            return output[..., :1], output[..., 1:], gradient
         with torch.enable_grad():
             x = points.detach().requires_grad_(True)
             output = self.forward_geonetwork(x, fused=self._fused(create_graph))
@@ -212,6 +261,12 @@ class CocoField(Field):
         gradients: Float[Tensor, "n 3"],
         features: Float[Tensor, "n feature"],
     ) -> Float[Tensor, "n 3"]:
+        colors = self._compiled.colors if self._compiled is not None else self._colors
+        return colors(points, directions, gradients, features, self._prototypes("color"))
+
+    def _colors(
+        self, points: Tensor, directions: Tensor, gradients: Tensor, features: Tensor, prototypes: Tensor | None
+    ) -> Float[Tensor, "n 3"]:
         encoded_dirs = self.direction_encoding(directions)
         if self.config.color_mode == "idr":
             x = torch.cat([points, encoded_dirs, gradients, features], dim=-1)
@@ -224,10 +279,8 @@ class CocoField(Field):
         )
         with autocast:
             if self.color_attention is not None:
-                assert self.prototype_source is not None
-                x = self.color_attention(
-                    x, self.prototype_source("color"), fused=self.config.coordinate_attention.fused
-                )
+                assert prototypes is not None
+                x = self.color_attention(x, prototypes, fused=self.config.coordinate_attention.fused)
             return torch.sigmoid(self.color_mlp(x)).float()
 
     def get_density(self, ray_samples: RaySamples):  # type: ignore[override]

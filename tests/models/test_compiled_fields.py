@@ -1,0 +1,215 @@
+"""``--pipeline.model.compile-fields``: the compiled paths compute what the eager ones do.
+
+CPU tests compile with the ``aot_eager`` backend: dynamo traces the field, AOTAutograd builds its forward and
+backward graphs (the part that must cope with ``torch.func.grad`` and a second derivative), and the graphs run
+as plain torch ops. The inductor kernels are checked on a GPU (last test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+from test_coco_inr import rays
+from test_hash_grid_geometry import SMALL_GRID, hash_config
+from tiny_models import build, tiny_config
+from torch._dynamo.utils import counters
+
+from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
+from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
+
+HEADS = ("geometry", "color", "background_density", "background_color")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # no compiled code or recompilation count carried between tests
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo captured since the test began: proves the compiled paths ran."""
+    return counters["stats"]["unique_graphs"]
+
+
+def _prototypes(dtype=torch.float64) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {head: torch.randn(8, 16, generator=generator, dtype=dtype).requires_grad_(True) for head in HEADS}
+
+
+def _field_pair(use_hash_grid: bool = False):
+    """The same field twice (same weights, random non-zero attention columns), the second compiled."""
+    prototypes = _prototypes()
+    config = CocoFieldConfig(
+        geometry_hidden_dims=(32, 32), feature_dim=16, use_hash_grid=use_hash_grid, hash_grid=SMALL_GRID
+    )
+    fields = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        field = config.setup(prototype_source=prototypes.__getitem__, prototype_dim=16).double()
+        with torch.no_grad():  # geometric init zeroes the attention and grid columns: switch them on
+            field.sdf_mlp.layers[0].direction.normal_(generator=torch.Generator().manual_seed(2))
+            if field.hash_grid is not None:
+                field.hash_grid.table.normal_(generator=torch.Generator().manual_seed(3))
+        fields.append(field)
+    fields[1].enable_torch_compile("aot_eager")
+    return fields, prototypes
+
+
+def _grads(loss: torch.Tensor, field: torch.nn.Module, prototypes: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    inputs = [*field.parameters(), *prototypes.values()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+
+
+@pytest.mark.parametrize("use_hash_grid", [False, True])
+def test_sdf_gradient_and_its_second_derivative_match_autograd(use_hash_grid):
+    (eager, compiled), prototypes = _field_pair(use_hash_grid)
+    points = torch.rand(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    losses, outputs = [], []
+    for field in (eager, compiled):
+        sdf, feature, gradient = field.sdf_and_gradient(points, create_graph=True)
+        outputs.append((sdf, feature, gradient))
+        # the eikonal term differentiates the gradient: second derivatives reach every weight and prototype
+        losses.append(sdf.sum() + feature.square().sum() + ((gradient.norm(dim=-1) - 1.0) ** 2).sum())
+    assert compiled_graphs() == 1  # eager's autograd.grad, the compiled torch.func.grad graph
+    for ours, theirs in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    eager_grads, compiled_grads = _grads(losses[0], eager, prototypes), _grads(losses[1], compiled, prototypes)
+    assert sum(float(g.abs().sum()) for g in eager_grads) > 0
+    for ours, theirs in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_render_paths_without_autograd_state_match():
+    (eager, compiled), _ = _field_pair()
+    points = torch.rand(30, 3, dtype=torch.float64) * 2 - 1
+    directions = torch.nn.functional.normalize(torch.randn(30, 3, dtype=torch.float64), dim=-1)
+    with torch.no_grad():
+        for field in (eager, compiled):
+            field.eval()
+        torch.testing.assert_close(compiled.get_sdf_values(points), eager.get_sdf_values(points))
+        sdf, feature, gradient = compiled.sdf_and_gradient(points, create_graph=False)  # the gradient: torch.func
+        expected = eager.sdf_and_gradient(points, create_graph=False)
+        for ours, theirs in zip((sdf, feature, gradient), expected, strict=True):
+            torch.testing.assert_close(ours, theirs)
+            assert ours.grad_fn is None
+        torch.testing.assert_close(
+            compiled.get_colors(points, directions, gradient, feature),
+            eager.get_colors(points, directions, gradient, feature),
+        )
+    assert compiled_graphs() == 3  # geometry, geometry with gradient, colours
+    # outside no_grad a render still returns detached values
+    _, _, gradient = compiled.sdf_and_gradient(points, create_graph=False)
+    assert gradient.grad_fn is None and not gradient.requires_grad
+
+
+def test_background_field_matches_with_gradients():
+    prototypes = _prototypes()
+    config = CocoBackgroundFieldConfig(hidden_dims=(32,), feature_dim=16)
+    fields = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        fields.append(config.setup(prototype_source=prototypes.__getitem__, prototype_dim=16).double())
+    fields[1].enable_torch_compile("aot_eager")
+    points = torch.cat([torch.nn.functional.normalize(torch.randn(25, 3), dim=-1), torch.rand(25, 1)], -1).double()
+    directions = torch.nn.functional.normalize(torch.randn(25, 3), dim=-1).double()
+    results = []
+    for field in fields:
+        density, rgb = field(points, directions)
+        loss = density.sum() + rgb.square().sum()
+        results.append((density, rgb, _grads(loss, field, prototypes)))
+    assert compiled_graphs() == 1
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    for ours, theirs in zip(results[1][2], results[0][2], strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_model_training_step_matches_the_eager_model():
+    """The whole model: sampler queries, render pass, eikonal points, background; losses and every gradient."""
+    results = []
+    for compile_fields in (False, True):
+        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager"))
+        model.train()
+        torch.manual_seed(5)  # stratified samples and eikonal points draw the same numbers
+        outputs = model(rays())
+        loss_dict = model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())})
+        sum(loss_dict.values()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in loss_dict.items()}, grads, outputs["rgb"].detach()))
+        assert (compiled_graphs() > 0) == compile_fields
+    (eager_losses, eager_grads, eager_rgb), (losses, grads, rgb) = results
+    torch.testing.assert_close(rgb, eager_rgb, rtol=1e-5, atol=1e-6)
+    assert losses.keys() == eager_losses.keys()
+    for name in losses:
+        torch.testing.assert_close(losses[name], eager_losses[name], rtol=1e-5, atol=1e-7)
+    assert grads.keys() == eager_grads.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_renders_match_in_the_viewers_render_thread():
+    """Volume and surface renders of a compiled model (evaluation shapes, no autograd), made in another thread
+    as the viewer does, equal the eager model's."""
+    renders = []
+    for compile_fields in (False, True):
+        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager", beta_init=0.01))
+        model.eval()
+        model.viewer_render_mode = "surface"
+        bundle = rays(24)
+        results = {}
+
+        def render(model=model, bundle=bundle, results=results) -> None:
+            with torch.no_grad():  # the panel's surface mode applies in render threads
+                results["surface"] = model(bundle)
+            model.viewer_render_mode = "volume"
+            with torch.no_grad():
+                results["volume"] = model(bundle)
+
+        thread = threading.Thread(target=render)
+        thread.start()
+        thread.join()
+        assert set(results) == {"surface", "volume"}
+        renders.append(results)
+    assert compiled_graphs() >= 3
+    for mode in ("surface", "volume"):
+        for name in ("rgb", "depth", "accumulation", "normals"):
+            torch.testing.assert_close(renders[1][mode][name], renders[0][mode][name], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fields_takes_the_torch_grid_and_refuses_tcnn():
+    model = build(hash_config(compile_fields=True, compile_backend="aot_eager"))
+    assert model.field.config.hash_grid.implementation == "torch"
+    tcnn_grid = dataclasses.replace(SMALL_GRID, implementation="tcnn")
+    tcnn_field = dataclasses.replace(hash_config().sdf_field, hash_grid=tcnn_grid)
+    with pytest.raises(ValueError, match=r"--pipeline\.model\.compile-fields True needs .*implementation torch"):
+        build(hash_config(compile_fields=True, sdf_field=tcnn_field))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
+def test_inductor_kernels_on_gpu_match_eager():
+    torch.manual_seed(0)
+    prototypes = {head: torch.randn(256, 128, device="cuda", requires_grad=True) for head in HEADS}
+    fields = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        fields.append(CocoFieldConfig().setup(prototype_source=prototypes.__getitem__).cuda())
+    fields[1].enable_torch_compile()
+    points = torch.rand(4096, 3, device="cuda") * 2 - 1
+    directions = torch.nn.functional.normalize(torch.randn(4096, 3, device="cuda"), dim=-1)
+    results = []
+    for field in fields:
+        sdf, feature, gradient = field.sdf_and_gradient(points, create_graph=True)
+        rgb = field.get_colors(points, directions, gradient, feature)
+        loss = sdf.abs().mean() + rgb.mean() + ((gradient.norm(dim=-1) - 1.0) ** 2).mean()
+        results.append((sdf, gradient, rgb, _grads(loss, field, prototypes)))
+    # float32 with differently fused reductions: relative agreement well inside training noise
+    for ours, theirs in zip(results[1][:3], results[0][:3], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(results[1][3], results[0][3], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5 * max(1.0, float(theirs.abs().max())))
