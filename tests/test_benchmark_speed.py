@@ -57,3 +57,32 @@ def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys)
         "  step 0: peak 0.000 -> 7.000 GiB, allocated after the step 0.300 GiB",
         "  step 2: peak 7.000 -> 7.500 GiB, allocated after the step 0.400 GiB",
     ]
+
+
+def test_fields_benchmark_on_cpu(monkeypatch):
+    """scripts/benchmark_fields.py's smoke run: every part timed eager and compiled (aot_eager on CPU)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("benchmark_fields", REPO / "scripts" / "benchmark_fields.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark_fields", module)
+    spec.loader.exec_module(module)
+    torch._dynamo.reset()
+    try:
+        table = module.main(["--device", "cpu", "--scale", "0.002", "--repeats", "1", "--backend", "aot_eager"])
+    finally:
+        torch._dynamo.reset()
+    lines = table.splitlines()
+    assert lines[0] == "Device: CPU; TF32 on; backend aot_eager; median of 1"
+    rows = [line.split(" | ") for line in lines[4:]]
+    assert [row[0].split(" (")[0] for row in rows] == [
+        "| SDF + gradient + backward with the eikonal term",
+        "| the same + colour head",
+        "| background field forward + backward",
+        "| SDF query without autograd, the sampler's",
+    ]
+    assert rows[0][0].endswith("(200)")  # 1024 x 98 = 100352 points, scaled by 0.002
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")
