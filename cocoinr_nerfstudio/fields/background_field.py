@@ -11,6 +11,7 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
 from cocoinr_nerfstudio.field_components.attention import FeedForwardActivation
+from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 from cocoinr_nerfstudio.fields.coco_field import CoordinateAttentionConfig, PrototypeSource
@@ -94,8 +95,9 @@ class CocoBackgroundField(nn.Module):
         )
 
     def enable_torch_compile(self, backend: str = "inductor") -> None:
-        """Run the field through ``torch.compile`` (it is differentiated once: no SDF gradient here)."""
-        self._compiled_forward = torch.compile(self._forward, backend=backend)
+        """Run the field through ``torch.compile`` (it is differentiated once: no SDF gradient here); eagerly, with a
+        message, where the backend cannot compile."""
+        self._compiled_forward = CompiledOrEager(self._forward, backend, "the background field")
 
     def forward(
         self, points: Float[Tensor, "n 4"], directions: Float[Tensor, "n 3"]

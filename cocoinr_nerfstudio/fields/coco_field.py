@@ -16,6 +16,7 @@ from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
 
 from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
+from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.hash_grid import HashGrid, HashGridConfig
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
@@ -184,11 +185,11 @@ class CocoField(Field):
         The compiled SDF gradient is written as a function (``torch.func.grad``), so the compiled graph holds
         the SDF, its gradient and the feature as one first-order graph that the loss differentiates once:
         ``autograd.grad(create_graph=True)`` would need a second derivative of a compiled graph, which
-        torch.compile does not provide."""
+        torch.compile does not provide. Where the backend cannot compile, each path says so and runs eagerly."""
         self._compiled = CompiledFieldPaths(
-            geometry=torch.compile(self._geometry, backend=backend),
-            geometry_with_gradient=torch.compile(self._geometry_with_gradient, backend=backend),
-            colors=torch.compile(self._colors, backend=backend),
+            geometry=CompiledOrEager(self._geometry, backend, "the SDF"),
+            geometry_with_gradient=CompiledOrEager(self._geometry_with_gradient, backend, "the SDF gradient"),
+            colors=CompiledOrEager(self._colors, backend, "the colour head"),
         )
 
     def _prototypes(self, head: str) -> Tensor | None:

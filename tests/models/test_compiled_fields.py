@@ -182,6 +182,32 @@ def test_renders_match_in_the_viewers_render_thread():
             torch.testing.assert_close(renders[1][mode][name], renders[0][mode][name], rtol=1e-5, atol=1e-5)
 
 
+@torch._dynamo.register_backend(name="cocoinr_test_cannot_compile")
+def _cannot_compile(graph_module, example_inputs):
+    raise RuntimeError("no C++ compiler found")  # what inductor says on a machine without one
+
+
+def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys):
+    results = []
+    for backend in (None, "cocoinr_test_cannot_compile"):
+        model = build(tiny_config(compile_fields=backend is not None, compile_backend=backend or "inductor"))
+        model.train()
+        torch.manual_seed(5)
+        outputs = model(rays())
+        loss = sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())}).values())
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+        model(rays(seed=1))  # a second step: the fallback is remembered, nothing is printed again
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
+    printed = " ".join(capsys.readouterr().out.split())
+    for part in ("the SDF", "the SDF gradient", "the colour head", "the background field"):
+        message = f"--pipeline.model.compile-fields: torch.compile could not compile {part} ("
+        assert printed.count(message) == 1, (part, printed[-2000:])
+    assert "no C++ compiler found" in printed and "it runs eagerly" in printed
+
+
 def test_compile_fields_takes_the_torch_grid_and_refuses_tcnn():
     model = build(hash_config(compile_fields=True, compile_backend="aot_eager"))
     assert model.field.config.hash_grid.implementation == "torch"
