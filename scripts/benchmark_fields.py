@@ -52,9 +52,13 @@ def _parts(field: CocoField, background: CocoBackgroundField, scale: float, devi
     points = torch.rand(n_render, 3, device=device, generator=generator) * 2 - 1
     directions = F.normalize(torch.randn(n_render, 3, device=device, generator=generator), dim=-1)
     bg_points = torch.cat(
-        [F.normalize(torch.randn(n_bg, 3, device=device), dim=-1), torch.rand(n_bg, 1, device=device)], -1
+        [
+            F.normalize(torch.randn(n_bg, 3, device=device, generator=generator), dim=-1),
+            torch.rand(n_bg, 1, device=device, generator=generator),
+        ],
+        -1,
     )
-    bg_directions = F.normalize(torch.randn(n_bg, 3, device=device), dim=-1)
+    bg_directions = F.normalize(torch.randn(n_bg, 3, device=device, generator=generator), dim=-1)
     queries = torch.rand(n_query, 3, device=device, generator=generator) * 2 - 1
 
     def eikonal(gradient: torch.Tensor) -> torch.Tensor:

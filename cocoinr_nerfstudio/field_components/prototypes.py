@@ -70,12 +70,14 @@ class PrototypeBank(nn.Module):
         """True while ``codebook`` is a placeholder that a checkpoint must replace (the file was not found)."""
 
     def compute(self, head: str) -> Tensor:
-        """Prototypes for ``head`` from the current weights (no caching)."""
+        """Prototypes for ``head`` from the current weights (no caching), in float32 whatever autocast the caller
+        runs under (the bf16 colour heads): cached, uncached and per-step prototypes are then the same numbers."""
         if self.awaiting_checkpoint:
             raise CodebookError(
                 "No codebook: its file was not found and no checkpoint (which would carry it) has been loaded."
             )
-        return self.attentions[head](self.codebook, fused=self.fused_attention)
+        with torch.autocast(self.codebook.device.type, enabled=False):
+            return self.attentions[head](self.codebook, fused=self.fused_attention)
 
     def refresh(self) -> None:
         """Recomputes every head's prototypes; call once at the start of each training step."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -216,7 +217,7 @@ class CocoField(Field):
 
         def sdf_sum(x: Tensor) -> tuple[Tensor, Tensor]:
             output = self._geometry(x, prototypes, fused=False)
-            return output[:, 0].sum(), output
+            return output[..., 0].sum(), output
 
         gradient, output = torch.func.grad(sdf_sum, has_aux=True)(flat)
         return output, gradient
@@ -240,7 +241,8 @@ class CocoField(Field):
     ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
         """SDF, feature and d(sdf)/dx. ``create_graph`` keeps the gradient differentiable (eikonal loss)."""
         if self._compiled is not None:
-            output, gradient = self._compiled.geometry_with_gradient(points.detach(), self._prototypes("geometry"))
+            with torch.enable_grad() if create_graph else contextlib.nullcontext():  # as autograd.grad's path below
+                output, gradient = self._compiled.geometry_with_gradient(points.detach(), self._prototypes("geometry"))
             if not create_graph:
                 output, gradient = output.detach(), gradient.detach()
             return output[..., :1], output[..., 1:], gradient

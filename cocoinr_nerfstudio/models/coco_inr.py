@@ -121,7 +121,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """torch.compile the foreground field (geometry with and without its gradient, colour head) and the background
     field: fused kernels, far fewer launches (GPU). The SDF's gradient is then computed by ``torch.func.grad``, so
     the compiled graph is differentiated once (torch.compile has no double backward). The first steps pay the
-    compilation (about 30 s on an H200), and a new tensor shape compiles again."""
+    compilation (about 30 s on an H200); the first change of shape or of grad mode (the first evaluation) compiles
+    again, after which shapes are dynamic. A backend that cannot compile is reported and its parts run eagerly."""
     compile_backend: str = "inductor"
     """torch.compile backend of compile_fields (``aot_eager`` traces and differentiates without generating kernels:
     for debugging and CPU tests)."""

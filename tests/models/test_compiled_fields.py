@@ -15,7 +15,9 @@ import torch
 from test_coco_inr import rays
 from test_hash_grid_geometry import SMALL_GRID, hash_config
 from tiny_models import build, tiny_config
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch._functorch.aot_autograd import make_boxed_func
 
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
@@ -76,7 +78,7 @@ def test_sdf_gradient_and_its_second_derivative_match_autograd(use_hash_grid):
         outputs.append((sdf, feature, gradient))
         # the eikonal term differentiates the gradient: second derivatives reach every weight and prototype
         losses.append(sdf.sum() + feature.square().sum() + ((gradient.norm(dim=-1) - 1.0) ** 2).sum())
-    assert compiled_graphs() == 1  # eager's autograd.grad, the compiled torch.func.grad graph
+    assert compiled_graphs() == 1  # the torch.func.grad path, compiled (the eager field uses autograd.grad)
     for ours, theirs in zip(outputs[1], outputs[0], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     eager_grads, compiled_grads = _grads(losses[0], eager, prototypes), _grads(losses[1], compiled, prototypes)
@@ -187,9 +189,21 @@ def _cannot_compile(graph_module, example_inputs):
     raise RuntimeError("no C++ compiler found")  # what inductor says on a machine without one
 
 
-def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys):
+def _cannot_compile_backward(graph_module, example_inputs):
+    raise RuntimeError("no C++ compiler found")
+
+
+# forward graphs compile (run as traced), backward graphs cannot: a failure torch would meet only at backward()
+torch._dynamo.register_backend(
+    aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=_cannot_compile_backward),
+    name="cocoinr_test_cannot_compile_backward",
+)
+
+
+@pytest.mark.parametrize("failing", ["cocoinr_test_cannot_compile", "cocoinr_test_cannot_compile_backward"])
+def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys, failing):
     results = []
-    for backend in (None, "cocoinr_test_cannot_compile"):
+    for backend in (None, failing):
         model = build(tiny_config(compile_fields=backend is not None, compile_backend=backend or "inductor"))
         model.train()
         torch.manual_seed(5)
@@ -202,7 +216,9 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys):
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
     printed = " ".join(capsys.readouterr().out.split())
-    for part in ("the SDF", "the SDF gradient", "the colour head", "the background field"):
+    # the sampler's SDF queries run without autograd: only a forward compiler is needed there
+    parts = ("the SDF gradient", "the colour head", "the background field")
+    for part in parts if failing.endswith("backward") else ("the SDF", *parts):
         message = f"--pipeline.model.compile-fields: torch.compile could not compile {part} ("
         assert printed.count(message) == 1, (part, printed[-2000:])
     assert "no C++ compiler found" in printed and "it runs eagerly" in printed
