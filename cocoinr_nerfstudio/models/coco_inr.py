@@ -228,9 +228,12 @@ class CocoInrModel(SurfaceModel):
                 prototype_source=source, prototype_dim=prototype_dim
             )
         if self.config.compile_fields:
-            self.field.enable_torch_compile(self.config.compile_backend)
-            if self.field_background is not None:
-                self.field_background.enable_torch_compile(self.config.compile_backend)
+            try:
+                self.field.enable_torch_compile(self.config.compile_backend)
+                if self.field_background is not None:
+                    self.field_background.enable_torch_compile(self.config.compile_backend)
+            except torch._dynamo.exc.InvalidBackend as error:
+                raise ValueError(f"--pipeline.model.compile-backend: {error}") from error
         self.image_metrics_log: list[dict[str, float]] | None = None
         """Set to a list by CocoPipeline while it averages held-out metrics: every image's metrics land here."""
         self.viewer_render_mode: Literal["volume", "surface"] = "volume"

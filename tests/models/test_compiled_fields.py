@@ -224,6 +224,11 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys, f
     assert "no C++ compiler found" in printed and "it runs eagerly" in printed
 
 
+def test_an_unknown_backend_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"--pipeline\.model\.compile-backend: Invalid backend: 'inductr'"):
+        build(tiny_config(compile_fields=True, compile_backend="inductr"))
+
+
 def test_compile_fields_takes_the_torch_grid_and_refuses_tcnn():
     model = build(hash_config(compile_fields=True, compile_backend="aot_eager"))
     assert model.field.config.hash_grid.implementation == "torch"
