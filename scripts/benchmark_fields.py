@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundField, CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoField, CocoFieldConfig
 
@@ -25,6 +26,7 @@ HEADS = ("geometry", "color", "background_density", "background_color")
 RENDER_POINTS = 1024 * 98  # 64 + 32 rendered samples per ray, 2 eikonal points
 BACKGROUND_POINTS = 1024 * 32
 SAMPLER_POINTS = 1024 * 128  # the sampler's first round
+CODEBOOK_ENTRIES = 16384  # VQGAN's
 
 
 def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
@@ -46,7 +48,9 @@ def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _parts(field: CocoField, background: CocoBackgroundField, scale: float, device: str) -> dict[str, Callable]:
+def _parts(
+    field: CocoField, background: CocoBackgroundField, prior: PrototypeBank, scale: float, device: str
+) -> dict[str, Callable]:
     generator = torch.Generator(device).manual_seed(0)
     n_render, n_bg, n_query = (max(8, int(n * scale)) for n in (RENDER_POINTS, BACKGROUND_POINTS, SAMPLER_POINTS))
     points = torch.rand(n_render, 3, device=device, generator=generator) * 2 - 1
@@ -81,11 +85,16 @@ def _parts(field: CocoField, background: CocoBackgroundField, scale: float, devi
         with torch.no_grad():
             field.get_sdf_values(queries)
 
+    def prototypes() -> None:
+        prior.refresh()
+        sum(prior.get(head).mean() for head in HEADS).backward()
+
     return {
         f"SDF + gradient + backward with the eikonal term ({n_render})": geometry,
         f"the same + colour head ({n_render})": geometry_and_colour,
         f"background field forward + backward ({n_bg})": background_field,
         f"SDF query without autograd, the sampler's ({n_query})": sampler_query,
+        f"prototypes of {len(HEADS)} heads forward + backward ({prior.codebook.shape[0]} codebook entries)": prototypes,
     }
 
 
@@ -107,10 +116,14 @@ def main(argv: list[str] | None = None) -> str:
         torch.manual_seed(0)
         field = CocoFieldConfig().setup(prototype_source=prototypes.__getitem__).to(args.device)
         background = CocoBackgroundFieldConfig().setup(prototype_source=prototypes.__getitem__).to(args.device)
+        entries = max(64, int(CODEBOOK_ENTRIES * args.scale))
+        codebook = torch.randn(entries, 256, generator=torch.Generator().manual_seed(0))
+        prior = PrototypeBank(codebook, HEADS, CodebookAttentionSettings()).to(args.device).train()
         if mode == "compiled":
             field.enable_torch_compile(args.backend)
             background.enable_torch_compile(args.backend)
-        for name, fn in _parts(field, background, args.scale, args.device).items():
+            prior.enable_torch_compile(args.backend)
+        for name, fn in _parts(field, background, prior, args.scale, args.device).items():
             timings.setdefault(name, {})[mode] = _median_ms(fn, args.device, args.repeats)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [

@@ -82,7 +82,9 @@ def test_fields_benchmark_on_cpu(monkeypatch):
         "| the same + colour head",
         "| background field forward + backward",
         "| SDF query without autograd, the sampler's",
+        "| prototypes of 4 heads forward + backward",
     ]
     assert rows[0][0].endswith("(200)")  # 1024 x 98 = 100352 points, scaled by 0.002
+    assert rows[4][0].endswith("(64 codebook entries)")  # 16384 x 0.002 = 32, at least 64
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
+from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 
 
 @dataclass
@@ -66,23 +67,42 @@ class PrototypeBank(nn.Module):
             }
         )
         self._cache: dict[str, Tensor] = {}
+        self._compiled_all: CompiledOrEager | None = None
         self.awaiting_checkpoint = False
         """True while ``codebook`` is a placeholder that a checkpoint must replace (the file was not found)."""
 
-    def compute(self, head: str) -> Tensor:
-        """Prototypes for ``head`` from the current weights (no caching), in float32 whatever autocast the caller
-        runs under (the bf16 colour heads): cached, uncached and per-step prototypes are then the same numbers."""
+    def enable_torch_compile(self, backend: str = "inductor") -> None:
+        """Compute the per-step prototypes of every head in one ``torch.compile``d function: a few hundred small
+        kernels (layer norms, GEGLUs, residual adds over 256 latents) become a few fused ones. Where the backend
+        cannot compile, it says so and they run eagerly."""
+        self._compiled_all = CompiledOrEager(self._compute_all, backend, "the prototypes")
+
+    def _check_codebook(self) -> None:
         if self.awaiting_checkpoint:
             raise CodebookError(
                 "No codebook: its file was not found and no checkpoint (which would carry it) has been loaded."
             )
+
+    def compute(self, head: str) -> Tensor:
+        """Prototypes for ``head`` from the current weights (no caching), in float32 whatever autocast the caller
+        runs under (the bf16 colour heads): cached, uncached and per-step prototypes are then the same numbers."""
+        self._check_codebook()
         with torch.autocast(self.codebook.device.type, enabled=False):
             return self.attentions[head](self.codebook, fused=self.fused_attention)
 
+    def _compute_all(self, codebook: Tensor) -> tuple[Tensor, ...]:
+        with torch.autocast(codebook.device.type, enabled=False):
+            return tuple(attention(codebook, fused=self.fused_attention) for attention in self.attentions.values())
+
     def refresh(self) -> None:
         """Recomputes every head's prototypes; call once at the start of each training step."""
-        if self.cache:
+        if not self.cache:
+            return
+        if self._compiled_all is None:
             self._cache = {head: self.compute(head) for head in self.attentions}
+            return
+        self._check_codebook()
+        self._cache = dict(zip(self.attentions, self._compiled_all(self.codebook), strict=True))
 
     def invalidate(self) -> None:
         self._cache = {}

@@ -118,11 +118,12 @@ class CocoInrModelConfig(SurfaceModelConfig):
     compile_sampler: bool = False
     """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation)."""
     compile_fields: bool = False
-    """torch.compile the foreground field (geometry with and without its gradient, colour head) and the background
-    field: fused kernels, far fewer launches (GPU). The SDF's gradient is then computed by ``torch.func.grad``, so
-    the compiled graph is differentiated once (torch.compile has no double backward). The first steps pay the
-    compilation (about 30 s on an H200); the first change of shape or of grad mode (the first evaluation) compiles
-    again, after which shapes are dynamic. A backend that cannot compile is reported and its parts run eagerly."""
+    """torch.compile the foreground field (geometry with and without its gradient, colour head), the background
+    field and the per-step prototypes: fused kernels, far fewer launches (GPU). The SDF's gradient is then
+    computed by ``torch.func.grad``, so the compiled graph is differentiated once (torch.compile has no double
+    backward). The first steps pay the compilation (about 30 s on an H200); the first change of shape or of grad
+    mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
+    reported and its parts run eagerly."""
     compile_backend: str = "inductor"
     """torch.compile backend of compile_fields (``aot_eager`` traces and differentiates without generating kernels:
     for debugging and CPU tests)."""
@@ -230,6 +231,8 @@ class CocoInrModel(SurfaceModel):
         if self.config.compile_fields:
             try:
                 self.field.enable_torch_compile(self.config.compile_backend)
+                if self.prior is not None:
+                    self.prior.enable_torch_compile(self.config.compile_backend)
                 if self.field_background is not None:
                     self.field_background.enable_torch_compile(self.config.compile_backend)
             except torch._dynamo.exc.InvalidBackend as error:

@@ -132,11 +132,15 @@ def test_background_field_matches_with_gradients():
         torch.testing.assert_close(ours, theirs)
 
 
-def test_model_training_step_matches_the_eager_model():
-    """The whole model: sampler queries, render pass, eikonal points, background; losses and every gradient."""
+@pytest.mark.parametrize(
+    "overrides", [{}, {"bf16_color_heads": True, "sampler_autocast": "bfloat16"}], ids=["fp32", "bf16-options"]
+)
+def test_model_training_step_matches_the_eager_model(overrides):
+    """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
+    gradient. With the bf16 options, autocast regions inside and around the compiled functions are kept."""
     results = []
     for compile_fields in (False, True):
-        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager"))
+        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager", **overrides))
         model.train()
         torch.manual_seed(5)  # stratified samples and eikonal points draw the same numbers
         outputs = model(rays())
@@ -145,6 +149,7 @@ def test_model_training_step_matches_the_eager_model():
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append(({k: v.detach() for k, v in loss_dict.items()}, grads, outputs["rgb"].detach()))
         assert (compiled_graphs() > 0) == compile_fields
+        assert (model.prior._compiled_all is not None) == compile_fields  # the prototypes too
     (eager_losses, eager_grads, eager_rgb), (losses, grads, rgb) = results
     torch.testing.assert_close(rgb, eager_rgb, rtol=1e-5, atol=1e-6)
     assert losses.keys() == eager_losses.keys()
