@@ -118,6 +118,19 @@ def _graph_budget_fields(model: CocoInrModelConfig) -> None:
     model.compile_fields = True
 
 
+def _graph_fields_bf16(model: CocoInrModelConfig) -> None:
+    """graph+fields with bf16 sampler queries and colour heads (the SDF, its gradient and the losses stay fp32)."""
+    _graph_fields(model)
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+
+
+def _graph_fields_bf16_explicit(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16 with explicit (not fused) attention to the codebook."""
+    _graph_fields_bf16(model)
+    model.fused_prototype_attention = False
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -137,6 +150,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+auto": _graph_auto,
     "graph+fields": _graph_fields,
     "graph+budget+fields": _graph_budget_fields,
+    "graph+fields+bf16": _graph_fields_bf16,
+    "graph+fields+bf16+explicit": _graph_fields_bf16_explicit,
 }
 
 

@@ -165,7 +165,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     train_weight_threshold: float = 0.0
     """In training, samples whose weight is below this skip the (twice-differentiated) SDF gradient and the
     colour head; their colour counts as 0. Every sample's SDF, hence density and transmittance, keeps its
-    gradient. 0 evaluates every sample, as the original."""
+    gradient. 0 evaluates every sample, as the original. It changes training, not only cost: the loss's
+    derivative by a sample's weight is that sample's colour, which skipping zeroes. It is refused with cuda_graph
+    (a fixed-count form measured slower there: docs/benchmarks.md)."""
     preview_trace_steps: int = 64
     """Sphere-tracing steps of the viewer's fast ``surface`` render mode."""
     preview_background_samples: int = 8
