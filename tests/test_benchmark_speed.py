@@ -88,3 +88,30 @@ def test_fields_benchmark_on_cpu(monkeypatch):
     assert rows[4][0].endswith("(64 codebook entries)")  # 16384 x 0.002 = 32, at least 64
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")
+
+
+def test_prototypes_benchmark_on_cpu(monkeypatch):
+    """scripts/benchmark_prototypes.py's smoke run: both head layouts, fused and explicit, compiled (aot_eager)."""
+    import importlib.util
+
+    import torch
+
+    path = REPO / "scripts" / "benchmark_prototypes.py"
+    spec = importlib.util.spec_from_file_location("benchmark_prototypes", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark_prototypes", module)
+    spec.loader.exec_module(module)
+    try:
+        table = module.main(["--device", "cpu", "--entries", "64", "--repeats", "1", "--backend", "aot_eager"])
+    finally:
+        torch._dynamo.reset()
+    lines = table.splitlines()
+    assert lines[0].startswith("Device: CPU; TF32 on; backend aot_eager; 4 heads, codebook 64x256")
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [row[:2] for row in rows] == [
+        ["fused", "one after another"],
+        ["fused", "batched (vmap)"],
+        ["explicit", "one after another"],
+        ["explicit", "batched (vmap)"],
+    ]
+    assert all(float(row[2]) > 0 and row[3] == "-" for row in rows)  # no CUDA graph off CUDA

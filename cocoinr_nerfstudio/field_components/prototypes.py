@@ -91,8 +91,18 @@ class PrototypeBank(nn.Module):
             return self.attentions[head](self.codebook, fused=self.fused_attention)
 
     def _compute_all(self, codebook: Tensor) -> tuple[Tensor, ...]:
+        """Every head in one batched pass (``torch.func.vmap`` over the heads' stacked weights): each kernel does
+        the work of all heads, so there are a quarter as many. The stacks are built from the parameters inside
+        the function, so gradients reach each head's own weights."""
+        modules = list(self.attentions.values())
+        names = [name for name, _ in modules[0].named_parameters()]
+        stacked = {name: torch.stack([module.get_parameter(name) for module in modules]) for name in names}
+
+        def one_head(params: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(modules[0], params, (codebook,), {"fused": self.fused_attention})
+
         with torch.autocast(codebook.device.type, enabled=False):
-            return tuple(attention(codebook, fused=self.fused_attention) for attention in self.attentions.values())
+            return tuple(torch.func.vmap(one_head)(stacked).unbind(0))
 
     def refresh(self) -> None:
         """Recomputes every head's prototypes; call once at the start of each training step."""

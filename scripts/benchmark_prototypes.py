@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Times the per-step prototypes (codebook attention of every head, forward + backward) as training runs them.
+
+Compares the heads computed one after another against the batched pass that ``--pipeline.model.compile-fields``
+uses (``PrototypeBank._compute_all``: one ``vmap`` over the heads' stacked weights), each compiled, with fused or
+explicit attention to the codebook. On CUDA each is also captured in a CUDA graph and replayed, as the
+``cuda-graph`` training step does: that column is what a training step pays. Prints a markdown table.
+
+    python scripts/benchmark_prototypes.py --device cuda
+    python scripts/benchmark_prototypes.py --device cpu --entries 256 --repeats 2 --backend aot_eager   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
+
+HEADS = ("geometry", "color", "background_density", "background_color")
+
+
+def _one_head_after_another(bank: PrototypeBank) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """The unbatched form: each head's module called in turn (what the eager path does)."""
+
+    def compute_all(codebook: Tensor) -> tuple[Tensor, ...]:
+        with torch.autocast(codebook.device.type, enabled=False):
+            return tuple(attention(codebook, fused=bank.fused_attention) for attention in bank.attentions.values())
+
+    return compute_all
+
+
+def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1000.0 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[float, float]:
+    """(ms launched one by one, ms replayed in a CUDA graph or NaN off CUDA) of one forward + backward."""
+    torch._dynamo.reset()
+    bank = PrototypeBank(codebook, HEADS, CodebookAttentionSettings(), fused_attention=fused).to(args.device).train()
+    if not batched:
+        bank._compute_all = _one_head_after_another(bank)  # type: ignore[method-assign]
+    bank.enable_torch_compile(args.backend)
+    params = list(bank.parameters())
+
+    def step() -> None:
+        bank.refresh()
+        sum(bank.get(head).mean() for head in HEADS).backward()
+
+    cuda = args.device == "cuda"
+    stream = torch.cuda.Stream() if cuda else None
+    if stream is not None:  # warm-up on a side stream, as CUDA-graph capture asks
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for _ in range(3):
+            for param in params:
+                param.grad = None
+            step()
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
+    launched = _median_ms(step, args.device, args.repeats)
+    if not cuda:
+        return launched, float("nan")
+    for param in params:
+        param.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return launched, _median_ms(graph.replay, args.device, args.repeats)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--entries", type=int, default=16384, help="codebook entries (VQGAN: 16384)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    codebook = torch.randn(args.entries, 256, generator=torch.Generator().manual_seed(0))
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    lines = [
+        f"Device: {device_name}; TF32 on; backend {args.backend}; {len(HEADS)} heads, codebook {args.entries}x256; "
+        f"median of {args.repeats}",
+        "",
+        "| attention to the codebook | heads | fwd+bwd ms, launched | fwd+bwd ms, replayed in a CUDA graph |",
+        "|---|---|---:|---:|",
+    ]
+    for fused in (True, False):
+        for batched in (False, True):
+            launched, replayed = _time_variant(args, codebook, fused, batched)
+            lines.append(
+                f"| {'fused' if fused else 'explicit'} | {'batched (vmap)' if batched else 'one after another'} | "
+                f"{launched:.2f} | {'-' if replayed != replayed else f'{replayed:.2f}'} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
