@@ -26,16 +26,6 @@ from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSett
 HEADS = ("geometry", "color", "background_density", "background_color")
 
 
-def _one_head_after_another(bank: PrototypeBank) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """The unbatched form: each head's module called in turn (what the eager path does)."""
-
-    def compute_all(codebook: Tensor) -> tuple[Tensor, ...]:
-        with torch.autocast(codebook.device.type, enabled=False):
-            return tuple(attention(codebook, fused=bank.fused_attention) for attention in bank.attentions.values())
-
-    return compute_all
-
-
 def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -58,7 +48,7 @@ def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[f
     torch._dynamo.reset()
     bank = PrototypeBank(codebook, HEADS, CodebookAttentionSettings(), fused_attention=fused).to(args.device).train()
     if not batched:
-        bank._compute_all = _one_head_after_another(bank)  # type: ignore[method-assign]
+        bank._compute_all = bank._compute_each  # type: ignore[method-assign]  # the unbatched form, compiled
     bank.enable_torch_compile(args.backend)
     params = list(bank.parameters())
 

@@ -28,10 +28,14 @@ class CompiledOrEager:
     itself from then on.
 
     Only backend failures fall back: an error in the traced code itself would also fail eagerly, and is raised.
+    ``eager``: what to call instead, when the form worth compiling is not the one that runs best eagerly (the
+    default is ``function`` itself).
     """
 
-    def __init__(self, function: Callable[..., Any], backend: str, name: str) -> None:
-        self.function = function
+    def __init__(
+        self, function: Callable[..., Any], backend: str, name: str, eager: Callable[..., Any] | None = None
+    ) -> None:
+        self.function = function if eager is None else eager
         self.compiled = torch.compile(function, backend=backend)
         self.name = name
         self.failed = False

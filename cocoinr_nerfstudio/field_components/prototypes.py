@@ -75,7 +75,7 @@ class PrototypeBank(nn.Module):
         """Compute the per-step prototypes of every head in one ``torch.compile``d function: a few hundred small
         kernels (layer norms, GEGLUs, residual adds over 256 latents) become a few fused ones. Where the backend
         cannot compile, it says so and they run eagerly."""
-        self._compiled_all = CompiledOrEager(self._compute_all, backend, "the prototypes")
+        self._compiled_all = CompiledOrEager(self._compute_all, backend, "the prototypes", eager=self._compute_each)
 
     def _check_codebook(self) -> None:
         if self.awaiting_checkpoint:
@@ -89,6 +89,11 @@ class PrototypeBank(nn.Module):
         self._check_codebook()
         with torch.autocast(self.codebook.device.type, enabled=False):
             return self.attentions[head](self.codebook, fused=self.fused_attention)
+
+    def _compute_each(self, codebook: Tensor) -> tuple[Tensor, ...]:
+        """Every head, one after another: the eager form (no stacked copies of the weights)."""
+        with torch.autocast(codebook.device.type, enabled=False):
+            return tuple(attention(codebook, fused=self.fused_attention) for attention in self.attentions.values())
 
     def _compute_all(self, codebook: Tensor) -> tuple[Tensor, ...]:
         """Every head in one batched pass (``torch.func.vmap`` over the heads' stacked weights): each kernel does
@@ -108,11 +113,9 @@ class PrototypeBank(nn.Module):
         """Recomputes every head's prototypes; call once at the start of each training step."""
         if not self.cache:
             return
-        if self._compiled_all is None:
-            self._cache = {head: self.compute(head) for head in self.attentions}
-            return
         self._check_codebook()
-        self._cache = dict(zip(self.attentions, self._compiled_all(self.codebook), strict=True))
+        compute_all = self._compute_each if self._compiled_all is None else self._compiled_all
+        self._cache = dict(zip(self.attentions, compute_all(self.codebook), strict=True))
 
     def invalidate(self) -> None:
         self._cache = {}

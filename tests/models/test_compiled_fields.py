@@ -222,7 +222,7 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys, f
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
     printed = " ".join(capsys.readouterr().out.split())
     # the sampler's SDF queries run without autograd: only a forward compiler is needed there
-    parts = ("the SDF gradient", "the colour head", "the background field")
+    parts = ("the SDF gradient", "the colour head", "the background field", "the prototypes")
     for part in parts if failing.endswith("backward") else ("the SDF", *parts):
         message = f"--pipeline.model.compile-fields: torch.compile could not compile {part} ("
         assert printed.count(message) == 1, (part, printed[-2000:])
