@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundField, CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoField, CocoFieldConfig
+from cocoinr_nerfstudio.models.coco_inr import PRIOR_HEADS
 
-HEADS = ("geometry", "color", "background_density", "background_color")
+HEADS = PRIOR_HEADS
 RENDER_POINTS = 1024 * 98  # 64 + 32 rendered samples per ray, 2 eikonal points
 BACKGROUND_POINTS = 1024 * 32
 SAMPLER_POINTS = 1024 * 128  # the sampler's first round

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
+from cocoinr_nerfstudio.models.coco_inr import PRIOR_HEADS
 
-HEADS = ("geometry", "color", "background_density", "background_color")
+HEADS = PRIOR_HEADS
 
 
 def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:

@@ -75,11 +75,16 @@ def _graph(model: CocoInrModelConfig) -> None:
     model.cuda_graph = True
 
 
+def _bf16(model: CocoInrModelConfig) -> None:
+    """bf16 sampler queries and colour heads (the SDF, its gradient and the losses stay fp32)."""
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+
+
 def _graph_bf16(model: CocoInrModelConfig) -> None:
     """The CUDA graph with bf16 sampler queries and colour heads (every sample still evaluated)."""
     _graph(model)
-    model.sampler_autocast = "bfloat16"
-    model.bf16_color_heads = True
+    _bf16(model)
 
 
 def _graph_compiled(model: CocoInrModelConfig) -> None:
@@ -119,10 +124,9 @@ def _graph_budget_fields(model: CocoInrModelConfig) -> None:
 
 
 def _graph_fields_bf16(model: CocoInrModelConfig) -> None:
-    """graph+fields with bf16 sampler queries and colour heads (the SDF, its gradient and the losses stay fp32)."""
+    """graph+fields with bf16 sampler queries and colour heads."""
     _graph_fields(model)
-    model.sampler_autocast = "bfloat16"
-    model.bf16_color_heads = True
+    _bf16(model)
 
 
 def _graph_fields_bf16_explicit(model: CocoInrModelConfig) -> None:

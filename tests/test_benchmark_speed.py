@@ -69,11 +69,13 @@ def test_fields_benchmark_on_cpu(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "benchmark_fields", module)
     spec.loader.exec_module(module)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
     torch._dynamo.reset()
     try:
         table = module.main(["--device", "cpu", "--scale", "0.002", "--repeats", "1", "--backend", "aot_eager"])
     finally:
         torch._dynamo.reset()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     lines = table.splitlines()
     assert lines[0] == "Device: CPU; TF32 on; backend aot_eager; median of 1"
     rows = [line.split(" | ") for line in lines[4:]]
@@ -101,10 +103,12 @@ def test_prototypes_benchmark_on_cpu(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "benchmark_prototypes", module)
     spec.loader.exec_module(module)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
     try:
         table = module.main(["--device", "cpu", "--entries", "64", "--repeats", "1", "--backend", "aot_eager"])
     finally:
         torch._dynamo.reset()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     lines = table.splitlines()
     assert lines[0].startswith("Device: CPU; TF32 on; backend aot_eager; 4 heads, codebook 64x256")
     rows = [line.strip("| ").split(" | ") for line in lines[4:]]

@@ -74,7 +74,8 @@ class PrototypeBank(nn.Module):
     def enable_torch_compile(self, backend: str = "inductor") -> None:
         """Compute the per-step prototypes of every head in one ``torch.compile``d function: a few hundred small
         kernels (layer norms, GEGLUs, residual adds over 256 latents) become a few fused ones. Where the backend
-        cannot compile, it says so and they run eagerly."""
+        cannot compile, it says so and they run eagerly. Applies to :meth:`refresh` (``cache``), not to the
+        uncached per-call prototypes of the reference configuration."""
         self._compiled_all = CompiledOrEager(self._compute_all, backend, "the prototypes", eager=self._compute_each)
 
     def _check_codebook(self) -> None:
@@ -96,15 +97,18 @@ class PrototypeBank(nn.Module):
             return tuple(attention(codebook, fused=self.fused_attention) for attention in self.attentions.values())
 
     def _compute_all(self, codebook: Tensor) -> tuple[Tensor, ...]:
-        """Every head in one batched pass (``torch.func.vmap`` over the heads' stacked weights): each kernel does
-        the work of all heads, so there are a quarter as many. The stacks are built from the parameters inside
-        the function, so gradients reach each head's own weights."""
+        """Every head in one batched pass (``torch.func.vmap`` over the heads' stacked weights): one kernel does
+        what one kernel per head did. The stacks are built from the parameters inside the function, so gradients
+        reach each head's own weights; ``strict`` makes a module that gains a buffer fail here rather than share
+        head 0's."""
         modules = list(self.attentions.values())
         names = [name for name, _ in modules[0].named_parameters()]
         stacked = {name: torch.stack([module.get_parameter(name) for module in modules]) for name in names}
 
         def one_head(params: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(modules[0], params, (codebook,), {"fused": self.fused_attention})
+            return torch.func.functional_call(
+                modules[0], params, (codebook,), {"fused": self.fused_attention}, strict=True
+            )
 
         with torch.autocast(codebook.device.type, enabled=False):
             return tuple(torch.func.vmap(one_head)(stacked).unbind(0))

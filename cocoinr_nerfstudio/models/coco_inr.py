@@ -119,7 +119,7 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation)."""
     compile_fields: bool = False
     """torch.compile the foreground field (geometry with and without its gradient, colour head), the background
-    field and the per-step prototypes: fused kernels, far fewer launches (GPU). The SDF's gradient is then
+    field and the per-step prototypes (with cache_prototypes): fused kernels, far fewer launches (GPU). The SDF's gradient is then
     computed by ``torch.func.grad``, so the compiled graph is differentiated once (torch.compile has no double
     backward). The first steps pay the compilation (about 30 s on an H200); the first change of shape or of grad
     mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
@@ -165,9 +165,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     train_weight_threshold: float = 0.0
     """In training, samples whose weight is below this skip the (twice-differentiated) SDF gradient and the
     colour head; their colour counts as 0. Every sample's SDF, hence density and transmittance, keeps its
-    gradient. 0 evaluates every sample, as the original. It changes training, not only cost: the loss's
-    derivative by a sample's weight is that sample's colour, which skipping zeroes. It is refused with cuda_graph
-    (a fixed-count form measured slower there: docs/benchmarks.md)."""
+    gradient. 0 evaluates every sample, as the original. It changes training, not only cost: the rendered
+    colour's derivative by a sample's weight is that sample's colour, which skipping zeroes. It is refused with
+    cuda_graph (a fixed-count form measured slower there: docs/benchmarks.md)."""
     preview_trace_steps: int = 64
     """Sphere-tracing steps of the viewer's fast ``surface`` render mode."""
     preview_background_samples: int = 8

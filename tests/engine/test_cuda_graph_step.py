@@ -56,9 +56,12 @@ def test_sample_pruning_cannot_be_captured():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(constant_randomness):
+@pytest.mark.parametrize("compile_fields", [False, True], ids=["eager-fields", "compiled-fields"])
+def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(constant_randomness, compile_fields):
+    """With compile_fields, the inductor kernels (fields and the batched prototypes) are captured too."""
     torch.manual_seed(0)
-    model = tiny_config(cuda_graph=True).setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
+    config = tiny_config(cuda_graph=True, compile_fields=compile_fields)
+    model = config.setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def eager(bundle, batch):

@@ -39,18 +39,48 @@ def test_batched_heads_equal_each_head_alone_with_gradients(fused):
 
 
 def test_refresh_uses_the_compiled_batched_pass():
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     bank = PrototypeBank(torch.randn(32, 16), HEADS, CodebookAttentionSettings(num_latents=4, latent_dim=16, depth=1))
     bank.train()
     expected = {head: bank.compute(head) for head in HEADS}
-    calls = []
     bank.enable_torch_compile("aot_eager")
-    compiled = bank._compiled_all
-    bank._compiled_all = lambda codebook: calls.append(1) or compiled(codebook)
+
+    def no_eager_form(codebook):
+        raise AssertionError("the heads ran one after another, not batched and compiled")
+
+    bank._compute_each = no_eager_form  # the fallback would land here
+    torch._dynamo.reset()
+    counters.clear()
     try:
         bank.refresh()
+        assert not bank._compiled_all.failed and counters["stats"]["unique_graphs"] > 0
     finally:
         torch._dynamo.reset()
-    assert calls == [1]
     for head in HEADS:
         torch.testing.assert_close(bank.get(head), expected[head], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_compiled_batched_heads_on_gpu_match_eager(fused):
+    """The paper's sizes: inductor's kernels for the batched pass (CUDA's batched SDPA included) against eager."""
+    torch.manual_seed(0)
+    codebook = torch.randn(16384, 256)
+    bank = PrototypeBank(codebook, HEADS, CodebookAttentionSettings(), fused_attention=fused).cuda().train()
+    params = list(bank.parameters())
+    expected = [bank.compute(head) for head in HEADS]
+    expected_grads = torch.autograd.grad(sum(p.square().mean() for p in expected), params)
+    bank.enable_torch_compile()
+    try:
+        bank.refresh()
+        assert not bank._compiled_all.failed
+        ours = [bank.get(head) for head in HEADS]
+        grads = torch.autograd.grad(sum(p.square().mean() for p in ours), params)
+    finally:
+        torch._dynamo.reset()
+    for mine, theirs in zip(ours, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5 * max(1.0, float(theirs.abs().max())))
