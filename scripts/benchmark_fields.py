@@ -11,13 +11,12 @@ with the device name; the medians come from CUDA events (CPU: wall clock).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from cocoinr_nerfstudio.benchmarks.timing import median_ms
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundField, CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoField, CocoFieldConfig
@@ -28,25 +27,6 @@ RENDER_POINTS = 1024 * 98  # 64 + 32 rendered samples per ray, 2 eikonal points
 BACKGROUND_POINTS = 1024 * 32
 SAMPLER_POINTS = 1024 * 128  # the sampler's first round
 CODEBOOK_ENTRIES = 16384  # VQGAN's
-
-
-def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
-    for _ in range(2):  # warm-up: compilation, cuBLAS handles, the caching allocator
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(1000.0 * (time.perf_counter() - begin))
-    return statistics.median(times)
 
 
 def _parts(
@@ -125,7 +105,8 @@ def main(argv: list[str] | None = None) -> str:
             background.enable_torch_compile(args.backend)
             prior.enable_torch_compile(args.backend)
         for name, fn in _parts(field, background, prior, args.scale, args.device).items():
-            timings.setdefault(name, {})[mode] = _median_ms(fn, args.device, args.repeats)
+            # two untimed calls first: compilation, cuBLAS handles, the caching allocator
+            timings.setdefault(name, {})[mode] = median_ms(fn, args.device, args.repeats, warmup=2)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
         f"Device: {device_name}; TF32 {'off' if args.fp32 else 'on'}; backend {args.backend}; median of {args.repeats}",

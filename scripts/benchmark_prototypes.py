@@ -14,34 +14,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from cocoinr_nerfstudio.benchmarks.timing import median_ms
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
 from cocoinr_nerfstudio.models.coco_inr import PRIOR_HEADS
 
 HEADS = PRIOR_HEADS
-
-
-def _median_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(1000.0 * (time.perf_counter() - begin))
-    return statistics.median(times)
 
 
 def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[float, float]:
@@ -68,7 +49,7 @@ def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[f
             step()
     if stream is not None:
         torch.cuda.current_stream().wait_stream(stream)
-    launched = _median_ms(step, args.device, args.repeats)
+    launched = median_ms(step, args.device, args.repeats)
     if not cuda:
         return launched, float("nan")
     for param in params:
@@ -76,7 +57,7 @@ def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[f
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return launched, _median_ms(graph.replay, args.device, args.repeats)
+    return launched, median_ms(graph.replay, args.device, args.repeats)
 
 
 def main(argv: list[str] | None = None) -> str:

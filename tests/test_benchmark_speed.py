@@ -12,6 +12,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_script(name: str, monkeypatch):
+    """A script of scripts/ as a module (they are files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_speed_benchmark_on_cpu(tmp_path):
     out = tmp_path / "speed"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TORCH_HOME=str(tmp_path / "torch"))
@@ -33,12 +44,7 @@ def test_speed_benchmark_on_cpu(tmp_path):
 
 
 def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "benchmark_speed", module)
-    spec.loader.exec_module(module)
+    module = load_script("benchmark_speed", monkeypatch)
     gib = 2**30
     readings = iter([(7.0, 0.3), (7.0 + 2**-8, 0.3), (7.5, 0.4)])  # (peak, allocated); +4 MiB is noise
     current = {}
@@ -61,14 +67,9 @@ def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys)
 
 def test_fields_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_fields.py's smoke run: every part timed eager and compiled (aot_eager on CPU)."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("benchmark_fields", REPO / "scripts" / "benchmark_fields.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "benchmark_fields", module)
-    spec.loader.exec_module(module)
+    module = load_script("benchmark_fields", monkeypatch)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
     torch._dynamo.reset()
     try:
@@ -94,15 +95,9 @@ def test_fields_benchmark_on_cpu(monkeypatch):
 
 def test_prototypes_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_prototypes.py's smoke run: both head layouts, fused and explicit, compiled (aot_eager)."""
-    import importlib.util
-
     import torch
 
-    path = REPO / "scripts" / "benchmark_prototypes.py"
-    spec = importlib.util.spec_from_file_location("benchmark_prototypes", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "benchmark_prototypes", module)
-    spec.loader.exec_module(module)
+    module = load_script("benchmark_prototypes", monkeypatch)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
     try:
         table = module.main(["--device", "cpu", "--entries", "64", "--repeats", "1", "--backend", "aot_eager"])
