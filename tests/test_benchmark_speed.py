@@ -23,6 +23,20 @@ def load_script(name: str, monkeypatch):
     return module
 
 
+def run_main(module, argv: list[str]) -> str:
+    """``module.main(argv)`` with no compiled code carried in or out, and TF32 (which the scripts switch on
+    process-wide) as it was."""
+    import torch
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch._dynamo.reset()
+    try:
+        return module.main(argv)
+    finally:
+        torch._dynamo.reset()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def test_speed_benchmark_on_cpu(tmp_path):
     out = tmp_path / "speed"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TORCH_HOME=str(tmp_path / "torch"))
@@ -67,16 +81,9 @@ def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys)
 
 def test_fields_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_fields.py's smoke run: every part timed eager and compiled (aot_eager on CPU)."""
-    import torch
 
     module = load_script("benchmark_fields", monkeypatch)
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
-    torch._dynamo.reset()
-    try:
-        table = module.main(["--device", "cpu", "--scale", "0.002", "--repeats", "1", "--backend", "aot_eager"])
-    finally:
-        torch._dynamo.reset()
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    table = run_main(module, ["--device", "cpu", "--scale", "0.002", "--repeats", "1", "--backend", "aot_eager"])
     lines = table.splitlines()
     assert lines[0] == "Device: CPU; TF32 on; backend aot_eager; median of 1"
     rows = [line.split(" | ") for line in lines[4:]]
@@ -95,15 +102,9 @@ def test_fields_benchmark_on_cpu(monkeypatch):
 
 def test_prototypes_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_prototypes.py's smoke run: both head layouts, fused and explicit, compiled (aot_eager)."""
-    import torch
 
     module = load_script("benchmark_prototypes", monkeypatch)
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # the scripts switch TF32 on process-wide: restored below
-    try:
-        table = module.main(["--device", "cpu", "--entries", "64", "--repeats", "1", "--backend", "aot_eager"])
-    finally:
-        torch._dynamo.reset()
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    table = run_main(module, ["--device", "cpu", "--entries", "64", "--repeats", "1", "--backend", "aot_eager"])
     lines = table.splitlines()
     assert lines[0].startswith("Device: CPU; TF32 on; backend aot_eager; 4 heads, codebook 64x256")
     rows = [line.strip("| ").split(" | ") for line in lines[4:]]

@@ -84,17 +84,20 @@ class PrototypeBank(nn.Module):
                 "No codebook: its file was not found and no checkpoint (which would carry it) has been loaded."
             )
 
+    def _attend(self, attention: CodebookAttention, codebook: Tensor) -> Tensor:
+        """One head's prototypes in float32 whatever autocast the caller runs under (the bf16 colour heads):
+        cached, uncached and per-step prototypes are then the same numbers."""
+        with torch.autocast(codebook.device.type, enabled=False):
+            return attention(codebook, fused=self.fused_attention)
+
     def compute(self, head: str) -> Tensor:
-        """Prototypes for ``head`` from the current weights (no caching), in float32 whatever autocast the caller
-        runs under (the bf16 colour heads): cached, uncached and per-step prototypes are then the same numbers."""
+        """Prototypes for ``head`` from the current weights (no caching)."""
         self._check_codebook()
-        with torch.autocast(self.codebook.device.type, enabled=False):
-            return self.attentions[head](self.codebook, fused=self.fused_attention)
+        return self._attend(self.attentions[head], self.codebook)
 
     def _compute_each(self, codebook: Tensor) -> tuple[Tensor, ...]:
         """Every head, one after another: the eager form (no stacked copies of the weights)."""
-        with torch.autocast(codebook.device.type, enabled=False):
-            return tuple(attention(codebook, fused=self.fused_attention) for attention in self.attentions.values())
+        return tuple(self._attend(attention, codebook) for attention in self.attentions.values())
 
     def _compute_all(self, codebook: Tensor) -> tuple[Tensor, ...]:
         """Every head in one batched pass (``torch.func.vmap`` over the heads' stacked weights): one kernel does
