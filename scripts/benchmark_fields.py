@@ -22,7 +22,6 @@ from cocoinr_nerfstudio.fields.background_field import CocoBackgroundField, Coco
 from cocoinr_nerfstudio.fields.coco_field import CocoField, CocoFieldConfig
 from cocoinr_nerfstudio.models.coco_inr import PRIOR_HEADS
 
-HEADS = PRIOR_HEADS
 RENDER_POINTS = 1024 * 98  # 64 + 32 rendered samples per ray, 2 eikonal points
 BACKGROUND_POINTS = 1024 * 32
 SAMPLER_POINTS = 1024 * 128  # the sampler's first round
@@ -68,14 +67,14 @@ def _parts(
 
     def prototypes() -> None:
         prior.refresh()
-        sum(prior.get(head).mean() for head in HEADS).backward()
+        sum(prior.get(head).mean() for head in PRIOR_HEADS).backward()
 
     return {
         f"SDF + gradient + backward with the eikonal term ({n_render})": geometry,
         f"the same + colour head ({n_render})": geometry_and_colour,
         f"background field forward + backward ({n_bg})": background_field,
         f"SDF query without autograd, the sampler's ({n_query})": sampler_query,
-        f"prototypes of {len(HEADS)} heads forward + backward ({prior.codebook.shape[0]} codebook entries)": prototypes,
+        f"prototypes of {len(PRIOR_HEADS)} heads forward + backward ({prior.codebook.shape[0]} codebook entries)": prototypes,
     }
 
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit("--device cuda: no CUDA device is visible")
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     torch.manual_seed(0)
-    prototypes = {head: torch.randn(256, 128, device=args.device, requires_grad=True) for head in HEADS}
+    prototypes = {head: torch.randn(256, 128, device=args.device, requires_grad=True) for head in PRIOR_HEADS}
     timings: dict[str, dict[str, float]] = {}
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
         background = CocoBackgroundFieldConfig().setup(prototype_source=prototypes.__getitem__).to(args.device)
         entries = max(64, int(CODEBOOK_ENTRIES * args.scale))
         codebook = torch.randn(entries, 256, generator=torch.Generator().manual_seed(0))
-        prior = PrototypeBank(codebook, HEADS, CodebookAttentionSettings()).to(args.device).train()
+        prior = PrototypeBank(codebook, PRIOR_HEADS, CodebookAttentionSettings()).to(args.device).train()
         if mode == "compiled":
             field.enable_torch_compile(args.backend)
             background.enable_torch_compile(args.backend)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -22,13 +23,13 @@ from cocoinr_nerfstudio.benchmarks.timing import median_ms
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings, PrototypeBank
 from cocoinr_nerfstudio.models.coco_inr import PRIOR_HEADS
 
-HEADS = PRIOR_HEADS
-
 
 def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[float, float]:
     """(ms launched one by one, ms replayed in a CUDA graph or NaN off CUDA) of one forward + backward."""
     torch._dynamo.reset()
-    bank = PrototypeBank(codebook, HEADS, CodebookAttentionSettings(), fused_attention=fused).to(args.device).train()
+    bank = (
+        PrototypeBank(codebook, PRIOR_HEADS, CodebookAttentionSettings(), fused_attention=fused).to(args.device).train()
+    )
     if not batched:
         bank._compute_all = bank._compute_each  # type: ignore[method-assign]  # the unbatched form, compiled
     bank.enable_torch_compile(args.backend)
@@ -36,7 +37,7 @@ def _time_variant(args, codebook: Tensor, fused: bool, batched: bool) -> tuple[f
 
     def step() -> None:
         bank.refresh()
-        sum(bank.get(head).mean() for head in HEADS).backward()
+        sum(bank.get(head).mean() for head in PRIOR_HEADS).backward()
 
     cuda = args.device == "cuda"
     stream = torch.cuda.Stream() if cuda else None
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
     codebook = torch.randn(args.entries, 256, generator=torch.Generator().manual_seed(0))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
-        f"Device: {device_name}; TF32 on; backend {args.backend}; {len(HEADS)} heads, codebook {args.entries}x256; "
+        f"Device: {device_name}; TF32 on; backend {args.backend}; {len(PRIOR_HEADS)} heads, codebook {args.entries}x256; "
         f"median of {args.repeats}",
         "",
         "| attention to the codebook | heads | fwd+bwd ms, launched | fwd+bwd ms, replayed in a CUDA graph |",
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> str:
             launched, replayed = _time_variant(args, codebook, fused, batched)
             lines.append(
                 f"| {'fused' if fused else 'explicit'} | {'batched (vmap)' if batched else 'one after another'} | "
-                f"{launched:.2f} | {'-' if replayed != replayed else f'{replayed:.2f}'} |"
+                f"{launched:.2f} | {'-' if math.isnan(replayed) else f'{replayed:.2f}'} |"
             )
     table = "\n".join(lines)
     print(table)

@@ -61,11 +61,16 @@ def _tf32(model: CocoInrModelConfig) -> None:
     model.tf32_matmul = True
 
 
+def _bf16(model: CocoInrModelConfig) -> None:
+    """bf16 sampler queries and colour heads (the SDF, its gradient and the losses stay fp32)."""
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+
+
 def _fast(model: CocoInrModelConfig) -> None:
     """Every approximate lever too: TF32, bf16 sampler queries and colour heads, negligible samples skipped."""
     model.tf32_matmul = True
-    model.sampler_autocast = "bfloat16"
-    model.bf16_color_heads = True
+    _bf16(model)
     model.train_weight_threshold = 1e-4
 
 
@@ -73,12 +78,6 @@ def _graph(model: CocoInrModelConfig) -> None:
     """TF32 and the whole training step replayed as a CUDA graph (static-shape sampler)."""
     model.tf32_matmul = True
     model.cuda_graph = True
-
-
-def _bf16(model: CocoInrModelConfig) -> None:
-    """bf16 sampler queries and colour heads (the SDF, its gradient and the losses stay fp32)."""
-    model.sampler_autocast = "bfloat16"
-    model.bf16_color_heads = True
 
 
 def _graph_bf16(model: CocoInrModelConfig) -> None:
