@@ -62,7 +62,8 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
     torch.manual_seed(0)
     config = tiny_config(cuda_graph=True, compile_fields=compile_fields)
     model = config.setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
 
     def eager(bundle, batch):
         for p in params:
@@ -87,11 +88,17 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
         _, losses = step(bundle, batch)
         for name, value in expected_losses.items():
             torch.testing.assert_close(losses[name], value, rtol=1e-4, atol=1e-6)
-        for p, grad in zip(params, expected_grads, strict=True):
+        for (name, p), grad in zip(named_params, expected_grads, strict=True):
             if grad is None:
-                assert p.grad is None
-            else:
-                torch.testing.assert_close(p.grad, grad, rtol=1e-3, atol=1e-6)
+                assert p.grad is None, name
+                continue
+            # float32 sums in another order: an element that is a cancellation of far larger terms can be off by
+            # more than 1e-3 of itself, so the error is measured against the whole gradient's size
+            error = torch.linalg.vector_norm(p.grad - grad).item()
+            size = torch.linalg.vector_norm(grad).item()
+            assert error <= 1e-3 * size + 1e-7, (
+                f"seed {seed}, {name}: |replayed - eager| {error:.3g}, |eager| {size:.3g}"
+            )
         with torch.no_grad():  # the graph must read the updated weights in place
             for p in params:
                 if p.grad is not None:
