@@ -28,23 +28,36 @@ class CompiledOrEager:
     itself from then on.
 
     Only backend failures fall back: an error in the traced code itself would also fail eagerly, and is raised.
-    ``eager``: what to call instead, when the form worth compiling is not the one that runs best eagerly (the
-    default is ``function`` itself).
+    ``option``: the command-line option that message names. ``eager``: what to call instead, when the form worth
+    compiling is not the one that runs best eagerly (the default is ``function`` itself). ``recompile_limit``:
+    specialisations kept for ``function`` (torch's default is 8), for one called at several fixed shapes.
     """
 
     def __init__(
-        self, function: Callable[..., Any], backend: str, name: str, eager: Callable[..., Any] | None = None
+        self,
+        function: Callable[..., Any],
+        backend: str,
+        name: str,
+        option: str = "--pipeline.model.compile-fields",
+        eager: Callable[..., Any] | None = None,
+        recompile_limit: int | None = None,
     ) -> None:
         self.function = function if eager is None else eager
         self.compiled = torch.compile(function, backend=backend)
         self.name = name
+        self.option = option
         self.failed = False
+        self._limit = (
+            torch._dynamo.config.patch(recompile_limit=recompile_limit)
+            if recompile_limit is not None
+            else contextlib.nullcontext()
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed:
             return self.function(*args, **kwargs)
         try:
-            with _backward_compiled_with_forward():
+            with _backward_compiled_with_forward(), self._limit:
                 return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.failed = True
@@ -52,7 +65,7 @@ class CompiledOrEager:
             first_line = next(iter(str(cause).strip().splitlines()), "")
             LOGGER.debug("torch.compile of %s failed", self.name, exc_info=error)
             CONSOLE.print(
-                f"[bold yellow]--pipeline.model.compile-fields: torch.compile could not compile {self.name} "
+                f"[bold yellow]{self.option}: torch.compile could not compile {self.name} "
                 f"({type(cause).__name__}: {first_line}); it runs eagerly (same results, without the speed-up)."
             )
             return self.function(*args, **kwargs)

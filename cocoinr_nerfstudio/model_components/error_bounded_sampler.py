@@ -18,10 +18,24 @@ from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.model_components.ray_samplers import Sampler
 from torch import Tensor
 
+from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.volume_rendering import jitter_within_intervals, volume_weights
 
 SDFCallable = Callable[[Float[Tensor, "num_points 3"]], Float[Tensor, "num_points 1"]]
+FinalDraws = tuple[Float[Tensor, "num_rays num_samples"], Tensor | None]
+"""The random numbers of training's final samples: inverse-CDF positions, indices of the extra dense samples."""
+RayState = tuple[Tensor, Tensor, Tensor, Tensor]
+"""Per ray: final samples, their beta, the error bound at that beta, rounds gone through."""
+
+
+def _static_widths(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Keeps the sample count of per-round tensors static under torch.compile: each round has its own fixed count
+    (kernels specialised to it), where automatic dynamic shapes would make it symbolic from the second round on (a
+    form inductor, torch 2.11, failed to generate one of the round's kernels for)."""
+    for tensor in tensors:
+        torch._dynamo.mark_static(tensor, 1)
+    return tensors
 
 
 @dataclass
@@ -43,14 +57,21 @@ class ErrorBoundInfo:
 
 
 def sample_pdf(
-    bins: Float[Tensor, "n m"], pdf: Float[Tensor, "n m_minus_1"], num: int, deterministic: bool
+    bins: Float[Tensor, "n m"],
+    pdf: Float[Tensor, "n m_minus_1"],
+    num: int,
+    deterministic: bool,
+    u: Float[Tensor, "n num"] | None = None,
 ) -> Float[Tensor, "n num"]:
-    """Inverse-CDF sampling of ``num`` distances from a piecewise-constant pdf over ``bins``."""
+    """Inverse-CDF sampling of ``num`` distances from a piecewise-constant pdf over ``bins``.
+
+    ``u``: the random positions in [0, 1) to invert, drawn by the caller (a compiled caller keeps torch's random
+    stream out of the compiled graph); by default drawn here, or evenly spaced if ``deterministic``."""
     pdf = pdf / pdf.sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)
-    if deterministic:
+    if u is None and deterministic:
         u = torch.linspace(0.0, 1.0, num, device=bins.device, dtype=bins.dtype).expand(bins.shape[0], num)
-    else:
+    elif u is None:
         u = torch.rand(bins.shape[0], num, device=bins.device, dtype=bins.dtype)
     u = u.contiguous()
     above = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
@@ -148,7 +169,11 @@ class ErrorBoundedSampler(Sampler):
         batched_bisection: search beta by testing 15 candidates at once per level (4 bits of precision
             per level, at least ``beta_iters`` bits in all) instead of ``beta_iters`` sequential halvings:
             the same or finer precision in a third of the kernel launches.
-        compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU.
+        compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU. With
+            ``static_shapes`` also the rest of each round but the SDF queries (the beta search, the final and the
+            upsampling distances, the per-ray bookkeeping): a few fused kernels a round instead of ~150.
+        compile_backend: the ``torch.compile`` backend of the rounds (``aot_eager`` traces without generating
+            kernels; a backend that cannot compile falls back to the same functions run eagerly, and says so).
         static_shapes: in training, run every round on every ray and freeze each ray's final samples at the
             round it is done (its own bound met with ``per_ray_convergence``, else every ray's): the same
             samples with fixed tensor shapes and no host synchronisation, so a whole training step can be
@@ -178,6 +203,7 @@ class ErrorBoundedSampler(Sampler):
         compile: bool = False,
         static_shapes: bool = False,
         static_refine_budget: float = 1.0,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__(num_samples=num_samples)
         if max_total_iters < 1:
@@ -203,6 +229,22 @@ class ErrorBoundedSampler(Sampler):
         self.batched_bisection = batched_bisection
         self.static_shapes = static_shapes
         self._search_beta = torch.compile(grid_search_beta, dynamic=True) if compile else grid_search_beta
+        self._round: Callable[..., tuple[RayState, Tensor, Tensor, Tensor | None]] = self._static_round
+        self._budget_round: Callable[..., tuple] = self._budget_first_round
+        self._volume_weights = volume_weights
+        if compile and static_shapes:
+            # inductor (torch 2.11, Triton) fails to generate the kernel that fuses these weights' scan into the
+            # compiled rounds from the second round on; run eagerly, they cost a handful of kernels a round
+            self._volume_weights = torch._dynamo.disable(volume_weights)
+            # one specialisation per round (its sample count stays static, see _static_widths), each compiled again
+            # once with a dynamic ray count when the refine budget changes
+            option, limit = "--pipeline.model.compile-sampler", 4 * max_total_iters
+            self._round = CompiledOrEager(
+                self._static_round, compile_backend, "the sampler's rounds", option, recompile_limit=limit
+            )
+            self._budget_round = CompiledOrEager(
+                self._budget_first_round, compile_backend, "the sampler's first round", option, recompile_limit=limit
+            )
 
     def _query(self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor) -> Tensor:
         points = (origins[:, None, :] + z[..., None] * directions[:, None, :]).reshape(-1, 3)
@@ -233,17 +275,30 @@ class ErrorBoundedSampler(Sampler):
             lo = torch.where(ok, lo, mid)
         return hi
 
-    def _final_samples(self, z: Tensor, sdf: Tensor, beta: Tensor, density: LaplaceDensity) -> Tensor:
-        """Inverse-CDF samples from the weights at ``beta``, plus some of the dense samples."""
+    def _draw_final(self, z: Tensor) -> FinalDraws:
+        """Training's random numbers for :meth:`_final_samples` of dense distances ``z``, drawn in its order."""
+        u = torch.rand(z.shape[0], self.num_samples, device=z.device, dtype=z.dtype)
+        if self.num_samples_extra <= 0:
+            return u, None
+        # a uniform random subset, drawn without a host round trip (CUDA-graph safe, unlike randperm)
+        return u, torch.rand(z.shape[1], device=z.device).argsort()[: self.num_samples_extra]
+
+    def _final_samples(
+        self, z: Tensor, sdf: Tensor, beta: Tensor, density: LaplaceDensity, draws: FinalDraws | None = None
+    ) -> Tensor:
+        """Inverse-CDF samples from the weights at ``beta``, plus some of the dense samples. In training they are
+        random (``draws``, or drawn here); in renders deterministic."""
+        if draws is None and self.training:
+            draws = self._draw_final(z)
         dists = z[:, 1:] - z[:, :-1]
         deltas = torch.cat([dists, torch.full_like(dists[:, :1], 1e10)], -1)
-        weights, _ = volume_weights(deltas, density(sdf, beta=beta[:, None]))
-        samples = sample_pdf(z, weights[:, :-1] + 1e-5, self.num_samples, deterministic=not self.training)
+        weights, _ = self._volume_weights(deltas, density(sdf, beta=beta[:, None]))
+        u = None if draws is None else draws[0]
+        samples = sample_pdf(z, weights[:, :-1] + 1e-5, self.num_samples, deterministic=draws is None, u=u)
         if self.num_samples_extra <= 0:
             return samples
-        if self.training:
-            # a uniform random subset, drawn without a host round trip (CUDA-graph safe, unlike randperm)
-            extra_idx = torch.rand(z.shape[1], device=z.device).argsort()[: self.num_samples_extra]
+        if draws is not None:
+            extra_idx = draws[1]
         else:
             extra_idx = torch.linspace(0, z.shape[1] - 1, self.num_samples_extra, device=z.device).long()
         return torch.cat([samples, z[:, extra_idx]], -1)
@@ -264,15 +319,22 @@ class ErrorBoundedSampler(Sampler):
             done = torch.ones_like(done)
         return beta, bound, done
 
+    def _upsampling_distances(self, z: Tensor, bound: Tensor) -> Tensor:
+        """``num_samples_eval`` new distances where the opacity error bound is largest."""
+        return sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
+
+    def _merge(self, z: Tensor, sdf: Tensor, new_z: Tensor, new_sdf: Tensor) -> tuple[Tensor, Tensor]:
+        z, order = torch.sort(torch.cat([z, new_z], -1), -1)
+        return z, torch.cat([sdf, new_sdf], -1).gather(1, order)
+
     def _upsample(
         self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor, sdf: Tensor, bound: Tensor
     ) -> tuple[Tensor, Tensor, int]:
         """Adds ``num_samples_eval`` samples where the opacity error bound is largest: merged, sorted distances,
         their SDF values, and the queries spent."""
-        new_z = sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
-        new_sdf = self._query(sdf_fn, origins, directions, new_z)
-        z, order = torch.sort(torch.cat([z, new_z], -1), -1)
-        return z, torch.cat([sdf, new_sdf], -1).gather(1, order), new_z.numel()
+        new_z = self._upsampling_distances(z, bound)
+        z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+        return z, sdf, new_z.numel()
 
     def _refine(
         self,
@@ -335,19 +397,39 @@ class ErrorBoundedSampler(Sampler):
                 *self._static_rounds(sdf_fn, origins, directions, z, sdf, beta, beta0, density, 1, finished, unset),
                 0,
             )
+        state, picked, num_truncated, picked_rays = self._budget_round(
+            density, beta0, *_static_widths(z, sdf), beta, self._draw_final(z), budget
+        )
+        z, sdf, beta, done, new_z = picked_rays
+        origins, directions = origins[picked], directions[picked]
+        z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+        refined = self._static_rounds(
+            sdf_fn, origins, directions, z, sdf, beta, beta0, density, 2, done, tuple(value[picked] for value in state)
+        )
+        merged = tuple(value.index_copy(0, picked, part) for value, part in zip(state, refined[:4], strict=True))
+        return (*merged, num_rays * self.num_samples_eval + new_z.numel() + refined[4], num_truncated)
+
+    def _budget_first_round(
+        self,
+        density: LaplaceDensity,
+        beta0: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        beta: Tensor,
+        draws: FinalDraws,
+        budget: int,
+    ) -> tuple[RayState, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """Round 1 of a refine budget: every ray's state (its round-1 samples, which refined rays overwrite), the
+        ``budget`` rays picked for rounds 2.. (those still refining first), how many that leaves out, and the picked
+        rays' distances, SDF, beta, done flag and upsampling distances. Tensor operations only (see ``compile``)."""
         beta, bound, done = self._search_round(density, beta0, beta, z, sdf, 1)
-        final = self._final_samples(z, sdf, beta, density)  # every ray's round-1 samples; refined rays overwrite theirs
+        final = self._final_samples(z, sdf, beta, density, draws)
         state = (final, beta, bound.max(-1).values, torch.ones_like(beta))
         picked = torch.argsort(done.to(torch.uint8), stable=True)[:budget]  # still refining first
         num_truncated = (~done).sum() - (~done[picked]).sum()
-        origins, directions = origins[picked], directions[picked]
-        z, sdf, spent = self._upsample(sdf_fn, origins, directions, z[picked], sdf[picked], bound[picked])
-        refined = self._static_rounds(
-            sdf_fn, origins, directions, z, sdf, beta[picked], beta0, density, 2, done[picked],
-            tuple(value[picked] for value in state),
-        )  # fmt: skip
-        merged = tuple(value.index_copy(0, picked, part) for value, part in zip(state, refined[:4], strict=True))
-        return (*merged, num_rays * self.num_samples_eval + spent + refined[4], num_truncated)
+        z, bound = z[picked], bound[picked]
+        new_z = self._upsampling_distances(z, bound)
+        return state, picked, num_truncated, (z, sdf[picked], beta[picked], done[picked], new_z)
 
     def _static_rounds(
         self,
@@ -361,25 +443,54 @@ class ErrorBoundedSampler(Sampler):
         density: LaplaceDensity,
         first_round: int,
         finished: Tensor,
-        state: tuple[Tensor, Tensor, Tensor, Tensor],
+        state: RayState,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Rounds ``first_round``.. on every given ray: final samples, beta, bound and round count of each ray
         (updated in ``state`` from the round it is done), and the queries spent from ``z`` on."""
-        final, final_beta, final_bound, rounds = state
         num_queries = z.numel() if first_round == 1 else 0
         for round_index in range(first_round, self.max_total_iters + 1):
-            rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
-            beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
-            newly = done & ~finished
-            final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density), final)
-            final_beta = torch.where(newly, beta, final_beta)
-            final_bound = torch.where(newly, bound.max(-1).values, final_bound)
-            finished = finished | done
-            if round_index == self.max_total_iters:
+            last = round_index == self.max_total_iters
+            state, finished, beta, new_z = self._round(
+                density,
+                beta0,
+                *_static_widths(z, sdf),
+                beta,
+                finished,
+                state,
+                round_index,
+                self._draw_final(z),
+                not last,
+            )
+            if new_z is None:
                 break
-            z, sdf, spent = self._upsample(sdf_fn, origins, directions, z, sdf, bound)
-            num_queries += spent
-        return final, final_beta, final_bound, rounds, num_queries
+            z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+            num_queries += new_z.numel()
+        return (*state, num_queries)
+
+    def _static_round(
+        self,
+        density: LaplaceDensity,
+        beta0: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        beta: Tensor,
+        finished: Tensor,
+        state: RayState,
+        round_index: int,
+        draws: FinalDraws,
+        upsample: bool,
+    ) -> tuple[RayState, Tensor, Tensor, Tensor | None]:
+        """One round on every given ray, tensor operations only (see ``compile``): the state updated where a ray is
+        done in this round, which rays are finished, each ray's beta, and (``upsample``) the next round's distances."""
+        final, final_beta, final_bound, rounds = state
+        rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
+        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
+        newly = done & ~finished
+        final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density, draws), final)
+        final_beta = torch.where(newly, beta, final_beta)
+        final_bound = torch.where(newly, bound.max(-1).values, final_bound)
+        new_z = self._upsampling_distances(z, bound) if upsample else None
+        return (final, final_beta, final_bound, rounds), finished | done, beta, new_z
 
     def generate_ray_samples(  # type: ignore[override]
         self,

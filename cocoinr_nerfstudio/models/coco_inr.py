@@ -116,7 +116,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     batched_bisection: bool = True
     """Error-bounded sampler: test 15 betas per level instead of halving one at a time (same or finer precision)."""
     compile_sampler: bool = False
-    """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation)."""
+    """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation). With
+    cuda_graph, also the rest of each round but the SDF queries: a few fused kernels a round instead of about 150
+    launches."""
     compile_fields: bool = False
     """torch.compile the foreground field (geometry with and without its gradient, colour head), the background
     field and the per-step prototypes (with cache_prototypes): fused kernels, far fewer launches (GPU). The SDF's
@@ -125,8 +127,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
     reported and its parts run eagerly."""
     compile_backend: str = "inductor"
-    """torch.compile backend of compile_fields (``aot_eager`` traces and differentiates without generating kernels:
-    for debugging and CPU tests)."""
+    """torch.compile backend of compile_fields and of compile_sampler's rounds (``aot_eager`` traces and
+    differentiates without generating kernels: for debugging and CPU tests)."""
     sampler_chunk_size: int = 1 << 18
     """Points per SDF query inside the sampler (bounds memory: explicit attention holds 4 KiB of scores per point;
     queries run without autograd)."""
@@ -272,6 +274,7 @@ class CocoInrModel(SurfaceModel):
             per_ray_convergence=self.config.per_ray_convergence,
             batched_bisection=self.config.batched_bisection,
             compile=self.config.compile_sampler,
+            compile_backend=self.config.compile_backend,
             static_shapes=self.config.cuda_graph,
             static_refine_budget=1.0
             if self.config.static_refine_budget == "auto"

@@ -58,9 +58,10 @@ def test_sample_pruning_cannot_be_captured():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("compile_fields", [False, True], ids=["eager-fields", "compiled-fields"])
 def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(constant_randomness, compile_fields):
-    """With compile_fields, the inductor kernels (fields and the batched prototypes) are captured too."""
+    """With compile_fields (and compile_sampler), the inductor kernels (fields, batched prototypes, the sampler's
+    rounds) are captured too."""
     torch.manual_seed(0)
-    config = tiny_config(cuda_graph=True, compile_fields=compile_fields)
+    config = tiny_config(cuda_graph=True, compile_fields=compile_fields, compile_sampler=compile_fields)
     model = config.setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]

@@ -275,3 +275,66 @@ def test_static_shapes_trace_without_host_synchronisation():
         else:
             with pytest.raises(Exception, match=r"(?i)data.dependent|graph break|Unsupported"):
                 traced(sampler, bundle.origins, bundle.directions)
+
+
+def test_compiled_rounds_give_the_eager_samples():
+    """``compile`` with static shapes: each round but its SDF queries is one compiled function (random numbers
+    drawn outside it). Traced by ``aot_eager`` here, it must give the eager path's samples bit for bit, also after
+    the refine budget changes (what ``auto`` does: the ray count of rounds 2.. changes), and run without falling
+    back."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
+    budgets = (1.0, 0.5, 0.25, 0.75)
+    results = {}
+    for compile in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        sampler = ErrorBoundedSampler(static_shapes=True, compile=compile, compile_backend=counter)
+        sampler.train()
+        torch.manual_seed(0)
+        for budget in budgets:
+            sampler.static_refine_budget = budget
+            samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+            results[compile, budget] = samples.frustums.starts, info
+        if compile:
+            assert not sampler._round.failed and not sampler._budget_round.failed and counter.frame_count > 0
+            compiled_frames = counter.frame_count  # a step at a budget seen before compiles nothing new
+            sampler.static_refine_budget = 0.5
+            sampler(bundle, sdf_fn=sphere_sdf, density=density)
+            assert counter.frame_count == compiled_frames
+        else:
+            assert counter.frame_count == 0
+    for budget in budgets:
+        (eager_starts, eager), (compiled_starts, compiled) = results[False, budget], results[True, budget]
+        torch.testing.assert_close(compiled_starts, eager_starts, atol=0, rtol=0)
+        for name in ("beta", "error_bound", "num_rounds", "eikonal_z"):
+            torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), atol=0, rtol=0)
+        assert compiled.num_queries == eager.num_queries
+        assert int(compiled.num_truncated) == int(eager.num_truncated)
+    assert int(results[False, 0.25][1].num_truncated) > 0  # the cut-off path ran too
+
+
+def test_compiled_rounds_fall_back_to_eager_and_say_so(capsys):
+    def cannot_compile(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        sampler = ErrorBoundedSampler(
+            static_shapes=True, static_refine_budget=0.5, compile=compile, compile_backend=cannot_compile
+        )
+        sampler.train()
+        torch.manual_seed(0)
+        results.append([sampler(bundle, sdf_fn=sphere_sdf, density=density)[0].frustums.starts for _ in range(2)])
+    for eager, fallback in zip(*results, strict=True):
+        torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
+    printed = " ".join(capsys.readouterr().out.split())
+    for part in ("the sampler's rounds", "the sampler's first round"):  # once each, though called again
+        message = f"--pipeline.model.compile-sampler: torch.compile could not compile {part} (RuntimeError: no C++"
+        assert printed.count(message) == 1, printed
