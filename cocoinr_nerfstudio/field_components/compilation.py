@@ -31,6 +31,7 @@ class CompiledOrEager:
     ``option``: the command-line option that message names. ``eager``: what to call instead, when the form worth
     compiling is not the one that runs best eagerly (the default is ``function`` itself). ``recompile_limit``:
     specialisations kept for ``function`` (torch's default is 8), for one called at several fixed shapes.
+    ``dynamic``: as ``torch.compile``'s.
     """
 
     def __init__(
@@ -41,17 +42,18 @@ class CompiledOrEager:
         option: str = "--pipeline.model.compile-fields",
         eager: Callable[..., Any] | None = None,
         recompile_limit: int | None = None,
+        dynamic: bool | None = None,
     ) -> None:
         self.function = function if eager is None else eager
-        self.compiled = torch.compile(function, backend=backend)
+        self.compiled = torch.compile(function, backend=backend, dynamic=dynamic)
         self.name = name
         self.option = option
         self.failed = False
-        self._limit = (
-            torch._dynamo.config.patch(recompile_limit=recompile_limit)
-            if recompile_limit is not None
-            else contextlib.nullcontext()
-        )
+        self._limit: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if recompile_limit is not None:  # torch < 2.7 calls it cache_size_limit
+            config = torch._dynamo.config
+            key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            self._limit = config.patch(**{key: recompile_limit})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed:

@@ -170,8 +170,9 @@ class ErrorBoundedSampler(Sampler):
             per level, at least ``beta_iters`` bits in all) instead of ``beta_iters`` sequential halvings:
             the same or finer precision in a third of the kernel launches.
         compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU. With
-            ``static_shapes`` also the rest of each round but the SDF queries (the beta search, the final and the
-            upsampling distances, the per-ray bookkeeping): a few fused kernels a round instead of ~150.
+            ``static_shapes`` also each round but its SDF queries (the beta search, the final and the upsampling
+            distances, the per-ray bookkeeping) as one compiled function: far fewer kernel launches a round. The
+            random draws, the final samples' weights and the merge of new samples stay outside it.
         compile_backend: the ``torch.compile`` backend of the rounds (``aot_eager`` traces without generating
             kernels; a backend that cannot compile falls back to the same functions run eagerly, and says so).
         static_shapes: in training, run every round on every ray and freeze each ray's final samples at the
@@ -212,6 +213,11 @@ class ErrorBoundedSampler(Sampler):
             raise ValueError(
                 f"static_refine_budget (share of rays refined) must be in (0, 1], got {static_refine_budget}"
             )
+        if num_samples_extra > num_samples_eval:
+            raise ValueError(
+                f"num_samples_extra ({num_samples_extra}) must not exceed num_samples_eval ({num_samples_eval}): "
+                "the extra samples are a subset of the first round's dense samples"
+            )
         if static_refine_budget < 1.0 and not per_ray_convergence:
             raise ValueError(
                 "static_refine_budget below 1 needs per_ray_convergence: with batch-level convergence every ray "
@@ -228,7 +234,12 @@ class ErrorBoundedSampler(Sampler):
         self.per_ray_convergence = per_ray_convergence
         self.batched_bisection = batched_bisection
         self.static_shapes = static_shapes
-        self._search_beta = torch.compile(grid_search_beta, dynamic=True) if compile else grid_search_beta
+        option = "--pipeline.model.compile-sampler"
+        self._search_beta: Callable[..., Tensor] = grid_search_beta
+        if compile:
+            self._search_beta = CompiledOrEager(
+                grid_search_beta, compile_backend, "the sampler's beta search", option, dynamic=True
+            )
         self._round: Callable[..., tuple[RayState, Tensor, Tensor, Tensor | None]] = self._static_round
         self._budget_round: Callable[..., tuple] = self._budget_first_round
         self._volume_weights = volume_weights
@@ -238,7 +249,7 @@ class ErrorBoundedSampler(Sampler):
             self._volume_weights = torch._dynamo.disable(volume_weights)
             # one specialisation per round (its sample count stays static, see _static_widths), each compiled again
             # once with a dynamic ray count when the refine budget changes
-            option, limit = "--pipeline.model.compile-sampler", 4 * max_total_iters
+            limit = 4 * max_total_iters
             self._round = CompiledOrEager(
                 self._static_round, compile_backend, "the sampler's rounds", option, recompile_limit=limit
             )
@@ -257,13 +268,13 @@ class ErrorBoundedSampler(Sampler):
         z = nears * (1.0 - t) + fars * t
         return jitter_within_intervals(z) if self.training else z
 
-    def _bisect_beta(self, density, beta0, beta_hi, sdf, dists, d_star) -> Tensor:
-        """Smallest beta in [beta0, beta_hi] (to bisection precision) meeting the bound, per ray."""
+    def _bisect_beta(self, density, beta0, beta_hi, sdf, dists, d_star, in_round: bool = False) -> Tensor:
+        """Smallest beta in [beta0, beta_hi] (to bisection precision) meeting the bound, per ray. ``in_round``: called
+        from a static round, which compiles as a whole (the search is traced into it, not compiled apart)."""
         if self.batched_bisection:
             levels = math.ceil(self.beta_iters / math.log2(self.CANDIDATES_PER_LEVEL + 1))
-            return self._search_beta(
-                density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL
-            )
+            search = grid_search_beta if in_round else self._search_beta
+            return search(density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL)
         # the original's sequential bisection
         meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)
@@ -304,13 +315,20 @@ class ErrorBoundedSampler(Sampler):
         return torch.cat([samples, z[:, extra_idx]], -1)
 
     def _search_round(
-        self, density: LaplaceDensity, beta0: Tensor, beta: Tensor, z: Tensor, sdf: Tensor, round_index: int
+        self,
+        density: LaplaceDensity,
+        beta0: Tensor,
+        beta: Tensor,
+        z: Tensor,
+        sdf: Tensor,
+        round_index: int,
+        in_round: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One round's beta search: each ray's smallest beta meeting the bound (at most its last one), the
         per-interval bound at that beta, and which rays are done."""
         dists = z[:, 1:] - z[:, :-1]
         d_star = distance_bound(z, sdf)
-        beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star)
+        beta = self._bisect_beta(density, beta0, beta, sdf, dists, d_star, in_round)
         bound = opacity_error_bound(density, beta[:, None], sdf, dists, d_star)
         done = beta <= beta0
         if not self.per_ray_convergence:
@@ -422,7 +440,7 @@ class ErrorBoundedSampler(Sampler):
         """Round 1 of a refine budget: every ray's state (its round-1 samples, which refined rays overwrite), the
         ``budget`` rays picked for rounds 2.. (those still refining first), how many that leaves out, and the picked
         rays' distances, SDF, beta, done flag and upsampling distances. Tensor operations only (see ``compile``)."""
-        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, 1)
+        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, 1, in_round=True)
         final = self._final_samples(z, sdf, beta, density, draws)
         state = (final, beta, bound.max(-1).values, torch.ones_like(beta))
         picked = torch.argsort(done.to(torch.uint8), stable=True)[:budget]  # still refining first
@@ -484,7 +502,7 @@ class ErrorBoundedSampler(Sampler):
         done in this round, which rays are finished, each ray's beta, and (``upsample``) the next round's distances."""
         final, final_beta, final_bound, rounds = state
         rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
-        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
+        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index, in_round=True)
         newly = done & ~finished
         final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density, draws), final)
         final_beta = torch.where(newly, beta, final_beta)

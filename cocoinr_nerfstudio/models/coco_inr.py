@@ -117,8 +117,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Error-bounded sampler: test 15 betas per level instead of halving one at a time (same or finer precision)."""
     compile_sampler: bool = False
     """Error-bounded sampler: torch.compile its beta search (GPU; the first steps pay the compilation). With
-    cuda_graph, also the rest of each round but the SDF queries: a few fused kernels a round instead of about 150
-    launches."""
+    cuda_graph, also each round but its SDF queries: far fewer kernel launches a round. A backend that cannot
+    compile is reported and the sampler runs eagerly."""
     compile_fields: bool = False
     """torch.compile the foreground field (geometry with and without its gradient, colour head), the background
     field and the per-step prototypes (with cache_prototypes): fused kernels, far fewer launches (GPU). The SDF's
@@ -252,6 +252,12 @@ class CocoInrModel(SurfaceModel):
             raise ValueError(
                 "--pipeline.model.cuda-graph needs --pipeline.model.train-weight-threshold 0: skipping samples "
                 f"changes tensor shapes every step (got {self.config.train_weight_threshold})."
+            )
+        if self.config.num_samples_extra > self.config.num_samples_eval:
+            raise ValueError(
+                f"--pipeline.model.num-samples-extra ({self.config.num_samples_extra}) must not exceed "
+                f"--pipeline.model.num-samples-eval ({self.config.num_samples_eval}): the extra samples are a subset "
+                "of the sampler's first round."
             )
         budget = self.config.static_refine_budget
         if budget != "auto" and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):

@@ -243,6 +243,8 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
         ErrorBoundedSampler(static_refine_budget=0.0)
     with pytest.raises(ValueError, match="needs per_ray_convergence"):
         ErrorBoundedSampler(static_refine_budget=0.5, per_ray_convergence=False)
+    with pytest.raises(ValueError, match=r"num_samples_extra \(129\) must not exceed num_samples_eval \(128\)"):
+        ErrorBoundedSampler(num_samples_extra=129)
 
 
 def test_static_shapes_trace_without_host_synchronisation():
@@ -279,11 +281,18 @@ def test_static_shapes_trace_without_host_synchronisation():
 
 def test_compiled_rounds_give_the_eager_samples():
     """``compile`` with static shapes: each round but its SDF queries is one compiled function (random numbers
-    drawn outside it). Traced by ``aot_eager`` here, it must give the eager path's samples bit for bit, also after
-    the refine budget changes (what ``auto`` does: the ray count of rounds 2.. changes), and run without falling
-    back."""
+    drawn outside it). Traced without kernel generation here, it must give the eager path's samples bit for bit,
+    also at four refine budgets in turn (what ``auto`` does: the ray count of rounds 2.. changes), and run without
+    falling back."""
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = []  # the aten graph of every compiled piece
+
+    def record(graph_module, _):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(graph_module.forward)
 
     density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
     bundle = hit_and_miss_rays()
@@ -291,22 +300,25 @@ def test_compiled_rounds_give_the_eager_samples():
     results = {}
     for compile in (False, True):
         torch._dynamo.reset()
-        counter = CompileCounterWithBackend("aot_eager")
-        sampler = ErrorBoundedSampler(static_shapes=True, compile=compile, compile_backend=counter)
+        backend = aot_autograd(fw_compiler=record)
+        sampler = ErrorBoundedSampler(static_shapes=True, compile=compile, compile_backend=backend)
         sampler.train()
         torch.manual_seed(0)
         for budget in budgets:
             sampler.static_refine_budget = budget
             samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
             results[compile, budget] = samples.frustums.starts, info
+            if compile and budget == 1.0:  # every round's inverse-CDF sampling (final and upsampling) was compiled
+                assert sum("aten.searchsorted.Tensor" in ops for ops in graphs) >= 2 * sampler.max_total_iters - 1
         if compile:
-            assert not sampler._round.failed and not sampler._budget_round.failed and counter.frame_count > 0
-            compiled_frames = counter.frame_count  # a step at a budget seen before compiles nothing new
+            assert not sampler._round.failed and not sampler._budget_round.failed
+            assert not any("rand" in op for ops in graphs for op in ops)  # training's draws stay outside
+            compiled_frames = len(graphs)  # a step at a budget seen before compiles nothing new
             sampler.static_refine_budget = 0.5
             sampler(bundle, sdf_fn=sphere_sdf, density=density)
-            assert counter.frame_count == compiled_frames
+            assert len(graphs) == compiled_frames
         else:
-            assert counter.frame_count == 0
+            assert not graphs
     for budget in budgets:
         (eager_starts, eager), (compiled_starts, compiled) = results[False, budget], results[True, budget]
         torch.testing.assert_close(compiled_starts, eager_starts, atol=0, rtol=0)
@@ -332,9 +344,13 @@ def test_compiled_rounds_fall_back_to_eager_and_say_so(capsys):
         sampler.train()
         torch.manual_seed(0)
         results.append([sampler(bundle, sdf_fn=sphere_sdf, density=density)[0].frustums.starts for _ in range(2)])
-    for eager, fallback in zip(*results, strict=True):
+    renders = []  # the shrinking path (renders) compiles the beta search alone
+    for compile in (False, True):
+        sampler = ErrorBoundedSampler(compile=compile, compile_backend=cannot_compile).eval()
+        renders.append([sampler(bundle, sdf_fn=sphere_sdf, density=density)[0].frustums.starts for _ in range(2)])
+    for eager, fallback in [*zip(*results, strict=True), *zip(*renders, strict=True)]:
         torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
     printed = " ".join(capsys.readouterr().out.split())
-    for part in ("the sampler's rounds", "the sampler's first round"):  # once each, though called again
+    for part in ("the sampler's rounds", "the sampler's first round", "the sampler's beta search"):  # once each
         message = f"--pipeline.model.compile-sampler: torch.compile could not compile {part} (RuntimeError: no C++"
         assert printed.count(message) == 1, printed
