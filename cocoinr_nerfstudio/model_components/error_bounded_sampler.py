@@ -341,7 +341,11 @@ class ErrorBoundedSampler(Sampler):
         """``num_samples_eval`` new distances where the opacity error bound is largest."""
         return sample_pdf(z, bound + self.add_tiny, self.num_samples_eval, deterministic=True)
 
-    def _merge(self, z: Tensor, sdf: Tensor, new_z: Tensor, new_sdf: Tensor) -> tuple[Tensor, Tensor]:
+    def _add_samples(
+        self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor, sdf: Tensor, new_z: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Queries the SDF at ``new_z`` and merges them into the sorted distances ``z`` and their SDF values."""
+        new_sdf = self._query(sdf_fn, origins, directions, new_z)
         z, order = torch.sort(torch.cat([z, new_z], -1), -1)
         return z, torch.cat([sdf, new_sdf], -1).gather(1, order)
 
@@ -351,7 +355,7 @@ class ErrorBoundedSampler(Sampler):
         """Adds ``num_samples_eval`` samples where the opacity error bound is largest: merged, sorted distances,
         their SDF values, and the queries spent."""
         new_z = self._upsampling_distances(z, bound)
-        z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+        z, sdf = self._add_samples(sdf_fn, origins, directions, z, sdf, new_z)
         return z, sdf, new_z.numel()
 
     def _refine(
@@ -420,7 +424,7 @@ class ErrorBoundedSampler(Sampler):
         )
         z, sdf, beta, done, new_z = picked_rays
         origins, directions = origins[picked], directions[picked]
-        z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+        z, sdf = self._add_samples(sdf_fn, origins, directions, z, sdf, new_z)
         refined = self._static_rounds(
             sdf_fn, origins, directions, z, sdf, beta, beta0, density, 2, done, tuple(value[picked] for value in state)
         )
@@ -481,7 +485,7 @@ class ErrorBoundedSampler(Sampler):
             )
             if new_z is None:
                 break
-            z, sdf = self._merge(z, sdf, new_z, self._query(sdf_fn, origins, directions, new_z))
+            z, sdf = self._add_samples(sdf_fn, origins, directions, z, sdf, new_z)
             num_queries += new_z.numel()
         return (*state, num_queries)
 
