@@ -374,7 +374,7 @@ def test_inductor_rounds_match_eager_rounds(device):
             torch.compile(lambda x: x.exp() + 1)(torch.zeros(4))
         except Exception as error:
             pytest.skip(f"inductor cannot compile on this CPU: {type(error).__name__}")
-    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0).to(device)
     bundle = hit_and_miss_rays().to(device)
     runs = []
     for compile in (False, True):
