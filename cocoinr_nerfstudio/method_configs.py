@@ -7,11 +7,10 @@ configuration lives here, and nothing optional (tinycudann, open3d) is imported.
 from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from cocoinr_nerfstudio.data.datamanager import CocoDataManagerConfig
 from cocoinr_nerfstudio.data.idr_dataparser import IDRDataParserConfig
-from cocoinr_nerfstudio.data.idr_dataset import IDRDataset
 from cocoinr_nerfstudio.data.pixel_sampler import PerImagePixelSamplerConfig
 from cocoinr_nerfstudio.engine.optimizers import FusedAdamOptimizerConfig
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
@@ -51,8 +50,7 @@ def _trainer(method_name: str, model: CocoInrModelConfig) -> CocoTrainerConfig:
         max_num_iterations=MAX_STEPS,
         mixed_precision=False,
         pipeline=CocoPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
-                _target=VanillaDataManager[IDRDataset],
+            datamanager=CocoDataManagerConfig(
                 dataparser=IDRDataParserConfig(),
                 train_num_rays_per_batch=RAYS_PER_STEP,
                 eval_num_rays_per_batch=RAYS_PER_STEP,
