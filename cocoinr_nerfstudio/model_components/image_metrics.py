@@ -10,6 +10,13 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
 
+def batch_psnr(pred: Float[Tensor, "*batch 3"], target: Float[Tensor, "*batch 3"]) -> Tensor:
+    """PSNR of colours in [0, 1], as a device tensor. torchmetrics' PSNR builds its pixel count with
+    ``torch.tensor(n, device=...)``, a copy from host memory that waits for the GPU, once per training step."""
+    mse = torch.mean((pred - target) ** 2)
+    return -10.0 * torch.log10(mse)
+
+
 def masked_psnr(
     pred: Float[Tensor, "h w 3"], target: Float[Tensor, "h w 3"], mask: Float[Tensor, "h w 1"]
 ) -> float | None:

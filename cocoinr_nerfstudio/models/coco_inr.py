@@ -37,7 +37,7 @@ from cocoinr_nerfstudio.model_components.background import (
 )
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
-from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, masked_psnr
+from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, batch_psnr, masked_psnr
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
@@ -535,7 +535,9 @@ class CocoInrModel(SurfaceModel):
         return outputs
 
     def get_metrics_dict(self, outputs, batch) -> dict[str, Tensor]:
-        metrics = super().get_metrics_dict(outputs, batch)
+        # SurfaceModel's version calls torchmetrics' PSNR, which waits for the GPU (see batch_psnr)
+        image = self.renderer_rgb.blend_background(batch["image"].to(self.device))
+        metrics = {"psnr": batch_psnr(outputs["rgb"], image)}
         metrics["beta"] = self.density.get_beta().detach()
         if self.training and "eik_grad" in outputs:
             metrics["eikonal"] = ((outputs["eik_grad"].norm(dim=-1) - 1.0) ** 2).mean().detach()

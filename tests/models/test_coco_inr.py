@@ -11,6 +11,7 @@ import pytest
 import torch
 from nerfstudio.cameras.rays import RayBundle
 from tiny_models import SCENE_BOX, build, tiny_config
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.engine.trainer import resolve_decay_lengths
@@ -201,8 +202,11 @@ def test_losses_and_training_metrics():
     assert outputs["eik_grad"].shape == (64, 3)  # a uniform and a near-surface point per ray
     losses = model.get_loss_dict(outputs, {"image": torch.rand(32, 3)})
     assert set(losses) == {"rgb_loss", "eikonal_loss"}
-    metrics = model.get_metrics_dict(outputs, {"image": torch.rand(32, 3)})
+    image = torch.rand(32, 3)
+    metrics = model.get_metrics_dict(outputs, {"image": image})
     torch.testing.assert_close(metrics["beta"], torch.tensor(0.1 + 1e-4))
+    # the training PSNR is torchmetrics' (what SurfaceModel reported), computed without a host round trip
+    torch.testing.assert_close(metrics["psnr"], PeakSignalNoiseRatio(data_range=1.0)(outputs["rgb"], image))
     expected = ((outputs["eik_grad"].norm(dim=-1) - 1) ** 2).mean() * 0.1
     torch.testing.assert_close(losses["eikonal_loss"], expected)
     torch.testing.assert_close(metrics["sampler_refined"], (outputs["sampler_rounds"] > 1).float().mean())
