@@ -208,6 +208,7 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
     datamanager.dataparser.data = scene
     datamanager.dataparser.num_views = args.train_views
     datamanager.dataparser.eval_stride = args.eval_stride
+    datamanager.batches_on_device = not args.host_batches
     model = config.pipeline.model
     if args.codebook is not None:
         model.codebook_path = args.codebook
@@ -301,31 +302,43 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     trainer.setup()
     device = trainer.device
     durations: list[float] = []
-    losses: list[float] = []
-    sampler_shares: dict[str, list[float]] = {"sampler_refined": [], "sampler_truncated": []}
+    losses: list = []  # tensors during the run, floats after it
+    sampler_shares: dict[str, list] = {"sampler_refined": [], "sampler_truncated": []}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     peaks = [0]  # --trace-memory: the peak at the last step that raised it
     warmup_peak = 0
+    # the host synchronises once every sync_every steps, as ns-train (which never waits per step) lets the host
+    # prepare step n + 1 while the GPU runs step n; each step of a block counts as the block's mean
+    sync_every = 1 if args.trace_memory else max(1, args.sync_every)
+    block_start, block_steps = 0.0, 0
     for step in range(args.warmup + args.steps):
-        if step == args.warmup and device.startswith("cuda"):
-            warmup_peak = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        start = time.perf_counter()
+        if step == args.warmup:
+            _sync(device)
+            if device.startswith("cuda"):
+                warmup_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            block_start, block_steps = time.perf_counter(), 0
         for callback in trainer.callbacks:
             callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
         loss, _, metrics = trainer.train_iteration(step)
         for callback in trainer.callbacks:
             callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-        _sync(device)
         if args.trace_memory and device.startswith("cuda"):
+            _sync(device)
             _trace_memory(step, peaks)
+        losses.append(loss.detach())  # read after the run: a float() here would wait for the GPU every step
         if step >= args.warmup:
-            durations.append(time.perf_counter() - start)
             for key, values in sampler_shares.items():
-                values.append(float(metrics[key]))
-        losses.append(float(loss))
+                values.append(metrics[key])
+            block_steps += 1
+            if block_steps == sync_every or step == args.warmup + args.steps - 1:
+                _sync(device)
+                now = time.perf_counter()
+                durations.extend([(now - block_start) / block_steps] * block_steps)
+                block_start, block_steps = now, 0
+    losses = [float(value) for value in losses]
+    sampler_shares = {key: [float(value) for value in values] for key, values in sampler_shares.items()}
     timed_peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     peak = max(warmup_peak / 2**30, timed_peak) if device.startswith("cuda") else float("nan")
     if args.profile > 0:
@@ -371,7 +384,9 @@ def format_table(results: list[Result], args) -> str:
     lines = [
         f"Device: {results[0].device}; {args.rays} rays/step; {args.steps} timed steps after {args.warmup} warm-up; "
         f"codebook {'file ' + str(args.codebook) if args.codebook else 'random ' + 'x'.join(map(str, args.codebook_shape))}; "
-        f"{args.train_views} training views{'; tiny model' if args.tiny else ''}",
+        f"{args.train_views} training views{'; tiny model' if args.tiny else ''}; "
+        f"host synchronised every {1 if args.trace_memory else max(1, args.sync_every)} steps"
+        f"{'; batches drawn on the host' if args.host_batches else ''}",
         "",
         f"| config | it/s | ms/step | x reference | peak GiB (timed steps) | held-out PSNR | masked PSNR | Chamfer | "
         f"{args.frame_size}px frame s (volume / surface) | loss | rays refined / cut % |",
@@ -415,6 +430,17 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps per config (top ops)")
     parser.add_argument(
         "--trace-memory", action="store_true", help="print each step that raises peak GPU memory (CUDA only)"
+    )
+    parser.add_argument(
+        "--sync-every",
+        type=int,
+        default=10,
+        help="timed steps between two host-GPU synchronisations (1: every step, as rounds one to six measured)",
+    )
+    parser.add_argument(
+        "--host-batches",
+        action="store_true",
+        help="draw training batches on the host (nerfstudio's path) instead of on the GPU",
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and results (.json)")
