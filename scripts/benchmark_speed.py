@@ -134,6 +134,12 @@ def _graph_fields_bf16_explicit(model: CocoInrModelConfig) -> None:
     model.fused_prototype_attention = False
 
 
+def _graph_fields_bf16_unpadded(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16 with the fields' matrix products at their own widths (round eight's A/B)."""
+    _graph_fields_bf16(model)
+    model.pad_matmuls = False
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -155,6 +161,7 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+budget+fields": _graph_budget_fields,
     "graph+fields+bf16": _graph_fields_bf16,
     "graph+fields+bf16+explicit": _graph_fields_bf16_explicit,
+    "graph+fields+bf16+unpadded": _graph_fields_bf16_unpadded,
 }
 
 

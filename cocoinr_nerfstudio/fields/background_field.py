@@ -94,10 +94,12 @@ class CocoBackgroundField(nn.Module):
             activation=nn.ReLU(),
         )
 
-    def enable_torch_compile(self, backend: str = "inductor") -> None:
+    def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
         """Run the field through ``torch.compile`` (it is differentiated once: no SDF gradient here); eagerly, with a
-        message, where the backend cannot compile."""
-        self._compiled_forward = CompiledOrEager(self._forward, backend, "the background field")
+        message, where the backend cannot compile. ``pad_matmuls``: see :class:`CompiledOrEager`."""
+        self._compiled_forward = CompiledOrEager(
+            self._forward, backend, "the background field", pad_matmuls=pad_matmuls
+        )
 
     def forward(
         self, points: Float[Tensor, "n 4"], directions: Float[Tensor, "n 3"]

@@ -180,17 +180,20 @@ class CocoField(Field):
     def _fused(self, create_graph: bool) -> bool:
         return self.config.coordinate_attention.fused and not create_graph
 
-    def enable_torch_compile(self, backend: str = "inductor") -> None:
+    def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
         """Run the geometry (with and without its gradient) and the colour head through ``torch.compile``.
 
         The compiled SDF gradient is written as a function (``torch.func.grad``), so the compiled graph holds
         the SDF, its gradient and the feature as one first-order graph that the loss differentiates once:
         ``autograd.grad(create_graph=True)`` would need a second derivative of a compiled graph, which
-        torch.compile does not provide. Where the backend cannot compile, each path says so and runs eagerly."""
+        torch.compile does not provide. Where the backend cannot compile, each path says so and runs eagerly.
+        ``pad_matmuls``: see :class:`CompiledOrEager`."""
         self._compiled = CompiledFieldPaths(
-            geometry=CompiledOrEager(self._geometry, backend, "the SDF"),
-            geometry_with_gradient=CompiledOrEager(self._geometry_with_gradient, backend, "the SDF gradient"),
-            colors=CompiledOrEager(self._colors, backend, "the colour head"),
+            geometry=CompiledOrEager(self._geometry, backend, "the SDF", pad_matmuls=pad_matmuls),
+            geometry_with_gradient=CompiledOrEager(
+                self._geometry_with_gradient, backend, "the SDF gradient", pad_matmuls=pad_matmuls
+            ),
+            colors=CompiledOrEager(self._colors, backend, "the colour head", pad_matmuls=pad_matmuls),
         )
 
     def _prototypes(self, head: str) -> Tensor | None:

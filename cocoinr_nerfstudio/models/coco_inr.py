@@ -126,6 +126,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     has no double backward). The first steps pay the compilation (about 30 s on an H200); the first change of shape or of grad
     mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
     reported and its parts run eagerly."""
+    pad_matmuls: bool = True
+    """With compile_fields and inductor: pad the widths of the fields' matrix products to the tensor-core
+    alignment (zeros; the 39-, 257-, 283- and 289-wide layers otherwise run on slow unaligned GEMM kernels). Same
+    results up to the order of float sums."""
     compile_backend: str = "inductor"
     """torch.compile backend of compile_fields and of compile_sampler's rounds (``aot_eager`` traces and
     differentiates without generating kernels: for debugging and CPU tests)."""
@@ -234,11 +238,12 @@ class CocoInrModel(SurfaceModel):
             )
         if self.config.compile_fields:
             try:
-                self.field.enable_torch_compile(self.config.compile_backend)
+                compile_options = dict(backend=self.config.compile_backend, pad_matmuls=self.config.pad_matmuls)
+                self.field.enable_torch_compile(**compile_options)
                 if self.prior is not None:
-                    self.prior.enable_torch_compile(self.config.compile_backend)
+                    self.prior.enable_torch_compile(**compile_options)
                 if self.field_background is not None:
-                    self.field_background.enable_torch_compile(self.config.compile_backend)
+                    self.field_background.enable_torch_compile(**compile_options)
             except torch._dynamo.exc.InvalidBackend as error:
                 raise ValueError(f"--pipeline.model.compile-backend: {error}") from error
         self.image_metrics_log: list[dict[str, float]] | None = None

@@ -19,6 +19,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
+from cocoinr_nerfstudio.field_components.compilation import PAD_MATMULS
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 
@@ -244,15 +245,37 @@ def test_compile_fields_takes_the_torch_grid_and_refuses_tcnn():
         build(hash_config(compile_fields=True, sdf_field=tcnn_field))
 
 
+@pytest.mark.parametrize("pad_matmuls", [False, True])
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_pad_matmuls_reaches_every_inductor_compile_of_the_model(monkeypatch, backend, pad_matmuls):
+    """The option turns into inductor's padding for each compiled part; other backends get no options (they
+    would warn that they ignore them)."""
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(function, **kwargs):
+        calls.append(kwargs.get("options"))
+        return real_compile(function, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    build(tiny_config(compile_fields=True, compile_backend=backend, pad_matmuls=pad_matmuls))
+    # the SDF, the SDF gradient, the colour head, the background field, the prototypes
+    assert len(calls) == 5
+    expected = PAD_MATMULS if pad_matmuls and backend == "inductor" else None
+    assert calls == [expected] * 5
+    assert PAD_MATMULS == {"force_shape_pad": True}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
-def test_inductor_kernels_on_gpu_match_eager():
+@pytest.mark.parametrize("pad_matmuls", [False, True])
+def test_inductor_kernels_on_gpu_match_eager(pad_matmuls):
     torch.manual_seed(0)
     prototypes = {head: torch.randn(256, 128, device="cuda", requires_grad=True) for head in HEADS}
     fields = []
     for _ in range(2):
         torch.manual_seed(0)
         fields.append(CocoFieldConfig().setup(prototype_source=prototypes.__getitem__).cuda())
-    fields[1].enable_torch_compile()
+    fields[1].enable_torch_compile(pad_matmuls=pad_matmuls)  # padded: the 39-, 257- and 289-wide products
     points = torch.rand(4096, 3, device="cuda") * 2 - 1
     directions = torch.nn.functional.normalize(torch.randn(4096, 3, device="cuda"), dim=-1)
     results = []
