@@ -115,3 +115,29 @@ def test_prototypes_benchmark_on_cpu(monkeypatch):
         ["explicit", "batched (vmap)"],
     ]
     assert all(float(row[2]) > 0 and row[3] == "-" for row in rows)  # no CUDA graph off CUDA
+
+
+def test_matmul_padding_benchmark_on_cpu(monkeypatch):
+    """scripts/benchmark_matmul_padding.py's smoke run: every product in both dtypes, and the padded product
+    equal to the plain one up to float rounding (zeros add nothing)."""
+    module = load_script("benchmark_matmul_padding", monkeypatch)
+    table = run_main(module, ["--device", "cpu", "--rows", "64", "--repeats", "1", "--warmup", "0"])
+    lines = table.splitlines()
+    assert lines[0] == "Device: CPU; 64 rows; median of 1"
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert len(rows) == 2 * len(module.SHAPES)
+    assert [row[2] for row in rows] == ["bfloat16"] * len(module.SHAPES) + ["float32"] * len(module.SHAPES)
+    assert rows[7][:2] == ["colour: feed-forward", "289 x 289"]
+    for row in rows:
+        assert float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x")
+        assert float(row[6]) < (2e-2 if row[2] == "bfloat16" else 1e-5)
+
+
+def test_aligned_widths():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("padding", REPO / "scripts" / "benchmark_matmul_padding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert [module.aligned(w, 8) for w in (39, 78, 256, 257, 289)] == [40, 80, 256, 264, 296]
+    assert [module.aligned(w, 4) for w in (39, 283, 84)] == [40, 284, 84]
