@@ -55,16 +55,33 @@ class CompiledOrEager:
         pad_matmuls: bool = False,
     ) -> None:
         self.function = function if eager is None else eager
-        options = PAD_MATMULS if pad_matmuls and backend == "inductor" else None
-        self.compiled = torch.compile(function, backend=backend, dynamic=dynamic, options=options)
+        self.traced = function
+        self.backend = backend
+        self.options = PAD_MATMULS if pad_matmuls and backend == "inductor" else None
+        self.dynamic = dynamic
+        self.recompile_limit = recompile_limit
         self.name = name
         self.option = option
         self.failed = False
+        self._wrap()
+
+    def _wrap(self) -> None:
+        self.compiled = torch.compile(self.traced, backend=self.backend, dynamic=self.dynamic, options=self.options)
         self._limit: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if recompile_limit is not None:  # torch < 2.7 calls it cache_size_limit
+        if self.recompile_limit is not None:  # torch < 2.7 calls it cache_size_limit
             config = torch._dynamo.config
             key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            self._limit = config.patch(**{key: recompile_limit})
+            self._limit = config.patch(**{key: self.recompile_limit})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy`` of a model, ``torch.save`` of a module) carry the functions and
+        settings, not torch.compile's wrapper (it holds locks and caches): the copy compiles afresh for its own
+        module (its methods rebound to the copy) on its first call."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("compiled", "_limit")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._wrap()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed:

@@ -207,6 +207,14 @@ class CocoInrModel(SurfaceModel):
 
     config: CocoInrModelConfig
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out the render thread's surface override (thread-local: it cannot be copied)."""
+        return {key: value for key, value in super().__getstate__().items() if key != "_surface_override"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._surface_override = threading.local()
+
     def populate_modules(self) -> None:
         # SurfaceModel.populate_modules builds nerfstudio's tiny-cuda-nn SDFField: skip it, keep the base setup
         Model.populate_modules(self)

@@ -7,6 +7,7 @@ as plain torch ops. The inductor kernels are checked on a GPU (last test).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 
@@ -160,6 +161,26 @@ def test_model_training_step_matches_the_eager_model(overrides):
     assert grads.keys() == eager_grads.keys() and len(grads) > 20
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_weights():
+    """``copy.deepcopy`` of a model with compiled fields: the copy renders what the original does, its compiled paths
+    read the copy's parameters (not the original's), and its viewer panel is an inert one of its own."""
+    model = build(tiny_config(compile_fields=True, compile_backend="aot_eager"))
+    model.eval()
+    with torch.no_grad():
+        before = model(rays())["rgb"]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(rays())["rgb"], before, rtol=0, atol=0)
+        for parameter in twin.field.color_mlp.parameters():
+            parameter.zero_()  # the copy's colour MLP now outputs sigmoid(0) = 0.5
+        changed = twin(rays())["rgb"]
+        torch.testing.assert_close(model(rays())["rgb"], before, rtol=0, atol=0)
+    assert not torch.allclose(changed, before)
+    assert twin.field._compiled.colors.traced.__self__ is twin.field
+    assert twin.viewer_panel._viewer is None and twin.viewer_panel._worker_guard is not model.viewer_panel._worker_guard
+    assert twin.viewer_panel._model is twin
 
 
 def test_renders_match_in_the_viewers_render_thread():
