@@ -140,6 +140,14 @@ def _graph_fields_bf16_unpadded(model: CocoInrModelConfig) -> None:
     model.pad_matmuls = False
 
 
+def _graph_fields_bf16_sdpa(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16 with fused (flash, in bf16) coordinate attention where nothing is differentiated: the
+    sampler's SDF queries."""
+    _graph_fields_bf16(model)
+    model.sdf_field.coordinate_attention.fused_without_grad = True
+    model.background_field.coordinate_attention.fused_without_grad = True
+
+
 def _fast_compiled(model: CocoInrModelConfig) -> None:
     _fast(model)
     model.compile_sampler = True
@@ -162,6 +170,7 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16": _graph_fields_bf16,
     "graph+fields+bf16+explicit": _graph_fields_bf16_explicit,
     "graph+fields+bf16+unpadded": _graph_fields_bf16_unpadded,
+    "graph+fields+bf16+sdpa": _graph_fields_bf16_sdpa,
 }
 
 

@@ -60,6 +60,8 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention from ``query_dim`` inputs to a context (itself when none is given).
 
     ``block_diagonal``: the explicit path of 2-D inputs goes through :func:`attend_block_diagonal`.
+    ``batch_fused``: the fused path of 2-D inputs adds the batch dimension torch's flash and memory-efficient
+    kernels require (they take 4-D inputs only; torch runs a 3-D one through its unfused math kernel).
     """
 
     def __init__(
@@ -69,11 +71,13 @@ class MultiHeadAttention(nn.Module):
         heads: int = 4,
         dim_head: int = 32,
         block_diagonal: bool = False,
+        batch_fused: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
         self.block_diagonal = block_diagonal
+        self.batch_fused = batch_fused
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(context_dim or query_dim, 2 * inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, query_dim)
@@ -89,7 +93,11 @@ class MultiHeadAttention(nn.Module):
         q = self.to_q(x)
         if not fused and self.block_diagonal and q.dim() == 2 and k.dim() == 2:
             return self.to_out(attend_block_diagonal(q, k, v, self.heads))
-        out = attend(self._split_heads(q), self._split_heads(k), self._split_heads(v), fused)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        if fused and self.batch_fused and q.dim() == 3 and k.dim() == 3:
+            out = attend(q[None], k[None], v[None], fused)[0]
+        else:
+            out = attend(q, k, v, fused)
         return self.to_out(out.transpose(-2, -3).flatten(-2))
 
 
@@ -157,13 +165,24 @@ class CrossAttentionBlock(nn.Module):
     """Pre-norm cross attention: both the queries and the context are layer-normalised."""
 
     def __init__(
-        self, query_dim: int, context_dim: int, heads: int, dim_head: int, block_diagonal: bool = False
+        self,
+        query_dim: int,
+        context_dim: int,
+        heads: int,
+        dim_head: int,
+        block_diagonal: bool = False,
+        batch_fused: bool = False,
     ) -> None:
         super().__init__()
         self.norm = LayerNorm(query_dim)
         self.norm_context = nn.LayerNorm(context_dim)
         self.attention = MultiHeadAttention(
-            query_dim, context_dim, heads=heads, dim_head=dim_head, block_diagonal=block_diagonal
+            query_dim,
+            context_dim,
+            heads=heads,
+            dim_head=dim_head,
+            block_diagonal=block_diagonal,
+            batch_fused=batch_fused,
         )
 
     def forward(self, x: Tensor, context: Tensor, fused: bool = True) -> Tensor:
@@ -226,7 +245,8 @@ class CodebookAttention(nn.Module):
 class CoordinateAttention(nn.Module):
     """Each query (an encoded point) attends to the prototypes ``depth`` times, residually.
 
-    A feed-forward (``in -> in -> in``) follows the last block only, as in the original.
+    A feed-forward (``in -> in -> in``) follows the last block only, as in the original. The fused path runs
+    the points as one sequence of queries against the prototypes, through torch's fused kernels.
     """
 
     def __init__(
@@ -242,7 +262,10 @@ class CoordinateAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            [CrossAttentionBlock(query_dim, prototype_dim, heads, dim_head, block_diagonal) for _ in range(depth)]
+            [
+                CrossAttentionBlock(query_dim, prototype_dim, heads, dim_head, block_diagonal, batch_fused=True)
+                for _ in range(depth)
+            ]
         )
         self.feed_forward = FeedForward(query_dim, mult=1, activation=activation) if feed_forward else None
 

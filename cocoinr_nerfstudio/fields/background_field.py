@@ -115,7 +115,7 @@ class CocoBackgroundField(nn.Module):
         self, points: Tensor, directions: Tensor, density_prototypes: Tensor | None, color_prototypes: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` as a function of tensors alone (the prototypes are arguments), so that it compiles."""
-        fused = self.config.coordinate_attention.fused
+        fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled())
         encoded = self.position_encoding(points)
         if self.density_attention is not None:
             assert density_prototypes is not None

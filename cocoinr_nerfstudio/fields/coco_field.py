@@ -43,11 +43,24 @@ class CoordinateAttentionConfig:
     dim_head: int = 32
     """Width of each head."""
     fused: bool = False
-    """Use torch's fused scaled-dot-product kernels where no second derivative is needed. Off: with a few
-    hundred keys and fp32 they were slower than explicit attention on an H200 (SDPA saves memory only)."""
+    """Use torch's fused scaled-dot-product kernels where no second derivative is needed. Off: in fp32 they were
+    slower than explicit attention on an H200, measured before the points reached them as 4-D inputs (so on torch's
+    unfused math kernel); not re-measured since."""
+    fused_without_grad: bool = False
+    """Use the fused kernels where no gradient is taken at all: the sampler's SDF queries, evaluation and the
+    viewer. Under bf16 (``sampler-autocast``) that is the flash kernel, which spreads one sequence of every query
+    point over the GPU; its backward would not (the 256 shared keys' gradients are reductions over all queries),
+    so differentiated paths stay explicit unless ``fused`` is on."""
     block_diagonal: bool = True
     """Explicit attention as two plain matrix products against block-diagonal keys and values instead of one
     batched product per head: the same values, a faster backward pass (see ``attend_block_diagonal``)."""
+
+    def use_fused(self, grad: bool, second_derivative: bool = False) -> bool:
+        """Whether a pass takes the fused kernels: never under a second derivative (they have none); with
+        ``fused`` otherwise; with ``fused_without_grad`` where no gradient is taken (``grad`` False)."""
+        if second_derivative:
+            return False
+        return self.fused or (self.fused_without_grad and not grad)
 
     def setup(
         self, query_dim: int, prototype_dim: int, depth: int, activation: FeedForwardActivation
@@ -178,7 +191,7 @@ class CocoField(Field):
         )
 
     def _fused(self, create_graph: bool) -> bool:
-        return self.config.coordinate_attention.fused and not create_graph
+        return self.config.coordinate_attention.use_fused(torch.is_grad_enabled(), second_derivative=create_graph)
 
     def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
         """Run the geometry (with and without its gradient) and the colour head through ``torch.compile``.
@@ -286,7 +299,8 @@ class CocoField(Field):
         with autocast:
             if self.color_attention is not None:
                 assert prototypes is not None
-                x = self.color_attention(x, prototypes, fused=self.config.coordinate_attention.fused)
+                fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled())
+                x = self.color_attention(x, prototypes, fused=fused)
             return torch.sigmoid(self.color_mlp(x)).float()
 
     def get_density(self, ray_samples: RaySamples):  # type: ignore[override]

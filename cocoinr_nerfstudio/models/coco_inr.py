@@ -410,7 +410,8 @@ class CocoInrModel(SurfaceModel):
     ) -> tuple[dict[FieldHeadNames, Tensor], Tensor, Tensor]:
         """SDF everywhere (first-order only), SDF gradient and colour only where the weights matter."""
         points = ray_samples.frustums.get_start_positions()
-        sdf = self.field.forward_geonetwork(points, fused=self.field.config.coordinate_attention.fused)[..., :1]
+        fused = self.field.config.coordinate_attention.use_fused(torch.is_grad_enabled())
+        sdf = self.field.forward_geonetwork(points, fused=fused)[..., :1]
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
         visible = weights.detach() > threshold
         outputs = {FieldHeadNames.SDF: sdf}

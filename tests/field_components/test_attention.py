@@ -43,6 +43,29 @@ def test_multi_head_attention_shapes_and_paths():
     assert attention.to_q.weight.shape == (128, 39) and attention.to_kv.weight.shape == (256, 128)
 
 
+def test_coordinate_attention_gives_the_fused_kernels_4d_inputs(monkeypatch):
+    """torch's flash and memory-efficient kernels take 4-D inputs only (3-D ones run its unfused math kernel): the
+    fused path of coordinate attention passes the points as one batch of one sequence, and still matches the
+    explicit path, in both its forms."""
+    from cocoinr_nerfstudio.field_components import attention as module
+
+    shapes = []
+    sdpa = module.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        shapes.append((tuple(q.shape), tuple(k.shape)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", recording_sdpa)
+    points, prototypes = torch.randn(50, 39), torch.randn(256, 128)
+    for block_diagonal in (False, True):
+        block = CoordinateAttention(query_dim=39, prototype_dim=128, depth=2, block_diagonal=block_diagonal)
+        shapes.clear()
+        fused, explicit = block(points, prototypes, fused=True), block(points, prototypes, fused=False)
+        assert shapes == [((1, 4, 50, 32), (1, 4, 256, 32))] * 2  # two blocks; the explicit pass calls none
+        torch.testing.assert_close(fused, explicit, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_codebook_attention_output_and_parameter_count():
     attention = CodebookAttention(codebook_dim=256, num_latents=256, latent_dim=128, depth=3)
     prototypes = attention(torch.randn(1000, 256))

@@ -16,6 +16,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.engine.trainer import resolve_decay_lengths
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
+from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
 
@@ -405,3 +406,58 @@ def test_the_bounding_sphere_comes_from_the_data_unless_set():
     assert model.scene_radius == 2.0 and model.collider.radius == 2.0
     model = tiny_config(scene_radius=2.5).setup(scene_box=SCENE_BOX, num_train_data=4, metadata={"scene_radius": 2.0})
     assert model.scene_radius == 2.5
+
+
+def test_fused_attention_settings_choose_the_kernel_by_derivative():
+    """``fused``: everywhere but under a second derivative; ``fused_without_grad``: only where no gradient is
+    taken; neither: always explicit."""
+    cases = {
+        (False, False): [False] * 4,
+        (True, False): [True, True, False, False],
+        (False, True): [False, True, False, False],
+    }
+    for (fused, fused_without_grad), expected in cases.items():
+        config = CocoFieldConfig().coordinate_attention
+        config.fused, config.fused_without_grad = fused, fused_without_grad
+        chosen = [config.use_fused(grad, second) for second in (False, True) for grad in (True, False)]
+        assert chosen == expected, (fused, fused_without_grad)
+
+
+def test_fused_without_grad_takes_the_fused_kernels_only_where_nothing_is_differentiated(monkeypatch):
+    """The sampler's SDF queries and renders without autograd use SDPA; the training pass stays explicit; the
+    results are the explicit model's up to float rounding."""
+    from cocoinr_nerfstudio.field_components import attention
+
+    grad_modes = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    results = []
+    for fused_without_grad in (False, True):
+        config = tiny_config(fused_prototype_attention=False)  # SDPA calls then come from coordinate attention
+        config.sdf_field.coordinate_attention.fused_without_grad = fused_without_grad
+        config.background_field.coordinate_attention.fused_without_grad = fused_without_grad
+        model = build(config)
+        grad_modes.clear()
+        train = _train_outputs(model)
+        training_calls = list(grad_modes)
+        model.eval()
+        grad_modes.clear()
+        with torch.no_grad():
+            render = model(rays(seed=3))
+        results.append((train, render, training_calls, list(grad_modes)))
+    (train, render, training_calls, render_calls), (fused_train, fused_render, fused_training, fused_rendering) = (
+        results
+    )
+    assert training_calls == [] and render_calls == []
+    assert fused_training and not any(fused_training)  # the sampler's queries, under no_grad
+    assert fused_rendering and not any(fused_rendering)
+    # SDF queries, colour head, background density and colour of a render: all four attention sites
+    assert len(fused_rendering) >= 4
+    torch.testing.assert_close(fused_train["rgb"], train["rgb"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_render["rgb"], render["rgb"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_render["depth"], render["depth"], rtol=1e-4, atol=1e-5)

@@ -134,15 +134,24 @@ def test_background_field_matches_with_gradients():
         torch.testing.assert_close(ours, theirs)
 
 
+def _sdpa_without_grad() -> CocoFieldConfig:
+    config = CocoFieldConfig(geometry_hidden_dims=(32, 32), feature_dim=16)
+    config.coordinate_attention.fused_without_grad = True
+    return config
+
+
 @pytest.mark.parametrize(
-    "overrides", [{}, {"bf16_color_heads": True, "sampler_autocast": "bfloat16"}], ids=["fp32", "bf16-options"]
+    "overrides",
+    [{}, {"bf16_color_heads": True, "sampler_autocast": "bfloat16"}, {"sdf_field": _sdpa_without_grad()}],
+    ids=["fp32", "bf16-options", "sdpa-without-grad"],
 )
 def test_model_training_step_matches_the_eager_model(overrides):
     """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
     gradient. With the bf16 options, autocast regions inside and around the compiled functions are kept."""
     results = []
     for compile_fields in (False, True):
-        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager", **overrides))
+        config = tiny_config(compile_fields=compile_fields, compile_backend="aot_eager", **overrides)
+        model = build(config)
         model.train()
         torch.manual_seed(5)  # stratified samples and eikonal points draw the same numbers
         outputs = model(rays())
