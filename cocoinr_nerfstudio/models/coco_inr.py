@@ -46,6 +46,7 @@ from cocoinr_nerfstudio.viewer.panel import MethodPanel
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
+MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 
 
 @dataclass
@@ -145,7 +146,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     eval_num_rays_per_chunk: int = 8192
     """Rays per chunk when rendering whole images (volume mode). Large chunks mean few kernel launches per frame:
     a 512x512 frame took 8.4 s at 1024 and 4.0 s at 8192 on an H200. Memory grows with it (several GiB at 8192
-    early in training, when most samples are visible): lower it on GPUs with little memory."""
+    early in training, when most samples are visible). A render that runs out of GPU memory halves it and retries,
+    and says so."""
     # SurfaceModel/Model options this model does not use (or that would be wrong here: its depth prior compares
     # z-depth while our depth is ray distance): kept for nerfstudio, hidden from the command line
     far_plane: tyro.conf.Suppress[float] = 4.0
@@ -259,6 +261,8 @@ class CocoInrModel(SurfaceModel):
         self.viewer_render_mode: Literal["volume", "surface"] = "volume"
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
+        self._render_chunks: dict[str, int] = {}
+        """Chunk sizes lowered after a render ran out of GPU memory, by option name (the config keeps the user's)."""
         if self.config.tf32_matmul:
             torch.set_float32_matmul_precision("high")
         if self.config.cuda_graph and self.config.train_weight_threshold > 0:
@@ -495,15 +499,34 @@ class CocoInrModel(SurfaceModel):
 
     @torch.no_grad()
     def get_outputs_for_camera_ray_bundle(self, camera_ray_bundle: RayBundle) -> dict[str, Tensor]:
-        if not self._renders_surface():
-            return super().get_outputs_for_camera_ray_bundle(camera_ray_bundle)
+        """A whole image, chunk by chunk. A chunk that runs out of GPU memory halves the chunk size for this and
+        every later render (down to ``MIN_RENDER_CHUNK``), with one message naming the option to set instead."""
+        option = "preview-num-rays-per-chunk" if self._renders_surface() else "eval-num-rays-per-chunk"
+        while True:
+            chunk = self._render_chunks.get(option) or getattr(self.config, option.replace("-", "_"))
+            try:
+                return self._render_in_chunks(camera_ray_bundle, chunk)
+            except torch.OutOfMemoryError:
+                if chunk <= MIN_RENDER_CHUNK:
+                    raise
+                self._render_chunks[option] = max(chunk // 2, MIN_RENDER_CHUNK)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                CONSOLE.print(
+                    f"[bold yellow]Rendering ran out of GPU memory at {chunk} rays per chunk; retrying with "
+                    f"{self._render_chunks[option]} (--pipeline.model.{option} {self._render_chunks[option]} "
+                    "starts there)."
+                )
+
+    def _render_in_chunks(self, camera_ray_bundle: RayBundle, chunk: int) -> dict[str, Tensor]:
+        """nerfstudio's chunked render (outputs back on the bundle's device, shaped like the image)."""
         height, width = camera_ray_bundle.origins.shape[:2]
-        chunk = self.config.preview_num_rays_per_chunk
         pieces: dict[str, list[Tensor]] = {}
         for start in range(0, len(camera_ray_bundle), chunk):
             bundle = camera_ray_bundle.get_row_major_sliced_ray_bundle(start, start + chunk).to(self.device)
             for name, value in self.forward(ray_bundle=bundle).items():
-                pieces.setdefault(name, []).append(value.to(camera_ray_bundle.directions.device))
+                if isinstance(value, Tensor):
+                    pieces.setdefault(name, []).append(value.to(camera_ray_bundle.directions.device))
         return {name: torch.cat(values).view(height, width, -1) for name, values in pieces.items()}
 
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Any]:  # type: ignore[override]

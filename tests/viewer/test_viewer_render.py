@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
 
@@ -63,3 +64,46 @@ def test_a_frame_does_not_depend_on_the_chunk_size(tiny_model):
     chunked = render_like_the_viewer(tiny_model, camera(8, 12))
     for name in VIEWER_OUTPUTS:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_frame_that_runs_out_of_gpu_memory_is_rendered_in_smaller_chunks(tiny_model, monkeypatch, capsys):
+    """A chunk too large for the GPU halves the chunk size (down to MIN_RENDER_CHUNK) instead of failing the frame;
+    the message names the option, later frames start at the size that fitted, and the config keeps its value."""
+    import cocoinr_nerfstudio.models.coco_inr as coco_inr
+
+    monkeypatch.setattr(coco_inr, "MIN_RENDER_CHUNK", 8)
+    forward, chunk_sizes = tiny_model.forward, []
+
+    def forward_that_fits_20_rays(ray_bundle):
+        chunk_sizes.append(len(ray_bundle))
+        if len(ray_bundle) > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(ray_bundle=ray_bundle)
+
+    tiny_model.config.eval_num_rays_per_chunk = 29
+    expected = render_like_the_viewer(tiny_model, camera(8, 12))
+    tiny_model.config.eval_num_rays_per_chunk = 80
+    monkeypatch.setattr(tiny_model, "forward", forward_that_fits_20_rays)
+    frame = render_like_the_viewer(tiny_model, camera(8, 12))
+    assert chunk_sizes[:3] == [80, 40, 20]  # 80 and 40 fail, 20 fits: 96 rays in chunks of 20
+    assert chunk_sizes[2:] == [20, 20, 20, 20, 16]
+    for name in VIEWER_OUTPUTS:
+        torch.testing.assert_close(frame[name], expected[name], atol=1e-5, rtol=1e-5)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("Rendering ran out of GPU memory") == 2
+    assert (
+        "at 40 rays per chunk; retrying with 20 (--pipeline.model.eval-num-rays-per-chunk 20 starts there)" in printed
+    )
+    assert tiny_model.config.eval_num_rays_per_chunk == 80
+
+    chunk_sizes.clear()
+    render_like_the_viewer(tiny_model, camera(8, 12))
+    assert chunk_sizes == [20, 20, 20, 20, 16] and "out of GPU memory" not in capsys.readouterr().out
+
+    def forward_that_never_fits(ray_bundle):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tiny_model, "forward", forward_that_never_fits)
+    with pytest.raises(torch.OutOfMemoryError):  # at the smallest chunk the error is the user's to see
+        render_like_the_viewer(tiny_model, camera(8, 12))
+    assert tiny_model._render_chunks["eval-num-rays-per-chunk"] == 8
