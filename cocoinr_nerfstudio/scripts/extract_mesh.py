@@ -1,7 +1,9 @@
 """cocoinr-extract-mesh: marching-cubes mesh of a trained CoCo-INR / VolSDF model, in world units by default.
 
 Unlike ``ns-export marching-cubes`` it runs on CPU or CUDA, takes any resolution, has no block seams, can cull
-by the training masks (the usual few-view DTU protocol) and maps the mesh back to the data's world frame.
+by the training masks (the usual few-view DTU protocol) and maps the mesh back to the data's world frame. With
+``--input-mesh`` it applies the same post-processing to a mesh made elsewhere (``ns-export poisson`` writes the
+model's normalised frame).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import trimesh
 import tyro
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -118,6 +121,10 @@ class ExtractMesh:
     """Keep only the largest connected component (after culling)."""
     normalized_frame: bool = False
     """Write the mesh in the normalised frame instead of world units (scale_mat)."""
+    input_mesh: Path | None = None
+    """Post-process this mesh (in the model's frame, e.g. from ``ns-export poisson`` or ``marching-cubes``) instead
+    of extracting one: world units, culling and the largest component as for an extracted mesh. The file itself is
+    never changed."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -152,6 +159,46 @@ class ExtractMesh:
             model.to(device)
         return device
 
+    def _read_input_mesh(self) -> trimesh.Trimesh:
+        path = self.input_mesh
+        assert path is not None
+        if not path.is_file():
+            raise CLIError(f"--input-mesh {path}: no such file")
+        if path.resolve() == self.output_path.resolve():
+            raise CLIError(f"--input-mesh {path} is also --output-path: write the result to another file")
+        conflicting = [
+            f"--{name.replace('_', '-')}"
+            for name in ("bounding_box_min", "bounding_box_max")
+            if getattr(self, name) is not None
+        ] + (["--use-scene-radius"] if self.use_scene_radius else [])
+        if conflicting:
+            raise CLIError(f"--input-mesh {path}: {', '.join(conflicting)} only apply to an extraction; leave them out")
+        try:
+            mesh = trimesh.load(path, force="mesh", process=False)
+        except Exception as err:  # trimesh raises many types for unreadable files
+            raise CLIError(f"--input-mesh {path}: not a mesh trimesh can read ({type(err).__name__}: {err})") from err
+        if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+            raise CLIError(f"--input-mesh {path}: no faces (a point cloud?); expected a triangle mesh")
+        CONSOLE.print(f"Read {path}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces (model frame)")
+        return mesh
+
+    def _extract(self, model, field) -> trimesh.Trimesh:
+        box_min, box_max = self._box(model)
+        device = self._device(model)
+        CONSOLE.print(
+            f"Extracting level {self.isosurface_level} at {self.resolution}^3 in box {box_min} .. {box_max} on {device}"
+        )
+        return extract_mesh(
+            lambda x: field.forward_geonetwork(x)[:, 0],
+            self.resolution,
+            box_min,
+            box_max,
+            self.isosurface_level,
+            self.block_resolution,
+            device,
+            self.chunk_size,
+        )
+
     def run(self) -> Path:
         """Load, extract, post-process and write the mesh; returns the written path."""
         out = self.output_path
@@ -161,10 +208,11 @@ class ExtractMesh:
             raise CLIError(f"{out} already exists: pass --overwrite to replace it")
         if not self.load_config.is_file():
             raise CLIError(f"config not found: {self.load_config}")
+        given = self._read_input_mesh() if self.input_mesh is not None else None  # fail before loading the model
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
         model = pipeline.model
         field = getattr(model, "field", None)
-        if not hasattr(field, "forward_geonetwork"):
+        if given is None and not hasattr(field, "forward_geonetwork"):
             raise CLIError("the model's field has no forward_geonetwork(points): it is not an SDF model")
         outputs = pipeline.datamanager.train_dataparser_outputs
         to_world = None if self.normalized_frame else model_to_world(outputs)
@@ -174,22 +222,8 @@ class ExtractMesh:
                 "the mesh stays in the normalised frame."
             )
         views = training_views(pipeline) if self.cull_by_masks else None  # fail before the long part
-        box_min, box_max = self._box(model)
-        device = self._device(model)
-        CONSOLE.print(
-            f"Extracting level {self.isosurface_level} at {self.resolution}^3 in box {box_min} .. {box_max} on {device}"
-        )
         try:
-            mesh = extract_mesh(
-                lambda x: field.forward_geonetwork(x)[:, 0],
-                self.resolution,
-                box_min,
-                box_max,
-                self.isosurface_level,
-                self.block_resolution,
-                device,
-                self.chunk_size,
-            )
+            mesh = given if given is not None else self._extract(model, field)
             if views is not None:
                 mesh = cull_by_masks(mesh, *views, dilation=self.mask_dilation)
                 CONSOLE.print(f"Culled by {len(views[-1])} training masks: {len(mesh.faces)} faces left")

@@ -184,6 +184,55 @@ def test_extract_cuda_request_without_cuda(extract, capsys):
     assert "CUDA is not available" in capsys.readouterr().out
 
 
+def test_input_mesh_is_post_processed_like_an_extracted_one(extract, tmp_path, capsys):
+    """``--input-mesh`` (e.g. ns-export poisson's output, in the model's frame): world units and culling, no SDF
+    evaluated, the input file untouched."""
+    given = tmp_path / "poisson_mesh.ply"
+    trimesh.creation.icosphere(subdivisions=4, radius=0.5).export(given)
+    before = given.read_bytes()
+    code, pipeline, out = extract("--input-mesh", str(given))
+    assert code == 0 and pipeline.model.field.calls == 0 and given.read_bytes() == before
+    vertices = trimesh.load(out, process=False).vertices
+    np.testing.assert_allclose(np.linalg.norm(vertices - SCALE_MAT[:3, 3], axis=1), 50.0, rtol=1e-6)
+    assert "Read " in capsys.readouterr().out
+
+    code, pipeline, culled = extract(
+        "--input-mesh", str(given), "--cull-by-masks", "--normalized-frame", output="c.ply"
+    )
+    assert code == 0 and pipeline.model.field.calls == 0
+    kept = trimesh.load(culled, process=False)
+    faces = len(trimesh.load(given, process=False).faces)
+    assert kept.vertices[:, 0].max() < 0.05 and 0.4 < len(kept.faces) / faces < 0.6  # the left half (x < 0)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("points", "no faces (a point cloud?)"),
+        ("same", "is also --output-path"),
+        ("box", "--use-scene-radius only apply to an extraction"),
+    ],
+)
+def test_input_mesh_errors_name_the_file_and_stop_before_loading_the_model(extract, tmp_path, capsys, case, message):
+    given = tmp_path / "in.ply"
+    if case == "points":
+        trimesh.PointCloud(np.random.default_rng(0).normal(size=(50, 3))).export(given)
+    elif case != "missing":
+        trimesh.creation.icosphere(radius=0.5).export(given)
+    before = given.read_bytes() if given.exists() else None
+    extra = {"box": ["--use-scene-radius"], "same": ["--overwrite"]}.get(case, [])
+    output = str(given.relative_to(tmp_path)) if case == "same" else "out.ply"
+    code, pipeline, out = extract("--input-mesh", str(given), *extra, output=output)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and message in printed and str(given) in printed
+    assert pipeline.model.field.calls == 0
+    if case == "same":
+        assert given.read_bytes() == before
+    else:
+        assert not out.exists()
+
+
 def test_model_to_world_is_the_scale_mat():
     """IDR parsers also store world -> normalised as dataparser_transform/scale: it must not be applied again."""
     transform = np.linalg.inv(SCALE_MAT)[:3] * 100.0
