@@ -267,7 +267,7 @@ def test_extract_mesh_in_world_units_and_eval_mesh(workspace, trained, loaded, t
     assert metrics["hausdorff"] >= max(metrics["accuracy"], metrics["completeness"])
 
 
-def test_ns_export_poisson_on_cpu(workspace, trained, loaded):
+def test_ns_export_poisson_on_cpu(workspace, trained, loaded, tiny_scene):
     """(e) ns-export poisson: rgb, ray-distance depth and [0, 1] normals give a point cloud on the SDF's surface.
 
     Fast flags: few points, small ray batches (nerfstudio's default is 32768 rays at a time) and a small texture
@@ -306,6 +306,21 @@ def test_ns_export_poisson_on_cpu(workspace, trained, loaded):
     assert np.median(cosine) > 0.95 and np.percentile(cosine, 10) > 0.8, np.percentile(cosine, [10, 50])
     mesh = o3d.io.read_triangle_mesh(str(workspace.root / "poisson" / "poisson_mesh.ply"))
     assert len(mesh.triangles) > 100
+    # the poisson mesh to world units (scale_mat), as cocoinr-extract-mesh writes its own
+    workspace.run(
+        "cocoinr-extract-mesh",
+        "--load-config",
+        str(run_dir / "config.yml"),
+        "--input-mesh",
+        "poisson/poisson_mesh.ply",
+        "--output-path",
+        "poisson_world.ply",
+    )
+    world = trimesh.load(workspace.root / "poisson_world.ply", process=False)
+    assert len(world.faces) == len(mesh.triangles)
+    np.testing.assert_allclose(
+        tiny_scene.to_normalised(np.asarray(world.vertices)), np.asarray(mesh.vertices), atol=1e-4
+    )
     textured = trimesh.load(workspace.root / "poisson" / "mesh.obj", process=False)  # xatlas + NeRF texture
     assert len(textured.faces) > 100 and textured.visual.uv.shape == (len(textured.vertices), 2)
     assert Image.open(workspace.root / "poisson" / "material_0.png").size == (128, 128)
