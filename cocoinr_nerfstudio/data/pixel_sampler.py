@@ -38,10 +38,15 @@ class PerImagePixelSampler(PixelSampler):
         device: torch.device | str = "cpu",
     ) -> Int[Tensor, "batch_size 3"]:
         per_step = self.config.images_per_batch
-        if (isinstance(mask, Tensor) and not self.config.ignore_mask) or per_step < 1 or per_step >= num_images:
+        if isinstance(mask, Tensor) and not self.config.ignore_mask:
             return super().sample_method(batch_size, num_images, image_height, image_width, mask, device)
-        chosen = torch.randperm(num_images, device=device)[:per_step]
-        image = chosen[torch.arange(batch_size, device=device) % per_step]
+        if per_step < 1 or per_step >= num_images:
+            # every ray from any image, nerfstudio's distribution; its own draw scales uniforms by a tensor it
+            # builds from host memory each step, a copy that waits for the GPU
+            image = torch.randint(0, num_images, (batch_size,), device=device)
+        else:
+            chosen = torch.randperm(num_images, device=device)[:per_step]
+            image = chosen[torch.arange(batch_size, device=device) % per_step]
         y = torch.randint(0, image_height, (batch_size,), device=device)
         x = torch.randint(0, image_width, (batch_size,), device=device)
         return torch.stack([image, y, x], dim=-1)

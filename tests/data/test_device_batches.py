@@ -158,11 +158,12 @@ def test_the_blocker_names_what_nerfstudio_would_do_differently(change, expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host read-backs only exist with a GPU")
-def test_a_device_batch_never_reads_back_to_the_host(tiny_scene: SceneInfo):
+@pytest.mark.parametrize("images_per_batch", [1, -1])  # -1: any image per ray, where nerfstudio's draw copies in
+def test_a_device_batch_never_reads_back_to_the_host(tiny_scene: SceneInfo, images_per_batch: int):
     config = CocoDataManagerConfig(
         dataparser=IDRDataParserConfig(data=tiny_scene.path, num_views=3),
         train_num_rays_per_batch=256,
-        pixel_sampler=PerImagePixelSamplerConfig(images_per_batch=1),  # nerfstudio's own draw copies a shape in
+        pixel_sampler=PerImagePixelSamplerConfig(images_per_batch=images_per_batch),
     )
     manager = config.setup(device="cuda")
     assert manager.device_batches is not None
