@@ -74,9 +74,11 @@ class CompiledOrEager:
             self._limit = config.patch(**{key: self.recompile_limit})
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles (``copy.deepcopy`` of a model, ``torch.save`` of a module) carry the functions and
-        settings, not torch.compile's wrapper (it holds locks and caches): the copy compiles afresh for its own
-        module (its methods rebound to the copy) on its first call."""
+        """Copies and pickles (``copy.deepcopy`` of a model, ``torch.save`` of a field) carry the functions and
+        settings, not torch.compile's wrapper (it holds locks): the copy wraps its own methods (rebound to the copy)
+        again. Dynamo keys compiled code by the function's code object, so the copy may reuse graphs compiled for
+        the original; parameters are graph inputs, so it computes with its own. A wrapper that fell back to eager
+        stays eager in the copy."""
         return {key: value for key, value in self.__dict__.items() if key not in ("compiled", "_limit")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -129,6 +129,11 @@ class PrototypeBank(nn.Module):
     def invalidate(self) -> None:
         self._cache = {}
 
+    def __getstate__(self) -> dict:
+        """Copies leave the cached prototypes out: after a training step they are non-leaf tensors of that step's
+        graph, which cannot be copied; the copy recomputes them on use."""
+        return {**super().__getstate__(), "_cache": {}}
+
     def get(self, head: str) -> Tensor:
         cached: Tensor | None = self._cache.get(head)
         if cached is not None:

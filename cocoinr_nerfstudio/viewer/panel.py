@@ -178,18 +178,6 @@ class MethodPanel(nn.Module):
 
     # ---- viewer wiring -------------------------------------------------------------------------------------
 
-    _RUNTIME_LINKS = ("_trainer_lock", "_viewer", "_worker", "preview_handle")
-
-    def __getstate__(self) -> dict[str, Any]:
-        """A copy (``copy.deepcopy`` of the model) is an inert panel: no link to a running viewer, trainer or
-        preview thread, a lock of its own."""
-        state = {key: value for key, value in super().__getstate__().items() if key != "_worker_guard"}
-        return {**state, **dict.fromkeys(self._RUNTIME_LINKS)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._worker_guard = threading.Lock()
-
     def _on_viewer_ready(self, viewer: Viewer) -> None:
         self._viewer = viewer
         self.beta.value = self._beta_text()  # e.g. ns-viewer: the checkpoint was loaded after construction

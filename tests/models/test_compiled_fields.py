@@ -173,9 +173,14 @@ def test_model_training_step_matches_the_eager_model(overrides):
 
 
 def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_weights():
-    """``copy.deepcopy`` of a model with compiled fields: the copy renders what the original does, its compiled paths
-    read the copy's parameters (not the original's), and its viewer panel is an inert one of its own."""
+    """``copy.deepcopy`` of a model with compiled fields, after a training step (the cached prototypes are part of
+    that step's graph): the copy renders what the original does, its compiled paths read the copy's parameters
+    (not the original's), and it has a viewer panel of its own."""
     model = build(tiny_config(compile_fields=True, compile_backend="aot_eager"))
+    model.train()
+    outputs = model(rays())
+    sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())}).values()).backward()
+    copy.deepcopy(model)  # in training mode, right after the step
     model.eval()
     with torch.no_grad():
         before = model(rays())["rgb"]
@@ -188,8 +193,8 @@ def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_weights():
         torch.testing.assert_close(model(rays())["rgb"], before, rtol=0, atol=0)
     assert not torch.allclose(changed, before)
     assert twin.field._compiled.colors.traced.__self__ is twin.field
-    assert twin.viewer_panel._viewer is None and twin.viewer_panel._worker_guard is not model.viewer_panel._worker_guard
-    assert twin.viewer_panel._model is twin
+    assert twin.viewer_panel is not model.viewer_panel and twin.viewer_panel._model is twin
+    assert twin.viewer_panel._viewer is None
 
 
 def test_renders_match_in_the_viewers_render_thread():
@@ -319,3 +324,30 @@ def test_inductor_kernels_on_gpu_match_eager(pad_matmuls):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     for ours, theirs in zip(results[1][3], results[0][3], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5 * max(1.0, float(theirs.abs().max())))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor pads matrix products on GPUs only")
+def test_pad_matmuls_pads_an_unaligned_product_in_the_generated_code():
+    """The option must change the kernels, not just the options handed over: with it, inductor's code holds the
+    colour head's 289-wide operand padded to 296 (bf16 alignment 8); without it, nothing 296 wide."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
+
+    layer = torch.nn.Linear(289, 289).cuda()
+    x = torch.randn(4096, 289, device="cuda")
+
+    def colour_like(t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return layer(torch.relu(t)).float()
+
+    for pad_matmuls in (False, True):
+        torch._dynamo.reset()
+        compiled = CompiledOrEager(colour_like, "inductor", "a 289-wide product", pad_matmuls=pad_matmuls)
+        with torch.no_grad():
+            out, code = run_and_get_code(compiled, x)
+        assert not compiled.failed
+        assert bool(re.search(r"\b296\b", "\n".join(code))) == pad_matmuls
+        torch.testing.assert_close(out, colour_like(x), rtol=2e-2, atol=2e-2)

@@ -100,10 +100,15 @@ def test_a_frame_that_runs_out_of_gpu_memory_is_rendered_in_smaller_chunks(tiny_
     render_like_the_viewer(tiny_model, camera(8, 12))
     assert chunk_sizes == [20, 20, 20, 20, 16] and "out of GPU memory" not in capsys.readouterr().out
 
+    tiny_model.config.eval_num_rays_per_chunk = 12  # a setting below the lowered size wins
+    chunk_sizes.clear()
+    render_like_the_viewer(tiny_model, camera(8, 12))
+    assert chunk_sizes == [12] * 8
+
     def forward_that_never_fits(ray_bundle):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(tiny_model, "forward", forward_that_never_fits)
-    with pytest.raises(torch.OutOfMemoryError):  # at the smallest chunk the error is the user's to see
-        render_like_the_viewer(tiny_model, camera(8, 12))
+    with pytest.raises(torch.OutOfMemoryError, match=r"even at 8 rays per chunk \(--pipeline\.model\.eval-num-rays"):
+        render_like_the_viewer(tiny_model, camera(8, 12))  # at the smallest chunk the error is the user's to see
     assert tiny_model._render_chunks["eval-num-rays-per-chunk"] == 8
