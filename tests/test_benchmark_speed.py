@@ -133,11 +133,7 @@ def test_matmul_padding_benchmark_on_cpu(monkeypatch):
         assert float(row[6]) < (2e-2 if row[2] == "bfloat16" else 1e-5)
 
 
-def test_aligned_widths():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("padding", REPO / "scripts" / "benchmark_matmul_padding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_aligned_widths(monkeypatch):
+    module = load_script("benchmark_matmul_padding", monkeypatch)
     assert [module.aligned(w, 8) for w in (39, 78, 256, 257, 289)] == [40, 80, 256, 264, 296]
     assert [module.aligned(w, 4) for w in (39, 283, 84)] == [40, 284, 84]
