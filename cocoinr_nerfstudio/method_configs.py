@@ -1,4 +1,5 @@
-"""nerfstudio method registrations: ``coco-inr`` and its prior-free baseline ``volsdf``.
+"""nerfstudio method registrations: ``coco-inr``, its measured fastest recipe ``coco-inr-fast``, and the prior-free
+baseline ``volsdf``.
 
 Imported by every ``ns-*`` command through the ``nerfstudio.method_configs`` entry point: only
 configuration lives here, and nothing optional (tinycudann, open3d) is imported.
@@ -67,6 +68,30 @@ def _trainer(method_name: str, model: CocoInrModelConfig) -> CocoTrainerConfig:
 coco_inr = MethodSpecification(
     config=_trainer("coco-inr", CocoInrModelConfig()),
     description="CoCo-INR (NeurIPS 2022): VolSDF surface with a VQGAN codebook prior, for few-view reconstruction.",
+)
+
+
+def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
+    """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config ``graph+fields+bf16+sdpa``), set on
+    ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products, bf16 where
+    only samples are placed and in the colour heads, fused attention where nothing is differentiated) and
+    scheduling (one CUDA graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays
+    that need them). Each part falls back to the eager path with a message where it cannot run (CPU, multi-GPU)."""
+    model.tf32_matmul = True
+    model.cuda_graph = True
+    model.compile_sampler = True
+    model.static_refine_budget = "auto"
+    model.compile_fields = True
+    model.sampler_autocast = "bfloat16"
+    model.bf16_color_heads = True
+    model.sdf_field.coordinate_attention.fused_without_grad = True
+    model.background_field.coordinate_attention.fused_without_grad = True
+    return model
+
+
+coco_inr_fast = MethodSpecification(
+    config=_trainer("coco-inr-fast", fast_recipe(CocoInrModelConfig())),
+    description="CoCo-INR with the fastest measured recipe (compiled fields, CUDA graph, bf16 where it is safe).",
 )
 
 volsdf = MethodSpecification(

@@ -142,10 +142,25 @@ def _graph_fields_bf16_unpadded(model: CocoInrModelConfig) -> None:
 
 def _graph_fields_bf16_sdpa(model: CocoInrModelConfig) -> None:
     """graph+fields+bf16 with fused (flash, in bf16) coordinate attention where nothing is differentiated: the
-    sampler's SDF queries."""
+    sampler's SDF queries. The model of the ``coco-inr-fast`` method (a test checks they agree)."""
     _graph_fields_bf16(model)
+    _fused_without_grad(model)
+
+
+def _fused_without_grad(model: CocoInrModelConfig) -> None:
     model.sdf_field.coordinate_attention.fused_without_grad = True
     model.background_field.coordinate_attention.fused_without_grad = True
+
+
+def _default_sdpa(model: CocoInrModelConfig) -> None:
+    """The defaults with fused (in float32: memory-efficient) coordinate attention where nothing is differentiated."""
+    _fused_without_grad(model)
+
+
+def _graph_sdpa(model: CocoInrModelConfig) -> None:
+    """graph with fused coordinate attention where nothing is differentiated (float32 sampler queries)."""
+    _graph(model)
+    _fused_without_grad(model)
 
 
 def _fast_compiled(model: CocoInrModelConfig) -> None:
@@ -171,6 +186,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+explicit": _graph_fields_bf16_explicit,
     "graph+fields+bf16+unpadded": _graph_fields_bf16_unpadded,
     "graph+fields+bf16+sdpa": _graph_fields_bf16_sdpa,
+    "default+sdpa": _default_sdpa,
+    "graph+sdpa": _graph_sdpa,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -137,3 +138,15 @@ def test_aligned_widths(monkeypatch):
     module = load_script("benchmark_matmul_padding", monkeypatch)
     assert [module.aligned(w, 8) for w in (39, 78, 256, 257, 289)] == [40, 80, 256, 264, 296]
     assert [module.aligned(w, 4) for w in (39, 283, 84)] == [40, 284, 84]
+
+
+def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
+    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa`` are those of ``ns-train coco-inr-fast``."""
+    from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast
+
+    benchmark = load_script("benchmark_speed", monkeypatch)
+    model = copy.deepcopy(coco_inr.config.pipeline.model)
+    benchmark.CONFIGS["graph+fields+bf16+sdpa"](model)
+    assert model == coco_inr_fast.config.pipeline.model
+    benchmark.CONFIGS["graph+fields+bf16"](model := copy.deepcopy(coco_inr.config.pipeline.model))
+    assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail

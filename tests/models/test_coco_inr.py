@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from cocoinr_nerfstudio.codebook import CodebookError
 from cocoinr_nerfstudio.engine.trainer import resolve_decay_lengths
 from cocoinr_nerfstudio.field_components.attention import CodebookAttention
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
-from cocoinr_nerfstudio.method_configs import coco_inr, volsdf
+from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast, fast_recipe, volsdf
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
 
 
@@ -328,11 +329,27 @@ def test_method_defaults_are_the_originals():
     assert model.sdf_field.bias == 0.6 and model.num_samples_outside == 32
 
 
+def test_fast_preset_changes_speed_options_only():
+    """coco-inr-fast is coco-inr with the recipe's speed options: every other setting (hyperparameters, data,
+    optimizers) stays the original's."""
+    fast, base = coco_inr_fast.config, coco_inr.config
+    assert fast.method_name == "coco-inr-fast"
+    model = fast.pipeline.model
+    assert (model.tf32_matmul, model.cuda_graph, model.compile_sampler, model.compile_fields) == (True,) * 4
+    assert model.static_refine_budget == "auto" and model.sampler_autocast == "bfloat16" and model.bf16_color_heads
+    assert model.sdf_field.coordinate_attention.fused_without_grad
+    assert model.background_field.coordinate_attention.fused_without_grad
+    assert model.train_weight_threshold == 0.0  # no sample skipped in training
+    assert fast.pipeline.datamanager == base.pipeline.datamanager and fast.optimizers == base.optimizers
+    assert fast_recipe(copy.deepcopy(base.pipeline.model)) == model
+    assert base.pipeline.model != model and not base.pipeline.model.compile_fields  # the base config is untouched
+
+
 def test_entry_points_are_registered():
     from nerfstudio.configs.dataparser_configs import all_dataparsers
     from nerfstudio.configs.method_configs import all_methods
 
-    assert "coco-inr" in all_methods and "volsdf" in all_methods
+    assert {"coco-inr", "coco-inr-fast", "volsdf"} <= set(all_methods)
     assert "idr-data" in all_dataparsers
 
 
