@@ -345,6 +345,20 @@ def test_fast_preset_changes_speed_options_only():
     assert base.pipeline.model != model and not base.pipeline.model.compile_fields  # the base config is untouched
 
 
+def test_fast_preset_from_the_command_line():
+    """``ns-train coco-inr-fast`` parses to the preset, and each of its options can still be switched off."""
+    import tyro
+    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
+
+    parsed = tyro.cli(AnnotatedBaseConfigUnion, args=["coco-inr-fast"])
+    assert parsed.method_name == "coco-inr-fast" and parsed.pipeline.model == coco_inr_fast.config.pipeline.model
+    args = ["coco-inr-fast", "--pipeline.model.cuda-graph", "False"]
+    args += ["--pipeline.model.sdf-field.coordinate-attention.fused-without-grad", "False"]
+    model = tyro.cli(AnnotatedBaseConfigUnion, args=args).pipeline.model
+    assert not model.cuda_graph and not model.sdf_field.coordinate_attention.fused_without_grad
+    assert model.compile_fields and model.background_field.coordinate_attention.fused_without_grad
+
+
 def test_entry_points_are_registered():
     from nerfstudio.configs.dataparser_configs import all_dataparsers
     from nerfstudio.configs.method_configs import all_methods
