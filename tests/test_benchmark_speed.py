@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -150,3 +152,59 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
     assert model == coco_inr_fast.config.pipeline.model
     benchmark.CONFIGS["graph+fields+bf16"](model := copy.deepcopy(coco_inr.config.pipeline.model))
     assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
+
+
+def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
+    """Round nine's reference and recipe runs (docs/benchmarks.md): the means and paired differences printed there."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    runs = {
+        ("reference", 1): (20.91, 14.76, 9.847),
+        ("reference", 2): (20.62, 14.32, 8.343),
+        ("reference", 3): (21.44, 15.33, 10.828),
+        ("recipe", 1): (20.68, 14.51, 9.902),
+        ("recipe", 2): (21.07, 14.87, 9.397),
+        ("recipe", 3): (21.57, 15.60, 12.358),
+    }
+    results = {
+        key: dict(zip(("psnr", "psnr_masked", "chamfer", "final_loss"), (*v, 0.02), strict=True))
+        for key, v in runs.items()
+    }
+    table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
+    assert "| 2 | recipe | 21.07 | 14.87 | 9.40 | 0.0200 |" in table
+    assert "| mean of 3 | reference | 20.99 | 14.80 | 9.67 | |" in table
+    assert "| mean of 3 | recipe | 21.11 | 14.99 | 10.55 | |" in table
+    # PSNR -0.23, +0.45, +0.13; Chamfer +0.055, +1.054, +1.530
+    assert table[-1] == "| recipe | 3 | +0.12 (0.20) | 2 | +0.88 (0.43) | 0 |"
+
+    del results[("recipe", 2)]  # a failed run leaves its seed out of the pairs
+    table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
+    assert "| 2 | recipe | failed | - | - | - |" in table
+    assert any(line.startswith("| mean of 2 | recipe | ") for line in table)
+    assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | +0.79 (0.74) | 0 |"
+    assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
+
+
+def test_quality_benchmark_refuses_options_it_sets(monkeypatch, capsys):
+    quality = load_script("benchmark_quality", monkeypatch)
+    for argv in (["--configs", "reference", "--seed", "3"], ["--configs", "reference", "reference"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+    assert "--configs and --seeds must not repeat" in capsys.readouterr().err
+    args, passed_on = quality.parse_args(["--configs", "reference", "--eval-stride", "8", "--frame-size", "0"])
+    assert passed_on == ["--eval-stride", "8", "--frame-size", "0"] and args.seeds == [1, 2, 3]
+
+
+def test_quality_benchmark_on_cpu(tmp_path):
+    """Two real runs (the tiny model on CPU), one at a time: their results, logs and the paired table."""
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--device", "cpu", "--steps", "2"]
+    command += ["--warmup", "1", "--configs", "reference", "default", "--seeds", "7", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [("default", 7), ("reference", 7)]
+    assert all(math.isfinite(r["psnr"]) and math.isfinite(r["chamfer"]) for r in rows)
+    table = (tmp_path / "quality.md").read_text()
+    assert "| default | 1 |" in table and "--device cpu" in table
+    assert (tmp_path / "reference_seed7.log").exists() and "[2/2]" in proc.stdout

@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Quality at equal steps over several seeds: held-out PSNR and Chamfer per configuration and seed, the means, and
+each configuration's difference to the first one, paired by seed.
+
+One run per configuration says little at a few hundred steps: on the generated scene the spread between seeds (0.8
+dB of held-out PSNR and 4 Chamfer units in round nine, docs/benchmarks.md) is larger than the differences between
+configurations. This runs ``scripts/benchmark_speed.py`` once per (configuration, seed), in its own process, several
+at once with ``--parallel`` (runs sharing a GPU are not timings, so no it/s is reported), and pairs the runs by seed.
+A run that fails is reported with its log and left out of the pairs it belongs to.
+
+    python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
+        --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
+    python scripts/benchmark_quality.py --device cpu --configs reference --seeds 1 2 --steps 2   # a smoke run
+
+Options this script does not know are passed on to benchmark_speed.py (``--eval-stride``, ``--frame-size``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SPEED_SCRIPT = Path(__file__).resolve().parent / "benchmark_speed.py"
+METRICS = ("psnr", "psnr_masked", "chamfer", "final_loss")
+
+
+@dataclass
+class Run:
+    config: str
+    seed: int
+    log: Path
+    output: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample deviation / sqrt(n)); the error is nan below two values."""
+    if not values:
+        return math.nan, math.nan
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), error
+
+
+def summarize(results: dict[tuple[str, int], dict[str, float]], configs: list[str], seeds: list[int]) -> str:
+    """Markdown: one row per (seed, configuration), the means per configuration, then each configuration minus the
+    first, over the seeds where both finished (higher PSNR is better, lower Chamfer is better)."""
+    lines = [
+        "| seed | config | held-out PSNR | masked PSNR | Chamfer | final loss |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for seed in seeds:
+        for config in configs:
+            row = results.get((config, seed))
+            cells = (
+                " | ".join(f"{row[m]:.4f}" if m == "final_loss" else f"{row[m]:.2f}" for m in METRICS)
+                if row
+                else ("failed | - | - | -")
+            )
+            lines.append(f"| {seed} | {config} | {cells} |")
+    for config in configs:
+        rows = [results[(config, s)] for s in seeds if (config, s) in results]
+        means = [statistics.fmean(r[m] for r in rows) if rows else math.nan for m in METRICS[:3]]
+        lines.append(f"| mean of {len(rows)} | {config} | " + " | ".join(f"{v:.2f}" for v in means) + " | |")
+    base = configs[0]
+    lines += [
+        "",
+        f"Paired by seed, each configuration minus `{base}` (mean, standard error):",
+        "",
+        "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer difference | seeds with lower Chamfer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for config in configs[1:]:
+        paired = [s for s in seeds if (config, s) in results and (base, s) in results]
+        psnr = [results[(config, s)]["psnr"] - results[(base, s)]["psnr"] for s in paired]
+        chamfer = [results[(config, s)]["chamfer"] - results[(base, s)]["chamfer"] for s in paired]
+        (psnr_mean, psnr_error), (chamfer_mean, chamfer_error) = map(mean_and_standard_error, (psnr, chamfer))
+        lines.append(
+            f"| {config} | {len(paired)} | {psnr_mean:+.2f} ({psnr_error:.2f}) | {sum(d > 0 for d in psnr)} | "
+            f"{chamfer_mean:+.2f} ({chamfer_error:.2f}) | {sum(d < 0 for d in chamfer)} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    # no abbreviations: benchmark_speed.py's --seed must not be taken for this script's --seeds
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--configs", nargs="+", required=True, help="benchmark_speed.py configs; the first is the base")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every run (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=25)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the device)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take before it is stopped")
+    parser.add_argument("--output-dir", type=Path, default=None, help="logs, per-run results and the table (.md/.json)")
+    args, passed_on = parser.parse_known_args(argv)
+    if len(set(args.configs)) != len(args.configs) or len(set(args.seeds)) != len(args.seeds):
+        parser.error("--configs and --seeds must not repeat a value")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1 (got {args.parallel})")
+    for option in ("--configs", "--seed", "--steps", "--warmup", "--output", "--no-eval", "--no-mesh"):
+        if option in passed_on:
+            parser.error(f"{option} is set by this script for every run; it cannot be passed on to benchmark_speed.py")
+    return args, passed_on
+
+
+def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:
+    command = [sys.executable, str(SPEED_SCRIPT), "--configs", run.config, "--seed", str(run.seed)]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--output", str(run.output), *passed_on]
+    run.started = time.monotonic()
+    with run.log.open("w") as log:
+        # a session of its own, so a timeout also stops the compile workers the run started
+        run.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> None:
+    seconds = time.monotonic() - run.started
+    json_path = run.output.with_suffix(".json")
+    rows = json.loads(json_path.read_text()) if json_path.exists() else []
+    label = f"[{done}/{total}] {run.config}, seed {run.seed}"
+    if timed_out or run.process.returncode != 0 or not rows:
+        why = (
+            "timed out"
+            if timed_out
+            else f"exit code {run.process.returncode}"
+            if run.process.returncode
+            else "no result"
+        )
+        print(f"{label}: failed ({why}, {seconds:.0f} s); log: {run.log}", flush=True)
+        return
+    results[(run.config, run.seed)] = {metric: float(rows[0][metric]) for metric in METRICS}
+    print(f"{label}: PSNR {rows[0]['psnr']:.2f}, Chamfer {rows[0]['chamfer']:.3f} ({seconds:.0f} s)", flush=True)
+
+
+def run_all(args: argparse.Namespace, passed_on: list[str], folder: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """Every (configuration, seed), at most ``--parallel`` at once; seed by seed, so early pairs complete first."""
+    pending = [
+        Run(config, seed, folder / f"{config}_seed{seed}.log", folder / f"{config}_seed{seed}")
+        for seed in args.seeds
+        for config in args.configs
+    ]
+    total, running, results, done = len(pending), [], {}, 0
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            run = pending.pop(0)
+            _start(run, args, passed_on)
+            running.append(run)
+        time.sleep(0.5)
+        for run in list(running):
+            timed_out = args.timeout is not None and time.monotonic() - run.started > args.timeout
+            if run.process.poll() is None and not timed_out:
+                continue
+            if timed_out and run.process.poll() is None:
+                os.killpg(run.process.pid, signal.SIGKILL)
+                run.process.wait()
+            running.remove(run)
+            done += 1
+            _finish(run, results, done, total, timed_out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> str:
+    args, passed_on = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.output_dir if args.output_dir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"{len(args.configs) * len(args.seeds)} runs of {args.steps} steps, {args.parallel} at once", flush=True)
+        results = run_all(args, passed_on, folder)
+        table = f"{args.steps} steps after {args.warmup} warm-up; " + " ".join(passed_on) + "\n\n"
+        table += summarize(results, args.configs, args.seeds)
+        print(table)
+        if args.output_dir is not None:
+            (folder / "quality.md").write_text(table + "\n")
+            rows = [{"config": c, "seed": s, **metrics} for (c, s), metrics in sorted(results.items())]
+            (folder / "quality.json").write_text(json.dumps(rows, indent=2))
+    return table
+
+
+if __name__ == "__main__":
+    main()
