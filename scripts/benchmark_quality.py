@@ -151,23 +151,32 @@ def run_all(args: argparse.Namespace, passed_on: list[str], folder: Path) -> dic
         for config in args.configs
     ]
     total, running, results, done = len(pending), [], {}, 0
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            run = pending.pop(0)
-            _start(run, args, passed_on)
-            running.append(run)
-        time.sleep(0.5)
-        for run in list(running):
-            timed_out = args.timeout is not None and time.monotonic() - run.started > args.timeout
-            if run.process.poll() is None and not timed_out:
-                continue
-            if timed_out and run.process.poll() is None:
-                os.killpg(run.process.pid, signal.SIGKILL)
-                run.process.wait()
-            running.remove(run)
-            done += 1
-            _finish(run, results, done, total, timed_out)
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                run = pending.pop(0)
+                _start(run, args, passed_on)
+                running.append(run)
+            time.sleep(0.5)
+            for run in list(running):
+                timed_out = args.timeout is not None and time.monotonic() - run.started > args.timeout
+                if run.process.poll() is None and not timed_out:
+                    continue
+                if timed_out:
+                    _stop(run)
+                running.remove(run)
+                done += 1
+                _finish(run, results, done, total, timed_out)
+    finally:  # Ctrl-C reaches only this process: the runs have sessions of their own
+        for run in running:
+            _stop(run)
     return results
+
+
+def _stop(run: Run) -> None:
+    if run.process.poll() is None:
+        os.killpg(run.process.pid, signal.SIGKILL)
+        run.process.wait()
 
 
 def main(argv: list[str] | None = None) -> str:

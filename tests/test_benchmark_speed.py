@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,19 @@ def test_quality_benchmark_on_cpu(tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| default | 1 |" in table and "--device cpu" in table
     assert (tmp_path / "reference_seed7.log").exists() and "[2/2]" in proc.stdout
+
+
+def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, capsys):
+    """A run that outlives --timeout is killed with the processes it started, reported, and left out."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    args, passed_on = quality.parse_args(["--configs", "reference", "--seeds", "1", "--timeout", "1"])
+    monkeypatch.setattr(quality, "SPEED_SCRIPT", tmp_path / "sleeper.py")
+    (tmp_path / "sleeper.py").write_text(
+        "import subprocess, sys, time\nsubprocess.Popen(['sleep', '67'])\ntime.sleep(60)\n"
+    )
+    started = time.monotonic()
+    assert quality.run_all(args, passed_on, tmp_path) == {}
+    assert time.monotonic() - started < 20
+    assert "reference, seed 1: failed (timed out" in capsys.readouterr().out
+    survivors = subprocess.run(["pgrep", "-f", "sleep 67"], capture_output=True, text=True).stdout.split()
+    assert not survivors
