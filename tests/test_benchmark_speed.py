@@ -223,5 +223,10 @@ def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, c
     assert quality.run_all(args, passed_on, tmp_path) == {}
     assert time.monotonic() - started < 20
     assert "reference, seed 1: failed (timed out" in capsys.readouterr().out
-    survivors = subprocess.run(["pgrep", "-f", "sleep 67"], capture_output=True, text=True).stdout.split()
-    assert not survivors
+    command_lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command_lines.append(cmdline.read_bytes().split(b"\0"))
+        except OSError:  # the process ended while we looked
+            continue
+    assert [b"sleep", b"67"] not in [line[:2] for line in command_lines]  # the run's child went with it
