@@ -2,15 +2,17 @@
 """Quality at equal steps over several seeds: held-out PSNR and Chamfer per configuration and seed, the means, and
 each configuration's difference to the first one, paired by seed.
 
-One run per configuration says little at a few hundred steps: on the generated scene the spread between seeds (0.8
-dB of held-out PSNR and 4 Chamfer units in round nine, docs/benchmarks.md) is larger than the differences between
-configurations. This runs ``scripts/benchmark_speed.py`` once per (configuration, seed), in its own process, several
-at once with ``--parallel`` (runs sharing a GPU are not timings, so no it/s is reported), and pairs the runs by seed.
-A run that fails is reported with its log and left out of the pairs it belongs to.
+One run per configuration says little at a few hundred steps: on the generated scene the spread between seeds of one
+configuration (up to 0.8 dB of held-out PSNR and 3 Chamfer units in round nine, docs/benchmarks.md) is larger than
+the differences between configurations. This runs ``scripts/benchmark_speed.py`` once per (configuration, seed), in
+its own process, several at once with ``--parallel`` (runs sharing a GPU are not timings, so no it/s is reported),
+and pairs the runs by seed.
+A run that fails is reported with the end of its log and left out of the pairs it belongs to, and the script then
+exits non-zero. Every run's arguments are checked with benchmark_speed.py's own parser before the first starts.
 
     python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
         --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
-    python scripts/benchmark_quality.py --device cpu --configs reference --seeds 1 2 --steps 2   # a smoke run
+    python scripts/benchmark_quality.py --device cpu --configs reference --seeds 1 2 --steps 2 --warmup 1   # smoke
 
 Options this script does not know are passed on to benchmark_speed.py (``--eval-stride``, ``--frame-size``, ...).
 """
@@ -18,6 +20,8 @@ Options this script does not know are passed on to benchmark_speed.py (``--eval-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -42,6 +46,60 @@ class Run:
     output: Path
     process: subprocess.Popen | None = None
     started: float = 0.0
+
+    def arguments(self, args: argparse.Namespace, passed_on: list[str]) -> list[str]:
+        """benchmark_speed.py's arguments for this run: what this script sets, then what it passes on."""
+        own = ["--configs", self.config, "--seed", str(self.seed), "--steps", str(args.steps)]
+        return [*own, "--warmup", str(args.warmup), "--output", str(self.output), *passed_on]
+
+    def files(self) -> list[Path]:
+        return [self.log, self.output.with_suffix(".json"), self.output.with_suffix(".md")]
+
+
+def plan(args: argparse.Namespace, folder: Path) -> list[Run]:
+    """Every (configuration, seed), seed by seed so that early pairs complete first."""
+    return [
+        Run(config, seed, folder / f"{config}_seed{seed}.log", folder / f"{config}_seed{seed}")
+        for seed in args.seeds
+        for config in args.configs
+    ]
+
+
+def check_runs(runs: list[Run], args: argparse.Namespace, passed_on: list[str]) -> None:
+    """Parses every run's arguments with benchmark_speed.py's own parser before anything starts: an unknown config
+    or option fails now, not in every run, and an option passed on that would override what this script sets
+    (``--seed=3``, ``--see 3``, ``--no-e``, ...) is refused."""
+    spec = importlib.util.spec_from_file_location("_benchmark_speed_parser", SPEED_SCRIPT)
+    speed = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = speed  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(speed)
+    finally:
+        del sys.modules[spec.name]
+    for run in runs:
+        parsed = speed.parse_args(run.arguments(args, passed_on))
+        own = {
+            "configs": [run.config],
+            "seed": run.seed,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "output": run.output,
+            "eval": True,
+            "mesh": True,
+        }
+        for name, value in own.items():
+            if getattr(parsed, name) != value:
+                sys.exit(
+                    f"benchmark_quality.py: the options passed on to benchmark_speed.py ({' '.join(passed_on)}) set "
+                    f"--{name.replace('_', '-')}, which this script sets for every run; drop it."
+                )
+
+
+def refuse_existing_files(runs: list[Run], folder: Path) -> None:
+    """Earlier results in --output-dir are never overwritten."""
+    for path in [folder / "quality.md", folder / "quality.json", *(p for run in runs for p in run.files())]:
+        if path.exists():
+            sys.exit(f"benchmark_quality.py: {path} exists (an earlier study?); choose another --output-dir.")
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -75,7 +133,8 @@ def summarize(results: dict[tuple[str, int], dict[str, float]], configs: list[st
     base = configs[0]
     lines += [
         "",
-        f"Paired by seed, each configuration minus `{base}` (mean, standard error):",
+        f"Paired by seed, each configuration minus `{base}`: mean (standard error). A positive PSNR difference and a "
+        "negative Chamfer difference (world units) are improvements.",
         "",
         "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer difference | seeds with lower Chamfer |",
         "|---|---:|---:|---:|---:|---:|",
@@ -109,27 +168,39 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error("--configs and --seeds must not repeat a value")
     if args.parallel < 1:
         parser.error(f"--parallel must be at least 1 (got {args.parallel})")
-    for option in ("--configs", "--seed", "--steps", "--warmup", "--output", "--no-eval", "--no-mesh"):
-        if option in passed_on:
-            parser.error(f"{option} is set by this script for every run; it cannot be passed on to benchmark_speed.py")
     return args, passed_on
 
 
 def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:
-    command = [sys.executable, str(SPEED_SCRIPT), "--configs", run.config, "--seed", str(run.seed)]
-    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--output", str(run.output), *passed_on]
     run.started = time.monotonic()
     with run.log.open("w") as log:
-        # a session of its own, so a timeout also stops the compile workers the run started
+        # a session of its own, so that stopping the run also stops the compile workers it started
+        command = [sys.executable, str(SPEED_SCRIPT), *run.arguments(args, passed_on)]
         run.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> None:
+def _stop(run: Run, grace: float = 10.0) -> None:
+    """SIGINT to the run's process group (it cleans up its temporary folders), SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        if run.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.process.wait(timeout=grace)
+
+
+def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> bool:
+    """Reads a finished run's result; reports a failed one with the end of its log. True if it succeeded."""
     seconds = time.monotonic() - run.started
-    json_path = run.output.with_suffix(".json")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else []
     label = f"[{done}/{total}] {run.config}, seed {run.seed}"
-    if timed_out or run.process.returncode != 0 or not rows:
+    json_path = run.output.with_suffix(".json")
+    rows = (
+        json.loads(json_path.read_text())
+        if not timed_out and run.process.returncode == 0 and json_path.exists()
+        else []
+    )
+    if not rows:
         why = (
             "timed out"
             if timed_out
@@ -137,20 +208,19 @@ def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> 
             if run.process.returncode
             else "no result"
         )
-        print(f"{label}: failed ({why}, {seconds:.0f} s); log: {run.log}", flush=True)
-        return
+        tail = "".join(run.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        print(f"{label}: failed ({why}, {seconds:.0f} s); log {run.log} ends:\n{tail}", flush=True)
+        return False
     results[(run.config, run.seed)] = {metric: float(rows[0][metric]) for metric in METRICS}
     print(f"{label}: PSNR {rows[0]['psnr']:.2f}, Chamfer {rows[0]['chamfer']:.3f} ({seconds:.0f} s)", flush=True)
+    return True
 
 
-def run_all(args: argparse.Namespace, passed_on: list[str], folder: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """Every (configuration, seed), at most ``--parallel`` at once; seed by seed, so early pairs complete first."""
-    pending = [
-        Run(config, seed, folder / f"{config}_seed{seed}.log", folder / f"{config}_seed{seed}")
-        for seed in args.seeds
-        for config in args.configs
-    ]
-    total, running, results, done = len(pending), [], {}, 0
+def run_all(
+    runs: list[Run], args: argparse.Namespace, passed_on: list[str]
+) -> tuple[dict[tuple[str, int], dict[str, float]], int]:
+    """Runs at most ``--parallel`` at once; returns the results and the number of runs that failed."""
+    pending, running, results, done, failed = list(runs), [], {}, 0, 0
     try:
         while pending or running:
             while pending and len(running) < args.parallel:
@@ -159,40 +229,50 @@ def run_all(args: argparse.Namespace, passed_on: list[str], folder: Path) -> dic
                 running.append(run)
             time.sleep(0.5)
             for run in list(running):
-                timed_out = args.timeout is not None and time.monotonic() - run.started > args.timeout
-                if run.process.poll() is None and not timed_out:
+                finished = run.process.poll() is not None
+                timed_out = not finished and args.timeout is not None and time.monotonic() - run.started > args.timeout
+                if not (finished or timed_out):
                     continue
                 if timed_out:
                     _stop(run)
                 running.remove(run)
                 done += 1
-                _finish(run, results, done, total, timed_out)
-    finally:  # Ctrl-C reaches only this process: the runs have sessions of their own
+                failed += not _finish(run, results, done, len(runs), timed_out)
+    finally:  # Ctrl-C and the signals below reach only this process: the runs have sessions of their own
         for run in running:
             _stop(run)
-    return results
+    return results, failed
 
 
-def _stop(run: Run) -> None:
-    if run.process.poll() is None:
-        os.killpg(run.process.pid, signal.SIGKILL)
-        run.process.wait()
+def _exit_on(signum: int, _frame) -> None:
+    sys.exit(128 + signum)  # unwinds through run_all's finally, which stops the runs
 
 
 def main(argv: list[str] | None = None) -> str:
     args, passed_on = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.output_dir if args.output_dir is not None else Path(tmp)
+        runs = plan(args, folder)
+        check_runs(runs, args, passed_on)
+        refuse_existing_files(runs, folder)
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"{len(args.configs) * len(args.seeds)} runs of {args.steps} steps, {args.parallel} at once", flush=True)
-        results = run_all(args, passed_on, folder)
-        table = f"{args.steps} steps after {args.warmup} warm-up; " + " ".join(passed_on) + "\n\n"
-        table += summarize(results, args.configs, args.seeds)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _exit_on)
+        print(f"{len(runs)} run(s) of {args.steps} steps, {args.parallel} at once; logs in {folder}", flush=True)
+        results, failed = run_all(runs, args, passed_on)
+        settings = " ".join([f"{args.steps} steps after {args.warmup} warm-up", *passed_on])
+        table = f"{settings}\n\n{summarize(results, args.configs, args.seeds)}"
         print(table)
         if args.output_dir is not None:
             (folder / "quality.md").write_text(table + "\n")
-            rows = [{"config": c, "seed": s, **metrics} for (c, s), metrics in sorted(results.items())]
+            order = {(run.config, run.seed): index for index, run in enumerate(runs)}
+            rows = [
+                {"config": c, "seed": s, **metrics}
+                for (c, s), metrics in sorted(results.items(), key=lambda item: order[item[0]])
+            ]
             (folder / "quality.json").write_text(json.dumps(rows, indent=2))
+    if failed:
+        sys.exit(f"benchmark_quality.py: {failed} of {len(runs)} runs failed (their logs are named above).")
     return table
 
 

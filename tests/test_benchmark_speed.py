@@ -185,34 +185,90 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
 
 
-def test_quality_benchmark_refuses_options_it_sets(monkeypatch, capsys):
+FAKE_SPEED_SCRIPT = """
+import argparse, json, sys
+from pathlib import Path
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", choices=["a", "b", "reference"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--no-eval", dest="eval", action="store_false")
+    parser.add_argument("--no-mesh", dest="mesh", action="store_false")
+    parser.add_argument("--eval-stride", type=int)
+    return parser.parse_args(argv)
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.configs == ["b"] and args.seed == 2:
+        sys.exit("boom: b cannot train at seed 2")
+    result = {"psnr": 20.0 + args.seed + (args.configs == ["b"]), "psnr_masked": 15.0, "chamfer": 10.0 - args.seed,
+              "final_loss": 0.02, "argv": sys.argv[1:]}
+    args.output.with_suffix(".json").write_text(json.dumps([result]))
+"""
+
+
+def fake_speed_script(quality, monkeypatch, tmp_path: Path) -> None:
+    """benchmark_speed.py's parser (the options the quality script sets) and result files, in milliseconds."""
+    script = tmp_path / "fake_speed.py"
+    script.write_text(FAKE_SPEED_SCRIPT)
+    monkeypatch.setattr(quality, "SPEED_SCRIPT", script)
+
+
+def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path, capsys):
+    """Two at once; each run gets its seed, the steps and the options passed on; a failed run is reported with its log
+    and left out of its pair; the script exits non-zero; a second study may not overwrite the first's files."""
     quality = load_script("benchmark_quality", monkeypatch)
-    for argv in (["--configs", "reference", "--seed", "3"], ["--configs", "reference", "reference"]):
-        with pytest.raises(SystemExit):
-            quality.parse_args(argv)
-    assert "--configs and --seeds must not repeat" in capsys.readouterr().err
+    fake_speed_script(quality, monkeypatch, tmp_path)
+    out = tmp_path / "study"
+    argv = ["--configs", "a", "b", "--seeds", "1", "2", "--steps", "5", "--warmup", "1", "--parallel", "2"]
+    argv += ["--eval-stride", "8", "--output-dir", str(out)]
+    with pytest.raises(SystemExit, match="1 of 4 runs failed"):
+        quality.main(argv)
+    printed = capsys.readouterr().out
+    assert "b, seed 2: failed (exit code 1" in printed and "boom: b cannot train at seed 2" in printed
+    recorded = json.loads((out / "a_seed2.json").read_text())[0]["argv"]
+    assert recorded[:8] == ["--configs", "a", "--seed", "2", "--steps", "5", "--warmup", "1"]
+    assert recorded[-2:] == ["--eval-stride", "8"]
+    rows = json.loads((out / "quality.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [("a", 1), ("b", 1), ("a", 2)]  # the order of --configs
+    table = (out / "quality.md").read_text()
+    assert table.startswith("5 steps after 1 warm-up --eval-stride 8")
+    assert "| b | 1 | +1.00 (nan) | 1 | +0.00 (nan) | 0 |" in table  # seed 2 has no pair
+    with pytest.raises(SystemExit, match=f"{out / 'quality.md'} exists"):
+        quality.main(argv)
+
+
+def test_quality_benchmark_refuses_options_it_sets(monkeypatch, tmp_path):
+    """An option passed on that would override what the script sets, in any spelling benchmark_speed.py accepts, is
+    refused before any run starts; so is an unknown config."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    fake_speed_script(quality, monkeypatch, tmp_path)
+    base = ["--configs", "a", "--seeds", "1", "--output-dir", str(tmp_path / "study")]
+    for passed_on, option in (
+        (["--seed=3"], "--seed"),
+        (["--see", "3"], "--seed"),
+        (["--config", "b"], "--configs"),
+        (["--step", "3"], "--steps"),
+        (["--no-e"], "--eval"),
+        (["--out", "x"], "--output"),
+    ):
+        with pytest.raises(SystemExit, match=f"set {option}, which this script sets"):
+            quality.main([*base, *passed_on])
+    with pytest.raises(SystemExit):
+        quality.main(["--configs", "a", "nope", "--output-dir", str(tmp_path / "study")])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--configs", "a", "a"])
+    assert not (tmp_path / "study").exists()  # nothing started, nothing written
     args, passed_on = quality.parse_args(["--configs", "reference", "--eval-stride", "8", "--frame-size", "0"])
     assert passed_on == ["--eval-stride", "8", "--frame-size", "0"] and args.seeds == [1, 2, 3]
 
 
-def test_quality_benchmark_on_cpu(tmp_path):
-    """Two real runs (the tiny model on CPU), one at a time: their results, logs and the paired table."""
-    command = [sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--device", "cpu", "--steps", "2"]
-    command += ["--warmup", "1", "--configs", "reference", "default", "--seeds", "7", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "quality.json").read_text())
-    assert [(r["config"], r["seed"]) for r in rows] == [("default", 7), ("reference", 7)]
-    assert all(math.isfinite(r["psnr"]) and math.isfinite(r["chamfer"]) for r in rows)
-    table = (tmp_path / "quality.md").read_text()
-    assert "| default | 1 |" in table and "--device cpu" in table
-    assert (tmp_path / "reference_seed7.log").exists() and "[2/2]" in proc.stdout
-
-
 def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, capsys):
-    """A run that outlives --timeout is killed with the processes it started, reported, and left out."""
+    """A run that outlives --timeout is stopped with the processes it started, reported, and left out."""
     quality = load_script("benchmark_quality", monkeypatch)
     args, passed_on = quality.parse_args(["--configs", "reference", "--seeds", "1", "--timeout", "1"])
     monkeypatch.setattr(quality, "SPEED_SCRIPT", tmp_path / "sleeper.py")
@@ -220,7 +276,7 @@ def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, c
         "import subprocess, sys, time\nsubprocess.Popen(['sleep', '67'])\ntime.sleep(60)\n"
     )
     started = time.monotonic()
-    assert quality.run_all(args, passed_on, tmp_path) == {}
+    assert quality.run_all(quality.plan(args, tmp_path), args, passed_on) == ({}, 1)
     assert time.monotonic() - started < 20
     assert "reference, seed 1: failed (timed out" in capsys.readouterr().out
     command_lines = []
@@ -230,3 +286,18 @@ def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, c
         except OSError:  # the process ended while we looked
             continue
     assert [b"sleep", b"67"] not in [line[:2] for line in command_lines]  # the run's child went with it
+
+
+def test_quality_benchmark_on_cpu(tmp_path):
+    """A real run (the tiny model on CPU) through benchmark_speed.py: its result, log and table."""
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--device", "cpu", "--steps", "2"]
+    command += ["--warmup", "1", "--configs", "default", "--seeds", "7", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [("default", 7)]
+    assert math.isfinite(rows[0]["psnr"]) and math.isfinite(rows[0]["chamfer"])
+    assert "| 7 | default |" in (tmp_path / "quality.md").read_text() and "--device cpu" in proc.stdout
+    assert (tmp_path / "default_seed7.log").exists() and "[1/1] default, seed 7: PSNR" in proc.stdout
