@@ -125,8 +125,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """torch.compile the foreground field (geometry with and without its gradient, colour head), the background
     field and the per-step prototypes (with cache_prototypes): fused kernels, far fewer launches (GPU). The SDF's
     gradient is then computed by ``torch.func.grad``, so the compiled graph is differentiated once (torch.compile
-    has no double backward). The first steps pay the compilation (minutes: see the README); the first change of shape or of grad
-    mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
+    has no double backward). The first steps pay the compilation (minutes: see the README); the first change of
+    shape or of grad mode (the first evaluation) compiles again, after which shapes are dynamic. A backend that cannot compile is
     reported and its parts run eagerly."""
     pad_matmuls: bool = True
     """With compile_fields and inductor: pad the widths of the fields' matrix products to the tensor-core
