@@ -123,12 +123,12 @@ def summarize(results: dict[tuple[str, int], dict[str, float]], configs: list[st
             cells = (
                 " | ".join(f"{row[m]:.4f}" if m == "final_loss" else f"{row[m]:.2f}" for m in METRICS)
                 if row
-                else ("failed | - | - | -")
+                else "failed | - | - | -"
             )
             lines.append(f"| {seed} | {config} | {cells} |")
     for config in configs:
         rows = [results[(config, s)] for s in seeds if (config, s) in results]
-        means = [statistics.fmean(r[m] for r in rows) if rows else math.nan for m in METRICS[:3]]
+        means = [mean_and_standard_error([r[m] for r in rows])[0] for m in METRICS[:3]]
         lines.append(f"| mean of {len(rows)} | {config} | " + " | ".join(f"{v:.2f}" for v in means) + " | |")
     base = configs[0]
     lines += [
