@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cocoinr_nerfstudio.field_components.point_attention import point_attention
+
 FeedForwardActivation = Literal["softplus", "gelu", "geglu", "relu"]
 
 
@@ -62,6 +64,8 @@ class MultiHeadAttention(nn.Module):
     ``block_diagonal``: the explicit path of 2-D inputs goes through :func:`attend_block_diagonal`.
     ``batch_fused``: the fused path of 2-D inputs adds the batch dimension torch's flash and memory-efficient
     kernels require (they take 4-D inputs only; torch runs a 3-D one through its unfused math kernel).
+    ``point_kernels``: the explicit path of 2-D inputs goes through :func:`point_attention` (fused kernels,
+    differentiable twice) instead.
     """
 
     def __init__(
@@ -72,12 +76,14 @@ class MultiHeadAttention(nn.Module):
         dim_head: int = 32,
         block_diagonal: bool = False,
         batch_fused: bool = False,
+        point_kernels: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
         self.block_diagonal = block_diagonal
         self.batch_fused = batch_fused
+        self.point_kernels = point_kernels
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(context_dim or query_dim, 2 * inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, query_dim)
@@ -91,6 +97,8 @@ class MultiHeadAttention(nn.Module):
         context = x if context is None else context
         k, v = self.to_kv(context).chunk(2, dim=-1)
         q = self.to_q(x)
+        if not fused and self.point_kernels and q.dim() == 2 and k.dim() == 2:
+            return self.to_out(point_attention(q, k, v, self.heads))
         if not fused and self.block_diagonal and q.dim() == 2 and k.dim() == 2:
             return self.to_out(attend_block_diagonal(q, k, v, self.heads))
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
@@ -172,6 +180,7 @@ class CrossAttentionBlock(nn.Module):
         dim_head: int,
         block_diagonal: bool = False,
         batch_fused: bool = False,
+        point_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.norm = LayerNorm(query_dim)
@@ -183,6 +192,7 @@ class CrossAttentionBlock(nn.Module):
             dim_head=dim_head,
             block_diagonal=block_diagonal,
             batch_fused=batch_fused,
+            point_kernels=point_kernels,
         )
 
     def forward(self, x: Tensor, context: Tensor, fused: bool = True) -> Tensor:
@@ -259,11 +269,20 @@ class CoordinateAttention(nn.Module):
         activation: FeedForwardActivation = "softplus",
         feed_forward: bool = True,
         block_diagonal: bool = False,
+        point_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             [
-                CrossAttentionBlock(query_dim, prototype_dim, heads, dim_head, block_diagonal, batch_fused=True)
+                CrossAttentionBlock(
+                    query_dim,
+                    prototype_dim,
+                    heads,
+                    dim_head,
+                    block_diagonal,
+                    batch_fused=True,
+                    point_kernels=point_kernels,
+                )
                 for _ in range(depth)
             ]
         )

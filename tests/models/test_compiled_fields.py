@@ -140,10 +140,27 @@ def _sdpa_without_grad() -> CocoFieldConfig:
     return config
 
 
+def _point_kernels() -> CocoFieldConfig:
+    config = CocoFieldConfig(geometry_hidden_dims=(32, 32), feature_dim=16)
+    config.coordinate_attention.point_kernels = True
+    return config
+
+
+def _point_kernels_background() -> CocoBackgroundFieldConfig:
+    config = CocoBackgroundFieldConfig(hidden_dims=(32,), feature_dim=16)
+    config.coordinate_attention.point_kernels = True
+    return config
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"bf16_color_heads": True, "sampler_autocast": "bfloat16"}, {"sdf_field": _sdpa_without_grad()}],
-    ids=["fp32", "bf16-options", "sdpa-without-grad"],
+    [
+        {},
+        {"bf16_color_heads": True, "sampler_autocast": "bfloat16"},
+        {"sdf_field": _sdpa_without_grad()},
+        {"sdf_field": _point_kernels(), "background_field": _point_kernels_background()},
+    ],
+    ids=["fp32", "bf16-options", "sdpa-without-grad", "point-kernels"],
 )
 def test_model_training_step_matches_the_eager_model(overrides):
     """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
@@ -170,6 +187,27 @@ def test_model_training_step_matches_the_eager_model(overrides):
     assert grads.keys() == eager_grads.keys() and len(grads) > 20
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_point_kernels_train_the_model_as_the_block_diagonal_path_does():
+    """Losses and every gradient of a whole training step, point kernels in every head against the default."""
+    results = []
+    for overrides in ({}, {"sdf_field": _point_kernels(), "background_field": _point_kernels_background()}):
+        model = build(tiny_config(**overrides))
+        model.train()
+        torch.manual_seed(5)
+        outputs = model(rays())
+        loss_dict = model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())})
+        sum(loss_dict.values()).backward()
+        results.append((loss_dict, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (losses, grads), (point_losses, point_grads) = results
+    for name in losses:
+        torch.testing.assert_close(point_losses[name], losses[name], rtol=1e-5, atol=1e-7)
+    assert point_grads.keys() == grads.keys() and len(grads) > 20
+    for name in grads:  # float32 sums in another order
+        torch.testing.assert_close(
+            point_grads[name], grads[name], rtol=1e-4, atol=1e-5 * float(grads[name].abs().max()), msg=name
+        )
 
 
 def test_a_deep_copy_of_a_compiled_model_computes_with_its_own_weights():
@@ -302,14 +340,17 @@ def test_pad_matmuls_reaches_every_inductor_compile_of_the_model(monkeypatch, ba
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
-@pytest.mark.parametrize("pad_matmuls", [False, True])
-def test_inductor_kernels_on_gpu_match_eager(pad_matmuls):
+@pytest.mark.parametrize("pad_matmuls, point_kernels", [(False, False), (True, False), (True, True)])
+def test_inductor_kernels_on_gpu_match_eager(pad_matmuls, point_kernels):
+    """The compiled field (padded products; the point-attention kernels) against the eager default field."""
     torch.manual_seed(0)
     prototypes = {head: torch.randn(256, 128, device="cuda", requires_grad=True) for head in HEADS}
     fields = []
-    for _ in range(2):
+    for index in range(2):
         torch.manual_seed(0)
-        fields.append(CocoFieldConfig().setup(prototype_source=prototypes.__getitem__).cuda())
+        config = CocoFieldConfig()
+        config.coordinate_attention.point_kernels = point_kernels and index == 1
+        fields.append(config.setup(prototype_source=prototypes.__getitem__).cuda())
     fields[1].enable_torch_compile(pad_matmuls=pad_matmuls)  # padded: the 39-, 257- and 289-wide products
     points = torch.rand(4096, 3, device="cuda") * 2 - 1
     directions = torch.nn.functional.normalize(torch.randn(4096, 3, device="cuda"), dim=-1)
