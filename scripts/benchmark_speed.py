@@ -147,6 +147,20 @@ def _graph_fields_bf16_sdpa(model: CocoInrModelConfig) -> None:
     _fused_without_grad(model)
 
 
+def _graph_fields_bf16_sdpa_points(model: CocoInrModelConfig) -> None:
+    """coco-inr-fast with the point-attention kernels in every differentiated coordinate attention."""
+    _graph_fields_bf16_sdpa(model)
+    model.sdf_field.coordinate_attention.point_kernels = True
+    model.background_field.coordinate_attention.point_kernels = True
+
+
+def _graph_fields_points(model: CocoInrModelConfig) -> None:
+    """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
+    _graph_fields(model)
+    model.sdf_field.coordinate_attention.point_kernels = True
+    model.background_field.coordinate_attention.point_kernels = True
+
+
 def _fused_without_grad(model: CocoInrModelConfig) -> None:
     model.sdf_field.coordinate_attention.fused_without_grad = True
     model.background_field.coordinate_attention.fused_without_grad = True
@@ -186,6 +200,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+explicit": _graph_fields_bf16_explicit,
     "graph+fields+bf16+unpadded": _graph_fields_bf16_unpadded,
     "graph+fields+bf16+sdpa": _graph_fields_bf16_sdpa,
+    "graph+fields+bf16+sdpa+points": _graph_fields_bf16_sdpa_points,
+    "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,
     "graph+sdpa": _graph_sdpa,
 }

@@ -121,6 +121,23 @@ def test_prototypes_benchmark_on_cpu(monkeypatch):
     assert all(float(row[2]) > 0 and row[3] == "-" for row in rows)  # no CUDA graph off CUDA
 
 
+def test_point_attention_benchmark_on_cpu(monkeypatch):
+    """scripts/benchmark_point_attention.py's smoke run: both paths, eager and compiled (aot_eager), on CPU (the
+    point kernels' torch formulas)."""
+    module = load_script("benchmark_point_attention", monkeypatch)
+    argv = ["--device", "cpu", "--points", "40", "--prototypes", "16", "--repeats", "1", "--backend", "aot_eager"]
+    lines = run_main(module, argv).splitlines()
+    assert lines[0].startswith("Device: CPU; 40 points, 16 keys, 4 heads x 32; TF32 on; backend aot_eager")
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == [
+        "explicit (block-diagonal)",
+        "explicit, compiled",
+        "point kernels",
+        "point kernels, compiled",
+    ]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
 def test_matmul_padding_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_matmul_padding.py's smoke run: every product in both dtypes, and the padded product
     equal to the plain one up to float rounding (zeros add nothing)."""
@@ -144,14 +161,15 @@ def test_aligned_widths(monkeypatch):
 
 
 def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
-    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa`` are those of ``ns-train coco-inr-fast``."""
+    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points`` are those of ``ns-train
+    coco-inr-fast``."""
     from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast
 
     benchmark = load_script("benchmark_speed", monkeypatch)
     model = copy.deepcopy(coco_inr.config.pipeline.model)
-    benchmark.CONFIGS["graph+fields+bf16+sdpa"](model)
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points"](model)
     assert model == coco_inr_fast.config.pipeline.model
-    benchmark.CONFIGS["graph+fields+bf16"](model := copy.deepcopy(coco_inr.config.pipeline.model))
+    benchmark.CONFIGS["graph+fields+bf16+sdpa"](model := copy.deepcopy(coco_inr.config.pipeline.model))
     assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
