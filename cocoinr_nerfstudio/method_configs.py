@@ -72,11 +72,11 @@ coco_inr = MethodSpecification(
 
 
 def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
-    """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config ``graph+fields+bf16+sdpa``), set on
-    ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products, bf16 where
-    only samples are placed and in the colour heads, fused attention where nothing is differentiated) and
-    scheduling (one CUDA graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays
-    that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
+    """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config ``graph+fields+bf16+sdpa+points``),
+    set on ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products, bf16
+    where only samples are placed and in the colour heads, fused attention where nothing is differentiated, the
+    point-attention kernels where it is) and scheduling (one CUDA graph a step, compiled fields and sampler rounds,
+    later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
     still apply there (compilation included) but do not pay on a CPU."""
     model.tf32_matmul = True
     model.cuda_graph = True
@@ -87,6 +87,8 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     model.bf16_color_heads = True
     model.sdf_field.coordinate_attention.fused_without_grad = True
     model.background_field.coordinate_attention.fused_without_grad = True
+    model.sdf_field.coordinate_attention.point_kernels = True
+    model.background_field.coordinate_attention.point_kernels = True
     return model
 
 

@@ -358,6 +358,8 @@ def test_fast_preset_changes_speed_options_only():
                 "bf16_color_heads",
                 "sdf_field.coordinate_attention.fused_without_grad",
                 "background_field.coordinate_attention.fused_without_grad",
+                "sdf_field.coordinate_attention.point_kernels",
+                "background_field.coordinate_attention.point_kernels",
             )
         ),
     }
@@ -367,6 +369,8 @@ def test_fast_preset_changes_speed_options_only():
     assert model.static_refine_budget == "auto" and model.sampler_autocast == "bfloat16" and model.bf16_color_heads
     assert model.sdf_field.coordinate_attention.fused_without_grad
     assert model.background_field.coordinate_attention.fused_without_grad
+    assert model.sdf_field.coordinate_attention.point_kernels
+    assert model.background_field.coordinate_attention.point_kernels
     assert base.pipeline.model == CocoInrModelConfig()  # no nested config shared with the preset
     assert model.sdf_field is not base.pipeline.model.sdf_field
     assert model.background_field is not base.pipeline.model.background_field
