@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 
+from cocoinr_nerfstudio.benchmarks.timing import median_ms
 from cocoinr_nerfstudio.field_components import triton_point_attention as kernels
 from cocoinr_nerfstudio.field_components.attention import attend_block_diagonal
 from cocoinr_nerfstudio.field_components.point_attention import point_attention
@@ -48,22 +47,7 @@ def _forward(attention, q, k, v, heads):
 
 
 def _time_ms(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return median_ms(fn, device.type, repeats, warmup=3)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -177,6 +177,12 @@ def _(q, k, v, g, f, heads):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
 
 
+def _save_inputs(ctx, inputs, output) -> None:
+    *tensors, heads = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.heads = heads
+
+
 class PointAttention(torch.autograd.Function):
     """``attend`` with its derivatives, as an ``autograd.Function`` (custom ops alone have no ``torch.func``
     support, which the compiled SDF gradient needs)."""
@@ -185,11 +191,7 @@ class PointAttention(torch.autograd.Function):
     def forward(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
         return attend(q, k, v, heads)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        *tensors, heads = inputs
-        ctx.save_for_backward(*tensors)
-        ctx.heads = heads
+    setup_context = staticmethod(_save_inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -211,11 +213,7 @@ class PointAttentionGradQ(torch.autograd.Function):
     def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, heads: int) -> Tensor:
         return grad_q(q, k, v, g, heads)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        *tensors, heads = inputs
-        ctx.save_for_backward(*tensors)
-        ctx.heads = heads
+    setup_context = staticmethod(_save_inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -250,12 +248,6 @@ def point_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     Kept whole in ``torch.compile``'s graphs (``allow_in_graph``): traced into, the ``autograd.Function``'s
     backward would lose its own derivative, and the SDF gradient's derivative would silently be wrong."""
     return PointAttention.apply(q, k, v, heads)
-
-
-def _save_inputs(ctx, inputs, output) -> None:
-    *tensors, heads = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.heads = heads
 
 
 # The same derivatives on the ops themselves: what AOTAutograd differentiates in compiled graphs.

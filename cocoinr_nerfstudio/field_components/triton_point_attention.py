@@ -61,11 +61,23 @@ if AVAILABLE:
         )
 
     @triton.jit
-    def _probabilities(q, k, key_ok, scale, PRECISION: tl.constexpr):
+    def _softmax(q, k, key_ok, scale, PRECISION: tl.constexpr):
+        """The attention weights ``p`` of a tile of points to all keys, and each point's log-sum-exp."""
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
-        e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        return e / tl.sum(e, axis=1)[:, None]
+        top = tl.max(scores, axis=1)
+        p = tl.exp(scores - top[:, None])
+        total = tl.sum(p, axis=1)
+        return p / total[:, None], top + tl.log(total)
+
+    @triton.jit
+    def _row_tile(n, m, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program of a pass over whole rows covers: its head, points, all keys, and the head's columns."""
+        head = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        keys = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        return head, rows, keys, head * D + dims, rows < n, keys < m, dims < D
 
     @triton.jit
     def _attend_kernel(
@@ -73,16 +85,11 @@ if AVAILABLE:
         D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        head = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        keys = tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        cols = head * D + dims
-        row_ok, key_ok, dim_ok = rows < n, keys < m, dims < D
+        _, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
         q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
         k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
         v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        p = _probabilities(q, k, key_ok, scale, PRECISION)
+        p, _ = _softmax(q, k, key_ok, scale, PRECISION)
         _store_rows(o_ptr, tl.dot(p, v, input_precision=PRECISION), rows, cols, row_ok, dim_ok, width)
 
     @triton.jit
@@ -101,30 +108,20 @@ if AVAILABLE:
     ):  # fmt: skip
         """``dq`` (``WRITE_DQ``) and, per point and head, what the keys' pass needs (``WRITE_STATS``): the
         log-sum-exp of the scores and ``delta = <p, u>``, ``u = g v^T``."""
-        head = tl.program_id(1)
+        head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
         heads = tl.num_programs(1)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        keys = tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        cols = head * D + dims
-        row_ok, key_ok, dim_ok = rows < n, keys < m, dims < D
         q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
         g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
         k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
         v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))
-        top = tl.max(scores, axis=1)
-        p = tl.exp(scores - top[:, None])
-        total = tl.sum(p, axis=1)
-        p = p / total[:, None]
+        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
         u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
         delta = tl.sum(p * u, axis=1)
         if WRITE_DQ:
             dq = tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION) * scale
             _store_rows(dq_ptr, dq, rows, cols, row_ok, dim_ok, width)
         if WRITE_STATS:
-            _store_stat(lse_ptr, top + tl.log(total), rows, row_ok, head, heads)
+            _store_stat(lse_ptr, lse, rows, row_ok, head, heads)
             _store_stat(delta_ptr, delta, rows, row_ok, head, heads)
 
     @triton.jit
@@ -135,24 +132,14 @@ if AVAILABLE:
     ):  # fmt: skip
         """``dq`` and ``dg`` of ``grad_q_backward``, and the row statistics its keys' pass needs: the scores'
         log-sum-exp, ``delta = <p, u>``, ``c = <p, dds>`` and ``e = <p, dds * u>``."""
-        head = tl.program_id(1)
+        head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
         heads = tl.num_programs(1)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        keys = tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        cols = head * D + dims
-        row_ok, key_ok, dim_ok = rows < n, keys < m, dims < D
         q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
         g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
         f = _load_rows(f_ptr, rows, cols, row_ok, dim_ok, width)
         k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
         v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))
-        top = tl.max(scores, axis=1)
-        p = tl.exp(scores - top[:, None])
-        total = tl.sum(p, axis=1)
-        p = p / total[:, None]
+        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
         u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
         delta_row = tl.sum(p * u, axis=1)
         pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
@@ -163,7 +150,7 @@ if AVAILABLE:
         dscores = pdds * (u - delta) - c * p * u - p * (e - 2.0 * c * delta)
         _store_rows(dq_ptr, tl.dot(dscores, k, input_precision=PRECISION) * scale, rows, cols, row_ok, dim_ok, width)
         _store_rows(dg_ptr, tl.dot(du, v, input_precision=PRECISION), rows, cols, row_ok, dim_ok, width)
-        _store_stat(lse_ptr, top + tl.log(total), rows, row_ok, head, heads)
+        _store_stat(lse_ptr, lse, rows, row_ok, head, heads)
         _store_stat(delta_ptr, delta_row, rows, row_ok, head, heads)
         _store_stat(c_ptr, c_row, rows, row_ok, head, heads)
         _store_stat(e_ptr, e_row, rows, row_ok, head, heads)
