@@ -209,6 +209,55 @@ def test_triton_kernels_match_the_formulas_in_the_interpreter():
     assert result.stdout.count("checked") == 4 and "checked 70 256 4 32 11" in result.stdout
 
 
+def _compile_for(kernel, target, pointers: set[str], warps: int = kernels.NUM_WARPS, **constants):
+    """``kernel`` compiled ahead of time (Triton's front end, LLVM and ptxas, which ship with Triton): no GPU needed."""
+    import triton
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            signature[name] = "*fp32"
+        elif name in ("n", "m", "width"):
+            signature[name] = "i32"
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "constexpr"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=target, options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("capability, shared_memory", [(90, 227 * 1024), (80, 163 * 1024)], ids=["sm90", "sm80"])
+def test_kernels_compile_for_hopper_and_ampere_at_the_training_shape(capability, shared_memory):
+    """Every kernel and variant the ops launch, at the geometry head's shape (256 keys, heads of 32), compiles for
+    the GPU and fits its shared memory (H100: 227 KiB a block; A100: 163 KiB). CPU tests otherwise run the kernels
+    only in the interpreter, which checks their arithmetic, not that Triton can build them."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", capability, 32)
+    shapes = dict(D=32, BLOCK_D=32, PRECISION="tf32")
+    rows = dict(shapes, BLOCK_N=kernels.ROWS_PER_PROGRAM, BLOCK_M=256)
+    tensors = {"q_ptr", "k_ptr", "v_ptr", "g_ptr", "f_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr"}
+    tensors |= {"lse_ptr", "delta_ptr", "c_ptr", "e_ptr"}
+    builds = [_compile_for(kernels._attend_kernel, target, tensors, **rows)]
+    for write_dq, write_stats in [(True, False), (False, True), (True, True)]:
+        flags = dict(WRITE_DQ=write_dq, WRITE_STATS=write_stats)
+        builds.append(_compile_for(kernels._grad_q_kernel, target, tensors, **rows, **flags))
+    builds.append(_compile_for(kernels._grad_q_backward_rows_kernel, target, tensors, **rows))
+    for second_order in (False, True):
+        keys = dict(shapes, BLOCK_N=kernels.REDUCTION_ROWS, BLOCK_KEYS=kernels.KEYS_PER_PROGRAM)
+        build = _compile_for(
+            kernels._keys_kernel, target, tensors, kernels.REDUCTION_WARPS, **keys, SECOND_ORDER=second_order
+        )
+        builds.append(build)
+    assert len(builds) == 7
+    for build in builds:
+        assert "mma" in build.asm["ptx"]  # the products run on tensor cores
+        assert 0 < build.metadata.shared <= shared_memory
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.AVAILABLE, reason="the kernels need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_on_gpu_match_the_formulas_in_float64(dtype, monkeypatch):
