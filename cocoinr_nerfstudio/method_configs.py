@@ -76,8 +76,8 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     set on ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products, bf16
     where only samples are placed and in the colour heads, fused attention where nothing is differentiated, the
     point-attention kernels where it is) and scheduling (one CUDA graph a step, compiled fields and sampler rounds,
-    later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
-    still apply there (compilation included) but do not pay on a CPU."""
+    later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager
+    training with a message; the other options still apply there (compilation included) but do not pay on a CPU."""
     model.tf32_matmul = True
     model.cuda_graph = True
     model.compile_sampler = True

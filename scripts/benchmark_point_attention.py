@@ -15,6 +15,7 @@ import functools
 import torch
 
 from cocoinr_nerfstudio.benchmarks.timing import median_ms
+from cocoinr_nerfstudio.field_components import point_attention as point_attention_ops
 from cocoinr_nerfstudio.field_components import triton_point_attention as kernels
 from cocoinr_nerfstudio.field_components.attention import attend_block_diagonal
 from cocoinr_nerfstudio.field_components.point_attention import point_attention
@@ -100,16 +101,21 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _sweep_row(settings: dict, q, k, v, args, device) -> tuple[float, float] | None:
+    """Times the kernels at ``settings``; None where they cannot run (the ops then fall back to their torch
+    formulas, which must not be timed as the kernels)."""
     for name, value in settings.items():
         setattr(kernels, name, value)
-    try:
-        forward = _time_ms(lambda: _forward(point_attention, q, k, v, args.heads), device, args.repeats)
-        training_fn = _with_gradient(point_attention)
-        training = _time_ms(lambda: _training_pass(training_fn, q, k, v, args.heads), device, args.repeats)
-    except Exception as error:  # a tile that does not fit the chip (shared memory, registers)
-        print(f"| {' | '.join(str(x) for x in settings.values())} | {type(error).__name__} | |", flush=True)
+    failure = point_attention_ops._kernel_failure
+    failure.clear()
+    forward = _time_ms(functools.partial(_forward, point_attention, q, k, v, args.heads), device, args.repeats)
+    training_fn = _with_gradient(point_attention)
+    training = _time_ms(functools.partial(_training_pass, training_fn, q, k, v, args.heads), device, args.repeats)
+    values = " | ".join(str(x) for x in settings.values())
+    if failure:  # a tile that does not fit the chip (shared memory, registers)
+        print(f"| {values} | {failure[0][:60]} | |", flush=True)
+        failure.clear()
         return None
-    print(f"| {' | '.join(str(x) for x in settings.values())} | {forward:.3f} | {training:.3f} |", flush=True)
+    print(f"| {values} | {forward:.3f} | {training:.3f} |", flush=True)
     return forward, training
 
 

@@ -102,15 +102,41 @@ def _kernels_apply(q: Tensor) -> bool:
     return q.is_cuda and kernels.AVAILABLE
 
 
+def _check_shapes(name: str, q: Tensor, k: Tensor, v: Tensor, heads: int, *per_point: Tensor) -> None:
+    """Refuses what the kernels would read out of bounds: ``q`` and the per-point cotangents ``[n, heads * d]``,
+    ``k`` and ``v`` ``[m, heads * d]``, on one device."""
+    tensors = (q, k, v, *per_point)
+    width = q.shape[-1] if q.dim() == 2 else -1
+    if (
+        heads < 1
+        or width < heads
+        or width % heads
+        or any(x.dim() != 2 or x.shape[1] != width or x.device != q.device for x in tensors)
+        or k.shape[0] != v.shape[0]
+        or any(x.shape[0] != q.shape[0] for x in per_point)
+    ):
+        shapes = ", ".join(f"{tuple(x.shape)} on {x.device}" for x in tensors)
+        raise ValueError(
+            f"point attention ({name}): expected queries [n, heads * d], keys and values [m, heads * d] and "
+            f"per-point cotangents [n, heads * d] on one device, with heads={heads}; got {shapes}."
+        )
+
+
 def _run(name: str, reference: Callable, q: Tensor, *args):
     """The op ``name`` through the Triton kernels on CUDA, else (or where they cannot run: a GPU without the
-    registers or shared memory their tiles need, a broken Triton) through the torch formulas, saying so once."""
+    registers or shared memory their tiles need, a broken Triton) through the torch formulas, saying so once.
+    While a CUDA graph is being captured, a failure is raised instead: nothing may fall back in the middle of a
+    capture."""
+    *tensors, heads = args
+    _check_shapes(name, q, *tensors[:2], heads, *tensors[2:])
     if _kernels_apply(q) and not _kernel_failure:
         try:
             return getattr(kernels, name)(q, *args)
         except torch.OutOfMemoryError:
             raise  # what callers (chunked renders) handle themselves
         except Exception as error:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
             _kernel_failure.append(f"{type(error).__name__}: {error}")
             CONSOLE.print(
                 f"[bold yellow]Point-attention kernels failed on this GPU ({_kernel_failure[0][:300]}); using "

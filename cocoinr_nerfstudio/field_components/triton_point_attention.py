@@ -206,9 +206,7 @@ if AVAILABLE:
 
 
 def _shapes(q: Tensor, k: Tensor, heads: int) -> dict:
-    n, width = q.shape
-    if width % heads or k.shape[1] != width:
-        raise ValueError(f"point attention: widths {width} (queries) and {k.shape[1]} (keys) for {heads} heads.")
+    n, width = q.shape  # checked by point_attention's ops
     d = width // heads
     return dict(n=n, m=k.shape[0], width=width, scale=d**-0.5, D=d, BLOCK_M=_pow2(k.shape[0]), BLOCK_D=_pow2(d))
 

@@ -61,8 +61,8 @@ class CoordinateAttentionConfig:
     ops, differentiable twice: on CUDA, Triton kernels that keep each point's scores to the prototypes on chip
     through the forward pass, the SDF's gradient and the backward of both, where the torch path writes and re-reads
     400-MB score matrices at each of them (``point_attention``); elsewhere the same formulas in torch, which do not
-    pay on a CPU. Takes precedence over ``block_diagonal``. Measured on an H100 with ``coco-inr-fast`` (on there):
-    +9% a training step and 2.6 GiB less peak memory."""
+    pay on a CPU. Takes precedence over ``block_diagonal``. Measured on an H100 in ``coco-inr-fast`` (which turns it
+    on): +9% a training step and 2.6 GiB less peak memory."""
 
     def use_fused(self, grad: bool, second_derivative: bool = False) -> bool:
         """Whether a pass takes the fused kernels: never under a second derivative (they have none); with
@@ -266,9 +266,16 @@ class CocoField(Field):
         self, points: Float[Tensor, "n 3"], create_graph: bool
     ) -> tuple[Float[Tensor, "n 1"], Float[Tensor, "n feature"], Float[Tensor, "n 3"]]:
         """SDF, feature and d(sdf)/dx. ``create_graph`` keeps the gradient differentiable (eikonal loss)."""
-        if self._compiled is not None:
+        # point kernels: under func.grad only the points are differentiated, so the keys' and values' gradients
+        # (a pass over every point) are not computed for the SDF's gradient, as autograd.grad below would
+        point_kernels = self.config.coordinate_attention.point_kernels and self.geometry_attention is not None
+        tcnn = self.hash_grid is not None and self.hash_grid.tcnn_encoding is not None  # no torch.func support
+        if self._compiled is not None or (create_graph and point_kernels and not tcnn):
+            geometry_with_gradient = (
+                self._compiled.geometry_with_gradient if self._compiled is not None else self._geometry_with_gradient
+            )
             with torch.enable_grad() if create_graph else contextlib.nullcontext():  # as autograd.grad's path below
-                output, gradient = self._compiled.geometry_with_gradient(points.detach(), self._prototypes("geometry"))
+                output, gradient = geometry_with_gradient(points.detach(), self._prototypes("geometry"))
             if not create_graph:
                 output, gradient = output.detach(), gradient.detach()
             return output[..., :1], output[..., 1:], gradient

@@ -169,6 +169,58 @@ def test_kernels_that_cannot_run_fall_back_to_the_formulas_once_and_say_so(monke
         pa.attend(q, k, v, 2)
 
 
+def test_a_kernel_failure_during_graph_capture_is_raised_not_hidden(monkeypatch):
+    monkeypatch.setattr(pa, "_kernel_failure", [])
+    monkeypatch.setattr(pa, "_kernels_apply", lambda q: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def fails(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(kernels, "attend", fails)
+    q, k, v, *_ = _inputs()
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        pa.attend(q, k, v, 2)
+    assert pa._kernel_failure == []  # the kernels stay on
+
+
+@pytest.mark.parametrize(
+    "change, heads",
+    [({"q": (9,)}, 2), ({"k": (7, 8)}, 2), ({"v": (6, 6)}, 2), ({"g": (8, 6)}, 2), ({}, 4), ({}, 0)],
+    ids=["1-d queries", "key width", "fewer values than keys", "cotangent rows", "width not a multiple", "no heads"],
+)
+def test_inputs_of_the_wrong_shape_are_refused_naming_the_shapes(change, heads, monkeypatch):
+    """Checked before any kernel runs (a kernel would read out of bounds), and not taken for a kernel failure."""
+    monkeypatch.setattr(pa, "_kernel_failure", [])
+    q, k, v, g, _ = _inputs()  # 9 points, 7 keys, width 6
+    inputs = {"q": q, "k": k, "v": v, "g": g}
+    for name, shape in change.items():
+        inputs[name] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"point attention \(grad_q\): expected queries \[n, heads \* d\].*got \("):
+        pa.grad_q(inputs["q"], inputs["k"], inputs["v"], inputs["g"], heads)
+    assert pa._kernel_failure == []
+
+
+def test_the_eager_sdf_gradient_skips_the_keys_pass(monkeypatch):
+    """Without compile-fields, the SDF's gradient with point kernels goes through torch.func.grad too: only the
+    points are differentiated there, so no pass sums the keys' gradients over every point."""
+    from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
+
+    calls = []
+    for name in ("grad_kv", "grad_qkv"):
+        op = getattr(pa, name)
+        monkeypatch.setattr(pa, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    config = CocoFieldConfig(geometry_hidden_dims=(16,), feature_dim=8)
+    config.coordinate_attention.point_kernels = True
+    prototypes = torch.randn(8, 16, requires_grad=True)
+    field = config.setup(prototype_source=lambda head: prototypes, prototype_dim=16)
+    sdf, _, gradient = field.sdf_and_gradient(torch.rand(20, 3), create_graph=True)
+    assert calls == [] and gradient.requires_grad
+    (sdf.sum() + gradient.square().sum()).backward()  # the training backward: now the keys' gradients
+    assert "grad_qkv" in calls and prototypes.grad is not None
+
+
 INTERPRETER_CHECK = textwrap.dedent(
     """
     import torch
@@ -259,21 +311,31 @@ def test_kernels_compile_for_hopper_and_ampere_at_the_training_shape(capability,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.AVAILABLE, reason="the kernels need a CUDA GPU")
+@pytest.mark.parametrize(
+    "shape", [(99328, 256, 4, 32), (1000, 20, 2, 12), (5, 100, 1, 16)], ids=["training", "ragged", "few"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_on_gpu_match_the_formulas_in_float64(dtype, monkeypatch):
-    torch.set_float32_matmul_precision("highest")  # IEEE products in the kernels
+def test_triton_kernels_on_gpu_match_the_formulas_in_float64(dtype, shape, monkeypatch):
+    """The training shape, and key counts, widths and point counts that mask lanes (the interpreter test checks
+    those too, but only on Triton 3.8 and later)."""
     monkeypatch.setattr(pa, "_kernel_failure", [])
-    torch.manual_seed(0)
-    n, m, heads, d = 99328, 256, 4, 32
-    q, g, f = (torch.randn(n, heads * d, device="cuda", dtype=dtype) for _ in range(3))
-    k, v = (torch.randn(m, heads * d, device="cuda", dtype=dtype) for _ in range(2))
-    wide = [x.double() for x in (q, k, v, g, f)]
-    pairs = [
-        (pa.attend(q, k, v, heads), pa.reference_attend(*wide[:3], heads)),
-        (pa.grad_q(q, k, v, g, heads), pa.reference_grad_q(*wide[:4], heads)),
-        *zip(pa.grad_kv(q, k, v, g, heads), pa.reference_grad_kv(*wide[:4], heads), strict=True),
-        *zip(pa.grad_q_backward(q, k, v, g, f, heads), pa.reference_grad_q_backward(*wide, heads), strict=True),
-    ]
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # IEEE products in the kernels
+    try:
+        torch.manual_seed(0)
+        n, m, heads, d = shape
+        q, g, f = (torch.randn(n, heads * d, device="cuda", dtype=dtype) for _ in range(3))
+        k, v = (torch.randn(m, heads * d, device="cuda", dtype=dtype) for _ in range(2))
+        wide = [x.double() for x in (q, k, v, g, f)]
+        pairs = [
+            (pa.attend(q, k, v, heads), pa.reference_attend(*wide[:3], heads)),
+            (pa.grad_q(q, k, v, g, heads), pa.reference_grad_q(*wide[:4], heads)),
+            *zip(pa.grad_kv(q, k, v, g, heads), pa.reference_grad_kv(*wide[:4], heads), strict=True),
+            *zip(pa.grad_qkv(q, k, v, g, heads), pa.reference_grad_qkv(*wide[:4], heads), strict=True),
+            *zip(pa.grad_q_backward(q, k, v, g, f, heads), pa.reference_grad_q_backward(*wide, heads), strict=True),
+        ]
+    finally:
+        torch.set_float32_matmul_precision(precision)
     assert not pa._kernel_failure
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the outputs' own rounding
     for ours, theirs in pairs:
