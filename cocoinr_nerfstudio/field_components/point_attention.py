@@ -26,6 +26,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
 from cocoinr_nerfstudio.field_components import triton_point_attention as kernels
+from cocoinr_nerfstudio.torch_compat import OutOfMemoryError
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -132,7 +133,7 @@ def _run(name: str, reference: Callable, q: Tensor, *args):
     if _kernels_apply(q) and not _kernel_failure:
         try:
             return getattr(kernels, name)(q, *args)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise  # what callers (chunked renders) handle themselves
         except Exception as error:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

@@ -41,12 +41,12 @@ from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, bat
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
+from cocoinr_nerfstudio.torch_compat import OutOfMemoryError
 from cocoinr_nerfstudio.viewer.panel import MethodPanel
 
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
-OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: CUDA's only
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 
 
