@@ -101,6 +101,19 @@ if AVAILABLE:
         return tl.load(ptr + rows * heads + head, mask=row_ok, other=0.0)[:, None]
 
     @triton.jit
+    def _weights_and_u(
+        q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION: tl.constexpr
+    ):
+        """A row program's start in the backward passes: its head's keys and values, the attention weights of its
+        points with their log-sum-exp, and ``u = g v^T`` (``g`` the cotangent of the output)."""
+        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
+        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
+        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
+        v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
+        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
+        return k, v, p, lse, tl.dot(g, tl.trans(v), input_precision=PRECISION)
+
+    @triton.jit
     def _grad_q_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, n, m, width, scale,
         D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -110,12 +123,9 @@ if AVAILABLE:
         log-sum-exp of the scores and ``delta = <p, u>``, ``u = g v^T``."""
         head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
         heads = tl.num_programs(1)
-        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
-        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
-        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
-        v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
-        u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+        k, _, p, lse, u = _weights_and_u(
+            q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION
+        )
         delta = tl.sum(p * u, axis=1)
         if WRITE_DQ:
             dq = tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION) * scale
@@ -134,13 +144,10 @@ if AVAILABLE:
         log-sum-exp, ``delta = <p, u>``, ``c = <p, dds>`` and ``e = <p, dds * u>``."""
         head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
         heads = tl.num_programs(1)
-        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
-        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
+        k, v, p, lse, u = _weights_and_u(
+            q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION
+        )
         f = _load_rows(f_ptr, rows, cols, row_ok, dim_ok, width)
-        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
-        v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
-        u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
         delta_row = tl.sum(p * u, axis=1)
         pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
         c_row = tl.sum(pdds, axis=1)
