@@ -319,3 +319,80 @@ def test_quality_benchmark_on_cpu(tmp_path):
     assert math.isfinite(rows[0]["psnr"]) and math.isfinite(rows[0]["chamfer"])
     assert "| 7 | default |" in (tmp_path / "quality.md").read_text() and "--device cpu" in proc.stdout
     assert (tmp_path / "default_seed7.log").exists() and "[1/1] default, seed 7: PSNR" in proc.stdout
+
+
+def test_step_phases_table_from_known_times():
+    from cocoinr_nerfstudio.benchmarks.step_phases import BACKWARD, FORWARD, LOSSES, TOTAL, PhaseTimes, format_phases
+
+    times = PhaseTimes(
+        {FORWARD: 10.0, "sampler (SDF queries, beta search)": 4.0, LOSSES: 0.5, BACKWARD: 9.5, TOTAL: 20.0},
+        "GPU kernel ms",
+    )
+    assert format_phases(times, "title").splitlines() == [
+        "title",
+        "",
+        "| part | GPU kernel ms per step | share of the step |",
+        "|---|---:|---:|",
+        "| forward pass | 10.00 | 50.0% |",
+        "| · sampler (SDF queries, beta search) | 4.00 | 20.0% |",
+        "| losses and metrics | 0.50 | 2.5% |",
+        "| backward pass (the rest) | 9.50 | 47.5% |",
+        "| step | 20.00 | 100.0% |",
+    ]
+    host = format_phases(PhaseTimes({FORWARD: 8.0, "colour head": 2.0}, "host ms"), "t").splitlines()
+    assert host[2:] == [
+        "| part | host ms per step | share of the forward pass |",
+        "|---|---:|---:|",
+        "| forward pass | 8.00 | 100.0% |",
+        "| · colour head | 2.00 | 25.0% |",
+    ]
+
+
+def test_phase_ranges_wrap_and_restore_the_model_parts():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, phase_ranges
+
+    class Sampler(torch.nn.Module):
+        def generate_ray_samples(self, x):
+            return x + 1
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sampler = Sampler()
+
+        def _render_background(self, x):
+            return x * 2
+
+    model = Model()  # no prior, no field: those parts are skipped
+    with phase_ranges(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert model.sampler.generate_ray_samples(1) == 2 and model._render_background(3) == 6
+    names = [event.name for event in prof.events() if event.name.startswith(PREFIX)]
+    assert names == [PREFIX + "sampler (SDF queries, beta search)", PREFIX + "background field"]
+    assert "generate_ray_samples" not in vars(model.sampler) and "_render_background" not in vars(model)
+
+
+def test_step_profile_on_cpu(monkeypatch):
+    """scripts/profile_step.py's smoke run: every part of a real step gets a range (host times on CPU)."""
+    module = load_script("profile_step", monkeypatch)
+    argv = ["--device", "cpu", "--config", "default", "--warmup", "1", "--steps", "1", "--rays", "64"]
+    lines = run_main(module, argv).splitlines()
+    assert lines[0].startswith("Device: CPU; config default; 64 rays/step; 1 eager steps profiled after 1 trainer")
+    rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in lines[4:])}
+    assert list(rows) == [
+        "forward pass",
+        "· prototypes (codebook attention)",
+        "· sampler (SDF queries, beta search)",
+        "· foreground field at the samples",
+        "· SDF and its gradient (samples and eikonal points)",
+        "· colour head",
+        "· background field",
+        "losses and metrics",
+    ]
+    assert all(value > 0 for value in rows.values())
+    parts = ["· prototypes (codebook attention)", "· sampler (SDF queries, beta search)"]
+    parts += ["· foreground field at the samples", "· background field"]
+    assert sum(rows[part] for part in parts) <= rows["forward pass"]
+    assert rows["· colour head"] < rows["· foreground field at the samples"]

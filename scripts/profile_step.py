@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Where a training step's GPU time goes, by part of the model (``cocoinr_nerfstudio.benchmarks.step_phases``).
+
+A benchmark_speed.py configuration trains for ``--warmup`` steps through nerfstudio's Trainer (so a CUDA graph is
+captured, fields compiled, the sampler's refine budget adapted as in a real run), then ``--steps`` further steps run
+eagerly under the profiler with a range around each part: prototypes, sampler, foreground field, SDF gradient,
+colour head, background, losses, and the backward pass as the rest of the step's kernel time.
+
+    python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points
+    python scripts/profile_step.py --device cpu --config default --warmup 1 --steps 1   # smoke (host times)
+
+Options this script does not know are passed on to benchmark_speed.py's parser (``--rays``, ``--beta-init``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_speed  # a sibling script, not a package
+
+from cocoinr_nerfstudio.benchmarks.step_phases import format_phases, profile_phases
+from cocoinr_nerfstudio.data.scene_generator import generate_scene
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="graph+fields+bf16+sdpa+points", choices=list(benchmark_speed.CONFIGS))
+    parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=5, help="eager steps profiled")
+    args, passed_on = parser.parse_known_args(argv)
+    if args.warmup is None:
+        args.warmup = 100 if args.device == "cuda" else 2
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
+    speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", str(args.warmup)]
+    return args, benchmark_speed.parse_args(speed + passed_on)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args, speed_args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    torch.manual_seed(speed_args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = speed_args.scene
+        if scene is None:
+            views, width, height = speed_args.scene_size
+            scene = Path(tmp) / "scene"
+            generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+        config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
+        trainer = config.setup(local_rank=0, world_size=1)
+        trainer.setup()
+        for step in range(args.warmup):
+            trainer.train_iteration(step)
+        try:
+            times = profile_phases(trainer.pipeline, args.warmup, args.steps)
+        finally:
+            torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    model = trainer.pipeline.model
+    budget = model.sampler.static_refine_budget if model.sampler.static_shapes else 1.0
+    title = (
+        f"Device: {device}; config {args.config}; {speed_args.rays} rays/step; {args.steps} eager steps profiled "
+        f"after {args.warmup} trainer steps; sampler rounds 2.. on {100 * budget:.0f}% of the rays"
+    )
+    table = format_phases(times, title)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
