@@ -4,7 +4,8 @@
 A benchmark_speed.py configuration trains for ``--warmup`` steps through nerfstudio's Trainer (so a CUDA graph is
 captured, fields compiled, the sampler's refine budget adapted as in a real run), then ``--steps`` further steps run
 eagerly under the profiler with a range around each part: prototypes, sampler, foreground field, SDF gradient,
-colour head, background, losses, and the backward pass as the rest of the step's kernel time.
+colour head, background, losses, and the backward pass as the rest of the step's kernel time. Where prototypes
+are not cached (the ``reference`` config) they are computed inside each head's range, and their row is empty.
 
     python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points
     python scripts/profile_step.py --device cpu --config default --warmup 1 --steps 1   # smoke (host times)
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
@@ -57,8 +59,12 @@ def main(argv: list[str] | None = None) -> str:
         config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
         trainer = config.setup(local_rank=0, world_size=1)
         trainer.setup()
-        for step in range(args.warmup):
+        for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
+            for callback in trainer.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
             trainer.train_iteration(step)
+            for callback in trainer.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         try:
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
         finally:
