@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
+from nerfstudio.utils import writer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
@@ -50,25 +51,27 @@ def main(argv: list[str] | None = None) -> str:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     torch.manual_seed(speed_args.seed)
+    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
     with tempfile.TemporaryDirectory() as tmp:
-        scene = speed_args.scene
-        if scene is None:
-            views, width, height = speed_args.scene_size
-            scene = Path(tmp) / "scene"
-            generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
-        config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
-        trainer = config.setup(local_rank=0, world_size=1)
-        trainer.setup()
-        for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
-            for callback in trainer.callbacks:
-                callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-            trainer.train_iteration(step)
-            for callback in trainer.callbacks:
-                callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         try:
+            scene = speed_args.scene
+            if scene is None:
+                views, width, height = speed_args.scene_size
+                scene = Path(tmp) / "scene"
+                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+            config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
+            trainer = config.setup(local_rank=0, world_size=1)
+            trainer.setup()
+            for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
+                for callback in trainer.callbacks:
+                    callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+                trainer.train_iteration(step)
+                for callback in trainer.callbacks:
+                    callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
+            writer.EVENT_WRITERS[:] = writers_before
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = trainer.pipeline.model
     budget = model.sampler.static_refine_budget if model.sampler.static_shapes else 1.0
