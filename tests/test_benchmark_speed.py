@@ -396,3 +396,47 @@ def test_step_profile_on_cpu(monkeypatch):
     parts += ["· foreground field at the samples", "· background field"]
     assert sum(rows[part] for part in parts) <= rows["forward pass"]
     assert rows["· colour head"] < rows["· foreground field at the samples"]
+
+
+def test_bf16_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
+    """scripts/measure_bf16_sdf_error.py at the paper's initialisation: bf16 errs by a few 1e-3 at the surface,
+    so the sampler keeps bf16 at beta 0.1 and would switch below about 0.01-0.02."""
+    module = load_script("measure_bf16_sdf_error", monkeypatch)
+    lines = run_main(module, ["--device", "cpu", "--codebook-entries", "64"]).splitlines()
+    assert lines[0].startswith("Device: CPU; 4096 probe points moved onto the surface")
+    row = lines[4].strip("| ").split(" | ")
+    assert row[0] == "initialisation, random 64x256 codebook" and row[1] == "0.1"
+    median, p90, p99 = (float(value) for value in row[2:5])
+    assert 5e-4 < median < p90 < p99 < 1e-2
+    assert row[6] == "bfloat16" and 0.002 < float(row[7]) < 0.04
+
+
+def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
+    """--load-config reads a run through nerfstudio's eval_setup; a sharp beta means float32 queries."""
+    import torch
+    from tiny_models import build, tiny_config
+
+    module = load_script("measure_bf16_sdf_error", monkeypatch)
+    model = build(tiny_config(sampler_autocast="bfloat16"))
+    with torch.no_grad():
+        model.density.beta_param.fill_(1e-3)
+    pipeline = type("Pipeline", (), {"model": model})()
+    config = tmp_path / "run" / "config.yml"
+    config.parent.mkdir()
+    config.write_text("fake: true\n")
+    monkeypatch.setattr(module, "eval_setup", lambda path, test_mode: (None, pipeline, None, 1234))
+    row = run_main(module, ["--device", "cpu", "--load-config", str(config)]).splitlines()[4].strip("| ").split(" | ")
+    assert row[0] == "run, step 1234" and row[1] == "0.0011" and row[6] == "float32"
+    with pytest.raises(SystemExit, match=r"--load-config: .* is not a file"):
+        run_main(module, ["--device", "cpu", "--load-config", str(tmp_path / "missing.yml")])
+
+
+def test_step_profile_leaves_no_writer_behind(monkeypatch):
+    """The profiled trainer logs into a temporary folder: its writers must not outlive it (a later in-process
+    trainer would write to them)."""
+    from nerfstudio.utils import writer
+
+    module = load_script("profile_step", monkeypatch)
+    before = list(writer.EVENT_WRITERS)
+    run_main(module, ["--device", "cpu", "--config", "default", "--warmup", "1", "--steps", "1", "--rays", "32"])
+    assert writer.EVENT_WRITERS == before
