@@ -249,18 +249,20 @@ class CocoField(Field):
         return output, gradient
 
     def forward_geonetwork(
-        self, points: Float[Tensor, "*batch 3"], fused: bool | None = None
+        self, points: Float[Tensor, "*batch 3"], fused: bool | None = None, compiled: bool = True
     ) -> Float[Tensor, "*batch 1+feature_dim"]:
-        """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract)."""
+        """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract).
+        ``compiled`` False runs eagerly even with ``enable_torch_compile``: a one-off query of another shape or
+        precision then costs no compilation."""
         if fused is None:
             fused = self._fused(create_graph=self.training and torch.is_grad_enabled())
-        geometry = self._compiled.geometry if self._compiled is not None else self._geometry
+        geometry = self._compiled.geometry if self._compiled is not None and compiled else self._geometry
         output = geometry(points.reshape(-1, 3), self._prototypes("geometry"), fused)
         return output.reshape(*points.shape[:-1], -1)
 
-    def get_sdf_values(self, points: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 1"]:
-        """SDF only; what samplers and mesh extraction query."""
-        return self.forward_geonetwork(points)[..., :1]
+    def get_sdf_values(self, points: Float[Tensor, "*batch 3"], compiled: bool = True) -> Float[Tensor, "*batch 1"]:
+        """SDF only; what samplers and mesh extraction query (``compiled``: see :meth:`forward_geonetwork`)."""
+        return self.forward_geonetwork(points, compiled=compiled)[..., :1]
 
     def sdf_and_gradient(
         self, points: Float[Tensor, "n 3"], create_graph: bool

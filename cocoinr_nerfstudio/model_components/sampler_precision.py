@@ -1,0 +1,65 @@
+"""Whether the error-bounded sampler's SDF queries may run in bfloat16: only while bf16's SDF error is small
+against the density's beta.
+
+The sampler bounds the opacity error of its samples from the SDF and beta (the Laplace density's scale); an SDF
+off by delta changes the density there by up to a factor exp(delta / beta). At the geometric init bf16 queries of
+the paper's field err by about 2e-3 in the normalised frame (docs/benchmarks.md, round eleven): a few percent of
+beta at the start (0.1), but as large as beta once training has sharpened the surface (VolSDF's beta falls toward
+1e-3). So the check compares the two: the 99th percentile of |bf16 - float32| over fixed probe points, as a share
+of beta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+PROBE_POINTS = 4096
+PROBE_SEED = 0  # the same points every check and on every rank (each rank then decides alike)
+
+
+def probe_points(radius: float, device: torch.device | str, num: int = PROBE_POINTS) -> Tensor:
+    """Fixed points, uniform in the ball of ``radius`` (where the sampler queries)."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    directions = torch.nn.functional.normalize(torch.randn(num, 3, generator=generator), dim=-1)
+    radii = radius * torch.rand(num, 1, generator=generator).pow(1.0 / 3.0)
+    return (directions * radii).to(device)
+
+
+def onto_surface(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, steps: int = 3) -> Tensor:
+    """``points`` moved toward the zero level set by ``steps`` Newton steps ``x - sdf(x) grad / |grad|^2`` (for a
+    true distance, one step lands on the surface), in float32."""
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = points.detach().requires_grad_(True)
+            sdf = sdf_fn(x).float()
+            (gradient,) = torch.autograd.grad(sdf.sum(), x)
+        squared_norm = gradient.square().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        points = (x - sdf.reshape(-1, 1) * gradient / squared_norm).detach()
+    return points
+
+
+@torch.no_grad()
+def bf16_sdf_error(
+    sdf_fn: Callable[[Tensor], Tensor], points: Tensor, quantiles: Sequence[float] = (0.99,)
+) -> tuple[float, ...]:
+    """The ``quantiles`` of |SDF under bf16 autocast - SDF in float32| at ``points`` (one host synchronisation)."""
+    exact = sdf_fn(points).float()
+    with torch.autocast(points.device.type, dtype=torch.bfloat16, cache_enabled=False):
+        rounded = sdf_fn(points).float()
+    levels = torch.tensor(list(quantiles), device=points.device)
+    return tuple(torch.quantile((rounded - exact).abs().flatten(), levels).tolist())
+
+
+def surface_bf16_error(
+    sdf_fn: Callable[[Tensor], Tensor], radius: float, device: torch.device | str, quantiles: Sequence[float] = (0.99,)
+) -> tuple[float, ...]:
+    """bf16's SDF error where the sampler's samples gather: at the probe points moved onto the surface."""
+    return bf16_sdf_error(sdf_fn, onto_surface(sdf_fn, probe_points(radius, device)), quantiles)
+
+
+def bf16_is_safe(error: float, beta: float, max_share: float) -> bool:
+    """bf16 queries keep the sampler's bound meaningful while their SDF error is at most ``max_share`` of beta."""
+    return error <= max_share * beta

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""How far bfloat16 SDF queries are from float32 at the surface, against the density's beta: what
+``--pipeline.model.sampler-autocast-max-error`` checks during training with ``--pipeline.model.sampler-autocast
+bfloat16`` (on in ``coco-inr-fast``). The error bound of the sampler trusts the SDF, so its queries stay in bf16 only
+while this error is a small share of beta (docs/benchmarks.md, round eleven).
+
+    python scripts/measure_bf16_sdf_error.py --device cuda           # the paper's model at its initialisation
+    python scripts/measure_bf16_sdf_error.py --load-config outputs/scan65/coco-inr/RUN/config.yml   # a trained one
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from nerfstudio.data.scene_box import SceneBox
+
+from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe
+from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
+from cocoinr_nerfstudio.scripts.extract_mesh import eval_setup
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--load-config", type=Path, default=None, help="a trained run's config.yml (ns-train's)")
+    parser.add_argument(
+        "--codebook-entries", type=int, default=16384, help="random codebook rows of the fresh model (VQGAN: 16384)"
+    )
+    return parser.parse_args(argv)
+
+
+def load_model(args: argparse.Namespace) -> tuple[CocoInrModel, str]:
+    """The trained model of ``--load-config``, or the paper's model at its geometric initialisation."""
+    if args.load_config is not None:
+        if not args.load_config.is_file():
+            sys.exit(f"--load-config: {args.load_config} is not a file (expected a run's config.yml)")
+        _, pipeline, _, step = eval_setup(args.load_config, test_mode="inference")
+        model = pipeline.model
+        if not isinstance(model, CocoInrModel):
+            sys.exit(f"--load-config: {args.load_config} is a {type(model).__name__} run, not coco-inr's")
+        return model.to(args.device), f"{args.load_config.parent.name}, step {step}"
+    torch.manual_seed(0)
+    config = CocoInrModelConfig(codebook_source="random", random_codebook_shape=(args.codebook_entries, 256))
+    scene_box = SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3]))
+    model = config.setup(scene_box=scene_box, num_train_data=1).to(args.device)
+    return model, f"initialisation, random {args.codebook_entries}x256 codebook"
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    model, name = load_model(args)
+    model.train()  # as the check runs in training (the prototypes are computed, not cached)
+    errors = model.sampler_bf16_error(QUANTILES)
+    beta = float(model.density.get_beta().detach())
+    share = model.config.sampler_autocast_max_error
+    keeps = "bfloat16" if bf16_is_safe(errors[-1], beta, share) else "float32"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    table = "\n".join(
+        [
+            f"Device: {device}; 4096 probe points moved onto the surface; |bf16 - float32| of the SDF (normalised frame)",
+            "",
+            "| model | beta | error median | 90% | 99% | 99% / beta | sampler queries (max share "
+            f"{share:g}) | bf16 kept while beta >= |",
+            "|---|---:|---:|---:|---:|---:|---|---:|",
+            f"| {name} | {beta:.3g} | {errors[0]:.2e} | {errors[1]:.2e} | {errors[2]:.2e} | {errors[2] / beta:.3f} | "
+            f"{keeps} | {errors[2] / share if share > 0 else float('inf'):.3g} |",
+        ]
+    )
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

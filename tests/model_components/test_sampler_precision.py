@@ -1,0 +1,76 @@
+"""The bf16 sampler-query check's parts: fixed probe points, the error measure, the threshold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cocoinr_nerfstudio.model_components.sampler_precision import (
+    bf16_is_safe,
+    bf16_sdf_error,
+    onto_surface,
+    probe_points,
+    surface_bf16_error,
+)
+
+
+def test_probe_points_are_fixed_and_fill_the_ball():
+    points = probe_points(3.0, "cpu")
+    assert points.shape == (4096, 3) and torch.equal(points, probe_points(3.0, "cpu"))  # every check, every rank
+    radii = points.norm(dim=-1)
+    assert float(radii.max()) <= 3.0
+    # uniform in volume: the share inside half the radius is 1/8
+    assert abs(float((radii < 1.5).float().mean()) - 0.125) < 0.02
+    torch.testing.assert_close(probe_points(1.0, "cpu", num=16), probe_points(3.0, "cpu", num=16) / 3.0)
+
+
+def test_bf16_error_is_the_quantile_of_what_autocast_rounds():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(1000, 3, generator=generator)
+    weight = torch.randn(1, 3, generator=generator)
+
+    def sdf(x):
+        return F.linear(x, weight)  # autocast runs linear layers in bf16
+
+    rounded = F.linear(points.bfloat16(), weight.bfloat16()).float()
+    expected = torch.quantile((rounded - F.linear(points, weight)).abs().flatten(), 0.99)
+    assert bf16_sdf_error(sdf, points) == (float(expected),) and float(expected) > 0
+    median, largest = bf16_sdf_error(sdf, points, quantiles=(0.5, 1.0))
+    assert largest == float((rounded - sdf(points)).abs().max()) and 0 < median < largest
+    assert bf16_sdf_error(lambda x: x.norm(dim=-1) - 1.0, points) == (0.0,)  # no autocast op: nothing rounded
+
+
+def test_bf16_is_safe_up_to_the_share_of_beta():
+    assert bf16_is_safe(1e-3, beta=0.01, max_share=0.1)
+    assert not bf16_is_safe(1.01e-3, beta=0.01, max_share=0.1)
+    assert not bf16_is_safe(1e-9, beta=0.01, max_share=0.0)
+    assert bf16_is_safe(1.0, beta=1e-4, max_share=math.inf)
+
+
+def test_probe_points_move_onto_the_surface():
+    def sphere(x):
+        return x.norm(dim=-1, keepdim=True) - 0.6
+
+    points = onto_surface(sphere, probe_points(3.0, "cpu"), steps=1)  # exact SDF: one Newton step lands on it
+    torch.testing.assert_close(points.norm(dim=-1), torch.full((4096,), 0.6), atol=1e-5, rtol=0)
+
+    def ellipsoid(x):  # not a distance: Newton steps converge instead
+        return (x / torch.tensor([1.0, 0.5, 0.5])).norm(dim=-1, keepdim=True) - 1.0
+
+    points = onto_surface(ellipsoid, probe_points(3.0, "cpu"), steps=6)
+    assert float(ellipsoid(points).abs().max()) < 1e-3
+
+
+def test_surface_error_is_measured_on_the_surface():
+    """A function that autocast rounds only away from the unit sphere: no error at the surface, some elsewhere."""
+    weight = torch.tensor([[1.0, 1.0, 1.0]]) / 3.0
+
+    def sdf(x):
+        radius = x.norm(dim=-1, keepdim=True)
+        return radius - 1.0 + 0.1 * (radius - 1.0) ** 2 * F.linear(x, weight)
+
+    (at_surface,) = surface_bf16_error(sdf, 3.0, "cpu")
+    (everywhere,) = bf16_sdf_error(sdf, probe_points(3.0, "cpu"))
+    assert at_surface < 1e-6 and everywhere > 1e-4
