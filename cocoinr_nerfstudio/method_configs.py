@@ -73,10 +73,10 @@ coco_inr = MethodSpecification(
 
 def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config ``graph+fields+bf16+sdpa+points``),
-    set on ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products, bf16
-    where only samples are placed and in the colour heads, fused attention where nothing is differentiated, the
-    point-attention kernels where it is) and scheduling (one CUDA graph a step, compiled fields and sampler rounds,
-    later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager
+    set on ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products; bf16
+    in the colour heads and where only samples are placed, there while its SDF error is small against beta; fused
+    attention where nothing is differentiated; the point-attention kernels where it is) and scheduling (one CUDA
+    graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager
     training with a message; the other options still apply there (compilation included) but do not pay on a CPU."""
     model.tf32_matmul = True
     model.cuda_graph = True
