@@ -322,10 +322,25 @@ def test_quality_benchmark_on_cpu(tmp_path):
 
 
 def test_step_phases_table_from_known_times():
-    from cocoinr_nerfstudio.benchmarks.step_phases import BACKWARD, FORWARD, LOSSES, TOTAL, PhaseTimes, format_phases
+    from cocoinr_nerfstudio.benchmarks.step_phases import (
+        BACKWARD,
+        FORWARD,
+        LOSSES,
+        SAMPLES_GRADIENT,
+        TOTAL,
+        PhaseTimes,
+        format_phases,
+    )
 
     times = PhaseTimes(
-        {FORWARD: 10.0, "sampler (SDF queries, beta search)": 4.0, LOSSES: 0.5, BACKWARD: 9.5, TOTAL: 20.0},
+        {
+            FORWARD: 10.0,
+            "foreground field at the samples": 4.0,
+            SAMPLES_GRADIENT: 3.0,
+            LOSSES: 0.5,
+            BACKWARD: 9.5,
+            TOTAL: 20.0,
+        },
         "GPU kernel ms",
     )
     assert format_phases(times, "title").splitlines() == [
@@ -334,7 +349,8 @@ def test_step_phases_table_from_known_times():
         "| part | GPU kernel ms per step | share of the step |",
         "|---|---:|---:|",
         "| forward pass | 10.00 | 50.0% |",
-        "| · sampler (SDF queries, beta search) | 4.00 | 20.0% |",
+        "| · foreground field at the samples | 4.00 | 20.0% |",
+        "| ·· SDF and its gradient at the samples | 3.00 | 15.0% |",
         "| losses and metrics | 0.50 | 2.5% |",
         "| backward pass (the rest) | 9.50 | 47.5% |",
         "| step | 20.00 | 100.0% |",
@@ -344,8 +360,46 @@ def test_step_phases_table_from_known_times():
         "| part | host ms per step | share of the forward pass |",
         "|---|---:|---:|",
         "| forward pass | 8.00 | 100.0% |",
-        "| · colour head | 2.00 | 25.0% |",
+        "| ·· colour head | 2.00 | 25.0% |",
     ]
+
+
+def test_kernels_count_in_the_ranges_open_when_they_were_launched():
+    """CUDA accounting on made-up events: a range's own kernels, kernels that autograd's thread launched while the
+    range was open (an eager ``autograd.grad``), annotations that are not kernels, and the backward as the rest."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, sum_by_range
+
+    def cpu(name, start, end, thread, own=0.0, launched=()):
+        return SimpleNamespace(
+            name=name,
+            device_type=DeviceType.CPU,
+            time_range=SimpleNamespace(start=start, end=end),
+            thread=thread,
+            device_time_total=own,
+            kernels=[SimpleNamespace(duration=d) for d in launched],
+        )
+
+    def gpu(name, duration, annotation=False):
+        return SimpleNamespace(
+            name=name, device_type=DeviceType.CUDA, device_time=duration, is_user_annotation=annotation
+        )
+
+    events = [
+        cpu(PREFIX + "forward pass", 0, 100, thread=1, own=30.0),
+        cpu(PREFIX + "SDF and its gradient at the samples", 10, 50, thread=1, own=20.0),
+        cpu("aten::mm", 20, 25, thread=2, launched=(5.0, 2.0)),  # autograd's thread, inside both ranges
+        cpu("aten::mm", 150, 160, thread=2, launched=(40.0,)),  # loss.backward(): after every range
+        cpu("aten::add", 60, 61, thread=1, launched=(9.0,)),  # the main thread's own: already in ``own``
+        gpu(PREFIX + "forward pass", 95.0, annotation=True),
+        *(gpu("kernel", d) for d in (20.0, 9.0, 1.0, 5.0, 2.0, 40.0)),
+    ]
+    totals, kernels = sum_by_range(events, cuda=True)
+    assert totals == {"forward pass": 37.0, "SDF and its gradient at the samples": 27.0}
+    assert kernels == 77.0  # 77 - 37 = 40: the backward pass
 
 
 def test_phase_ranges_wrap_and_restore_the_model_parts():
@@ -354,24 +408,42 @@ def test_phase_ranges_wrap_and_restore_the_model_parts():
 
     from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, phase_ranges
 
-    class Sampler(torch.nn.Module):
-        def generate_ray_samples(self, x):
+    class Field(torch.nn.Module):
+        def get_outputs(self, x):
+            return self.sdf_and_gradient(x)
+
+        def sdf_and_gradient(self, x):
             return x + 1
 
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.sampler = Sampler()
+            self.field = Field()
 
         def _render_background(self, x):
             return x * 2
 
-    model = Model()  # no prior, no field: those parts are skipped
+    model = Model()  # no prior, no sampler: those parts are skipped
+
+    def patched(x):
+        return x - 1
+
+    model._render_background = patched  # someone's instance attribute: put back afterwards
     with phase_ranges(model), profile(activities=[ProfilerActivity.CPU]) as prof:
-        assert model.sampler.generate_ray_samples(1) == 2 and model._render_background(3) == 6
-    names = [event.name for event in prof.events() if event.name.startswith(PREFIX)]
-    assert names == [PREFIX + "sampler (SDF queries, beta search)", PREFIX + "background field"]
-    assert "generate_ray_samples" not in vars(model.sampler) and "_render_background" not in vars(model)
+        assert (
+            model.field.get_outputs(1) == 2
+            and model.field.sdf_and_gradient(1) == 2
+            and model._render_background(3) == 2
+        )
+    names = [event.name[len(PREFIX) :] for event in prof.events() if event.name.startswith(PREFIX)]
+    assert names == [
+        "foreground field at the samples",
+        "SDF and its gradient at the samples",
+        "SDF and its gradient at eikonal points",
+        "background field",
+    ]
+    assert "get_outputs" not in vars(model.field) and "sdf_and_gradient" not in vars(model.field)
+    assert model._render_background is patched
 
 
 def test_step_profile_on_cpu(monkeypatch):
@@ -382,20 +454,22 @@ def test_step_profile_on_cpu(monkeypatch):
     assert lines[0].startswith("Device: CPU; config default; 64 rays/step; 1 eager steps profiled after 1 trainer")
     rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in lines[4:])}
     assert list(rows) == [
+        "training batch",
         "forward pass",
         "· prototypes (codebook attention)",
         "· sampler (SDF queries, beta search)",
         "· foreground field at the samples",
-        "· SDF and its gradient (samples and eikonal points)",
-        "· colour head",
+        "·· SDF and its gradient at the samples",
+        "·· colour head",
         "· background field",
+        "· SDF and its gradient at eikonal points",
         "losses and metrics",
     ]
     assert all(value > 0 for value in rows.values())
-    parts = ["· prototypes (codebook attention)", "· sampler (SDF queries, beta search)"]
-    parts += ["· foreground field at the samples", "· background field"]
+    parts = [name for name in rows if name.startswith("· ")]
     assert sum(rows[part] for part in parts) <= rows["forward pass"]
-    assert rows["· colour head"] < rows["· foreground field at the samples"]
+    nested = ["·· SDF and its gradient at the samples", "·· colour head"]
+    assert sum(rows[part] for part in nested) <= rows["· foreground field at the samples"]
 
 
 def test_bf16_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):

@@ -4,15 +4,17 @@ A CUDA-graph replay is one opaque launch to the profiler, and inductor's kernel 
 model's parts. So the step is run eagerly here (the same compiled fields, the same static sampler shapes as
 the captured graph, the same batch sizes), with a ``record_function`` range around each part, and the kernels
 each range launched are summed. Kernel time is what the graph replays; the host's launch gaps of an eager step
-are not counted. The backward pass runs on autograd's own thread, outside every range: it is reported as the
-step's kernel time minus the forward pass, the losses and the metrics.
+are not counted. Autograd runs CUDA work on a thread of its own: kernels launched there while the main thread
+waits inside a range (an eager ``autograd.grad`` for the SDF's gradient) count in that range, and the
+``loss.backward()`` is the step's kernel time minus every range (drawing the batch, the forward pass, the losses).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +24,37 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 PREFIX = "phase: "
 
-PARTS: tuple[tuple[str, str, str], ...] = (
-    # (label, attribute path of the object from the model, method)
-    ("prototypes (codebook attention)", "prior", "refresh"),
-    ("sampler (SDF queries, beta search)", "sampler", "generate_ray_samples"),
-    ("foreground field at the samples", "field", "get_outputs"),
-    ("SDF and its gradient (samples and eikonal points)", "field", "sdf_and_gradient"),
-    ("colour head", "field", "get_colors"),
-    ("background field", "", "_render_background"),
+BATCH, FORWARD, LOSSES, BACKWARD, TOTAL = (
+    "training batch",
+    "forward pass",
+    "losses and metrics",
+    "backward pass (the rest)",
+    "step",
 )
-"""The model's parts that get a range. Ranges nest: the foreground field includes the samples' SDF gradient
-and the colour head."""
+SAMPLES_GRADIENT, EIKONAL_GRADIENT = "SDF and its gradient at the samples", "SDF and its gradient at eikonal points"
 
-FORWARD, LOSSES, BACKWARD, TOTAL = "forward pass", "losses and metrics", "backward pass (the rest)", "step"
+PARTS: tuple[tuple[str, str, str, int], ...] = (
+    # (label, attribute of the model holding the method ("" = the model), method, nesting depth in the table)
+    ("prototypes (codebook attention)", "prior", "refresh", 1),
+    ("sampler (SDF queries, beta search)", "sampler", "generate_ray_samples", 1),
+    ("foreground field at the samples", "field", "get_outputs", 1),
+    (SAMPLES_GRADIENT, "field", "sdf_and_gradient", 2),  # inside the foreground field; else the eikonal row
+    ("colour head", "field", "get_colors", 2),
+    ("background field", "", "_render_background", 1),
+    (EIKONAL_GRADIENT, "field", "sdf_and_gradient", 1),
+)
+"""The model's parts that get a range, in table order. ``sdf_and_gradient`` is one method with two rows: called
+inside the foreground field it is the samples', otherwise the eikonal points'."""
+
+ROWS: tuple[tuple[str, int], ...] = (
+    (BATCH, 0),
+    (FORWARD, 0),
+    *((label, depth) for label, _, _, depth in PARTS),
+    (LOSSES, 0),
+    (BACKWARD, 0),
+    (TOTAL, 0),
+)
+TOP_LEVEL = (BATCH, FORWARD, LOSSES)  # the ranges the backward pass is what is left of the step after
 
 
 @dataclass
@@ -47,35 +67,60 @@ class PhaseTimes:
 
 @contextlib.contextmanager
 def phase_ranges(model: torch.nn.Module) -> Iterator[None]:
-    """Wraps the model's parts (``PARTS``, those it has) in ``record_function`` ranges, restored afterwards."""
-    patched: list[tuple[Any, str]] = []
+    """Wraps the model's parts (``PARTS``, those it has) in ``record_function`` ranges; afterwards every method is
+    as it was (an instance attribute that was there is put back)."""
+    inside_field = threading.local()
+    wrapped: dict[tuple[int, str], Callable[..., Any]] = {}
+    saved: list[tuple[Any, str, Any]] = []
     try:
-        for label, path, method in PARTS:
+        for label, path, method, _ in PARTS:
             owner = getattr(model, path, None) if path else model
-            if owner is None or not hasattr(owner, method):
+            if owner is None or not hasattr(owner, method) or (id(owner), method) in wrapped:
                 continue
-            setattr(owner, method, _ranged(getattr(owner, method), PREFIX + label))
-            patched.append((owner, method))
+            saved.append((owner, method, vars(owner).get(method)))
+            function = getattr(owner, method)
+            if method == "sdf_and_gradient":
+                wrapper = _ranged(
+                    function, lambda: SAMPLES_GRADIENT if getattr(inside_field, "on", False) else EIKONAL_GRADIENT
+                )
+            elif path == "field" and method == "get_outputs":
+                wrapper = _ranged(function, lambda label=label: label, flag=inside_field)
+            else:
+                wrapper = _ranged(function, lambda label=label: label)
+            wrapped[(id(owner), method)] = wrapper
+            setattr(owner, method, wrapper)
         yield
     finally:
-        for owner, method in patched:
-            delattr(owner, method)  # the instance attribute goes; the class's method shows again
+        for owner, method, previous in reversed(saved):
+            if previous is None:
+                delattr(owner, method)  # the class's method shows again
+            else:
+                setattr(owner, method, previous)
 
 
-def _ranged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+def _ranged(
+    fn: Callable[..., Any], label: Callable[[], str], flag: threading.local | None = None
+) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with record_function(name):
-            return fn(*args, **kwargs)
+        with record_function(PREFIX + label()):
+            if flag is None:
+                return fn(*args, **kwargs)
+            flag.on = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                flag.on = False
 
     return wrapper
 
 
 def eager_step(pipeline: Any, step: int) -> None:
-    """One training step's forward, losses and backward, without a CUDA graph or an optimizer step (the
+    """One training step's batch, forward, losses and backward, without a CUDA graph or an optimizer step (the
     gradients are cleared instead, so the model does not change)."""
     model = pipeline.model
-    ray_bundle, batch = pipeline.datamanager.next_train(step)
+    with record_function(PREFIX + BATCH):
+        ray_bundle, batch = pipeline.datamanager.next_train(step)
     with record_function(PREFIX + FORWARD):
         outputs = model(ray_bundle)
     with record_function(PREFIX + LOSSES):
@@ -83,6 +128,36 @@ def eager_step(pipeline: Any, step: int) -> None:
         loss = functools.reduce(torch.add, model.get_loss_dict(outputs, batch, metrics).values())
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def sum_by_range(events: Iterable[Any], cuda: bool) -> tuple[dict[str, float], float]:
+    """Microseconds per range label (summed over occurrences), and all kernels' microseconds (CUDA).
+
+    On CUDA a range holds the kernels its own thread launched inside it (``device_time_total``) and those that
+    ops on other threads (autograd's) launched while it was open. Elsewhere, the host time inside it."""
+    events = list(events)
+    ranges = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
+    totals: dict[str, float] = {}
+    for event in ranges:
+        label = event.name[len(PREFIX) :]
+        totals[label] = totals.get(label, 0.0) + (event.device_time_total if cuda else event.cpu_time_total)
+    if not cuda:
+        return totals, 0.0
+    kernels = sum(
+        event.device_time
+        for event in events
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    )  # ranges also show on the GPU timeline, as annotations: not kernels
+    for event in events:
+        launched = sum(kernel.duration for kernel in getattr(event, "kernels", ()))
+        if event.device_type != DeviceType.CPU or launched == 0 or event.name.startswith(PREFIX):
+            continue
+        start = event.time_range.start
+        for window in ranges:
+            if window.thread != event.thread and window.time_range.start <= start <= window.time_range.end:
+                label = window.name[len(PREFIX) :]
+                totals[label] += launched
+    return totals, kernels
 
 
 def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int = 2) -> PhaseTimes:
@@ -99,36 +174,27 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
             for step in range(first_step + warmup, first_step + warmup + num_steps):
                 eager_step(pipeline, step)
             sync()
-    totals: dict[str, float] = {}
-    kernels = 0.0
-    for event in prof.events():
-        if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX):
-            label = event.name[len(PREFIX) :]
-            value = event.device_time_total if cuda else event.cpu_time_total
-            totals[label] = totals.get(label, 0.0) + value
-        elif cuda and event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
-            kernels += event.device_time  # a kernel (ranges also show on the GPU timeline, as annotations)
+    totals, kernels = sum_by_range(prof.events(), cuda)
     per_step = {label: microseconds / num_steps / 1000.0 for label, microseconds in totals.items()}
     if cuda:
         per_step[TOTAL] = kernels / num_steps / 1000.0
-        per_step[BACKWARD] = per_step[TOTAL] - per_step.get(FORWARD, 0.0) - per_step.get(LOSSES, 0.0)
+        per_step[BACKWARD] = per_step[TOTAL] - sum(per_step.get(label, 0.0) for label in TOP_LEVEL)
     return PhaseTimes(per_step, "GPU kernel ms" if cuda else "host ms")
 
 
 def format_phases(times: PhaseTimes, title: str) -> str:
-    """A Markdown table: the forward pass and its parts (marked with a dot; a part's nested ranges count in it too),
-    the losses, the backward pass and the step, each with its share of the step (of the forward pass where the
-    step's total is not measured)."""
+    """A Markdown table: the batch, the forward pass and its parts (one dot a level: a part includes the parts
+    below it with more dots), the losses, the backward pass and the step, each with its share of the step (of
+    the forward pass where the step's total is not measured)."""
     whole = TOTAL if TOTAL in times.milliseconds else FORWARD
     step = times.milliseconds.get(whole, 0.0)
     share_of = "the step" if whole == TOTAL else "the forward pass"
     rows = [title, "", f"| part | {times.unit} per step | share of {share_of} |", "|---|---:|---:|"]
-    labels = [FORWARD, *(label for label, _, _ in PARTS), LOSSES, BACKWARD, TOTAL]
-    for label in labels:
+    for label, depth in ROWS:
         if label not in times.milliseconds:
             continue
         value = times.milliseconds[label]
-        name = f"· {label}" if any(label == part for part, _, _ in PARTS) else label
+        name = f"{'·' * depth} {label}" if depth else label
         share = f"{100.0 * value / step:.1f}%" if step > 0 else "-"
         rows.append(f"| {name} | {value:.2f} | {share} |")
     return "\n".join(rows)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import inf
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,10 +90,11 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """With sampler-autocast bfloat16: the largest SDF error of bf16 queries, as a share of the density's beta,
     at which the sampler keeps them (an error of 0.25 beta scales the terms of its error bound by at most
     exp(0.25) = 1.28). The bound trusts the SDF, and beta shrinks as the surface sharpens (from 0.1 toward 1e-3)
-    while bf16's error does not (about 3e-3 at the geometric init). Checked before the first training step,
-    every 50 steps and before a loaded model's first render: the 99th percentile of |bf16 - float32| at 4096
-    fixed points moved onto the surface. Once too large, the queries run in float32 for the rest of the process.
-    inf: bf16 throughout, never checked (the behaviour before this option)."""
+    while bf16's error does not (99th percentile about 3e-3 at the geometric init). Checked before a run's first
+    training step, every 50 steps and before a loaded model's first render: the 99th percentile of
+    |bf16 - float32| at 4096 fixed points moved onto the surface (the field run eagerly, which errs at least as
+    much as compiled code). Once too large, or if the probe finds no surface, the queries run in float32 for the
+    rest of the process. inf: bf16 throughout, never checked (the behaviour before this option)."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -217,6 +218,11 @@ class CocoInrModelConfig(SurfaceModelConfig):
     per_ray_convergence."""
 
 
+def _capturing() -> bool:
+    """Whether this thread's CUDA stream is capturing a graph (host reads would break the capture)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class CocoInrModel(SurfaceModel):
     """VolSDF (Laplace density, error-bounded sampling, NeRF++ background) + CoCo codebook prior."""
 
@@ -327,7 +333,7 @@ class CocoInrModel(SurfaceModel):
                 f"{self.config.sampler_autocast_max_error}"
             )
         bf16 = self.config.sampler_autocast == "bfloat16"
-        self._sampler_bf16: bool | None = None if bf16 and self.config.sampler_autocast_max_error != inf else bf16
+        self._sampler_bf16: bool | None = None if bf16 and self.config.sampler_autocast_max_error != math.inf else bf16
         """Whether the sampler's queries run in bfloat16 now; None until checked (_check_sampler_precision)."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
@@ -430,9 +436,9 @@ class CocoInrModel(SurfaceModel):
 
     def _sampler_sdf(self, points: Tensor) -> Tensor:
         """SDF queries that only place samples: in bfloat16 while it is safe (``sampler_autocast_max_error``)."""
-        if self._sampler_bf16 is None:  # not yet checked (a loaded model's first render): check now
+        if self._sampler_bf16 is None and not _capturing():  # not yet checked (a loaded model's first render)
             self._check_sampler_precision()
-        if self._sampler_bf16:
+        if self._sampler_bf16:  # unchecked during a CUDA-graph capture (no host reads there): float32
             with torch.autocast(points.device.type, dtype=torch.bfloat16, cache_enabled=False):
                 return self.field.get_sdf_values(points).float()
         return self.field.get_sdf_values(points)
@@ -628,12 +634,12 @@ class CocoInrModel(SurfaceModel):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        if self.config.sampler_autocast == "bfloat16" and self.config.sampler_autocast_max_error != inf:
+        if self.config.sampler_autocast == "bfloat16" and self.config.sampler_autocast_max_error != math.inf:
             callbacks.append(
                 TrainingCallback(
                     [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
-                    update_every_num_iters=SAMPLER_PRECISION_INTERVAL,
-                    func=self._check_sampler_precision,
+                    update_every_num_iters=1,
+                    func=self._sampler_precision_callback,
                 )
             )
         if self.refine_budget is not None:
@@ -663,6 +669,11 @@ class CocoInrModel(SurfaceModel):
 
         return surface_bf16_error(sdf, self.scene_radius, self.density.beta_param.device, quantiles)
 
+    def _sampler_precision_callback(self, step: int) -> None:
+        """Before the first step of a run (resumed runs start at any step) and every 50 steps."""
+        if self._sampler_bf16 is None or step % SAMPLER_PRECISION_INTERVAL == 0:
+            self._check_sampler_precision(step)
+
     def _check_sampler_precision(self, step: int | None = None) -> None:
         """Sets whether the sampler's queries run in bfloat16 (see ``sampler_autocast_max_error``): one probe of
         the SDF in both precisions and one read of beta (a host synchronisation). Once off, it stays off."""
@@ -673,10 +684,15 @@ class CocoInrModel(SurfaceModel):
         safe = bf16_is_safe(error, beta, self.config.sampler_autocast_max_error)
         if not safe:
             when = f"at step {step}" if step is not None else "before rendering"
+            measured = (
+                f"err by {error:.2e} (99th percentile at the surface), more than "
+                f"{self.config.sampler_autocast_max_error:g} x beta ({beta:.2e})"
+                if math.isfinite(error)
+                else "could not be checked (the probe found no surface)"
+            )
             CONSOLE.print(
-                f"Sampler: bfloat16 SDF queries err by {error:.2e} (99th percentile at the surface), more than "
-                f"{self.config.sampler_autocast_max_error:g} x beta ({beta:.2e}) {when}: they run in float32 from "
-                "now on (--pipeline.model.sampler-autocast-max-error)."
+                f"Sampler: bfloat16 SDF queries {measured} {when}: they run in float32 from now on "
+                "(--pipeline.model.sampler-autocast-max-error)."
             )
         self._sampler_bf16 = safe
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from cocoinr_nerfstudio.model_components.sampler_precision import (
     bf16_is_safe,
     bf16_sdf_error,
+    on_surface,
     onto_surface,
     probe_points,
     surface_bf16_error,
@@ -74,3 +75,30 @@ def test_surface_error_is_measured_on_the_surface():
     (at_surface,) = surface_bf16_error(sdf, 3.0, "cpu")
     (everywhere,) = bf16_sdf_error(sdf, probe_points(3.0, "cpu"))
     assert at_surface < 1e-6 and everywhere > 1e-4
+
+
+def test_only_points_on_the_surface_are_measured():
+    points = torch.tensor([[0.6, 0.0, 0.0], [0.0, 0.605, 0.0], [0.0, 0.0, 0.7], [9.0, 0.0, 0.0], [math.nan, 0.0, 0.0]])
+
+    def sdf(x):
+        return x.norm(dim=-1, keepdim=True) - 0.6 - (x.norm(dim=-1, keepdim=True) - 9.0).abs().lt(1e-3) * 8.4
+
+    # kept: on it, within 1e-2 of it; left out: 0.1 away, outside the ball (though its SDF is 0), not finite
+    assert torch.equal(on_surface(sdf, points, radius=3.0), points[:2])
+
+
+def test_no_surface_gives_no_measurement():
+    assert all(math.isnan(e) for e in surface_bf16_error(lambda x: x.norm(dim=-1) + 1.0, 3.0, "cpu", (0.5, 0.99)))
+    assert not bf16_is_safe(math.nan, beta=0.1, max_share=0.25)
+
+
+def test_the_float32_reference_ignores_the_callers_autocast():
+    generator = torch.Generator().manual_seed(1)
+    points, weight = torch.randn(500, 3, generator=generator), torch.randn(1, 3, generator=generator)
+
+    def sdf(x):
+        return F.linear(x, weight)
+
+    alone = bf16_sdf_error(sdf, points)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under --mixed-precision
+        assert bf16_sdf_error(sdf, points) == alone

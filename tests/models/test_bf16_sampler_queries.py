@@ -73,7 +73,7 @@ def test_the_check_is_a_training_callback_only_where_it_can_change_anything():
     def checks(**overrides) -> int:
         model = build(tiny_config(**overrides))
         callbacks = model.get_training_callbacks(attributes)
-        return sum(getattr(c.func, "__func__", None) is CocoInrModel._check_sampler_precision for c in callbacks)
+        return sum(getattr(c.func, "__func__", None) is CocoInrModel._sampler_precision_callback for c in callbacks)
 
     assert checks(sampler_autocast="bfloat16") == 1
     assert checks(sampler_autocast="bfloat16", sampler_autocast_max_error=math.inf) == 0
@@ -95,3 +95,39 @@ def test_a_loaded_model_checks_before_its_first_render():
 def test_a_negative_share_is_refused():
     with pytest.raises(ValueError, match="sampler-autocast-max-error must be a share of beta >= 0"):
         build(tiny_config(sampler_autocast="bfloat16", sampler_autocast_max_error=-0.1))
+
+
+def test_a_resumed_run_checks_before_its_first_step_then_every_50(monkeypatch):
+    model = build(tiny_config(sampler_autocast="bfloat16"))
+    checked = []
+    check = model._check_sampler_precision
+
+    def counting(step=None):
+        checked.append(step)
+        check(step)
+
+    monkeypatch.setattr(model, "_check_sampler_precision", counting)
+    for step in range(2001, 2102):  # resumed at a step that is no multiple of 50
+        model._sampler_precision_callback(step)
+    assert checked == [2001, 2050, 2100] and model._sampler_bf16 is True
+
+
+def test_the_probe_leaves_the_model_as_it_was():
+    model = build(tiny_config(sampler_autocast="bfloat16"))
+    model.train()
+    model(rays(8))  # a training forward: prototypes cached for the step
+    cache = dict(model.prior._cache)
+    rng = torch.get_rng_state()
+    model._check_sampler_precision(step=0)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(param.grad is None for param in model.parameters())
+    assert model.prior._cache.keys() == cache.keys() and all(model.prior._cache[k] is v for k, v in cache.items())
+
+
+def test_no_surface_in_the_probe_means_float32(capsys):
+    model = build(tiny_config(sampler_autocast="bfloat16"))
+    model.field.get_sdf_values = lambda points, compiled=True: points.norm(dim=-1, keepdim=True) + 1.0
+    model._check_sampler_precision(step=0)
+    assert model._sampler_bf16 is False
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "could not be checked (the probe found no surface) at step 0: they run in float32" in printed
