@@ -9,8 +9,8 @@ than beta once training has sharpened the surface (VolSDF's beta falls toward 1e
 where the samples gather: fixed probe points are moved onto the current surface (Newton steps along the SDF's
 gradient), and the 99th percentile of |bf16 - float32| there is taken as a share of beta.
 
-The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) keeps fused
-intermediates in float32, so it errs by at most as much: the check errs on the safe side.
+The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
+between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
 """
 
 from __future__ import annotations

@@ -92,9 +92,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     exp(0.25) = 1.28). The bound trusts the SDF, and beta shrinks as the surface sharpens (from 0.1 toward 1e-3)
     while bf16's error does not (99th percentile about 3e-3 at the geometric init). Checked before a run's first
     training step, every 50 steps and before a loaded model's first render: the 99th percentile of
-    |bf16 - float32| at 4096 fixed points moved onto the surface (the field run eagerly, which errs at least as
-    much as compiled code). Once too large, or if the probe finds no surface, the queries run in float32 for the
-    rest of the process. inf: bf16 throughout, never checked (the behaviour before this option)."""
+    |bf16 - float32| at 4096 fixed points moved onto the surface (the field run eagerly: compiled code, which does
+    not round between fused operations, should err no more). Once too large, or if the probe finds no surface,
+    the queries run in float32 for the rest of the process. inf: bf16 throughout, never checked (the behaviour
+    before this option)."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
