@@ -6,15 +6,22 @@ while this error is a small share of beta (docs/benchmarks.md, round eleven).
 
     python scripts/measure_bf16_sdf_error.py --device cuda           # the paper's model at its initialisation
     python scripts/measure_bf16_sdf_error.py --load-config outputs/scan65/coco-inr/RUN/config.yml   # a trained one
+
+``--render-betas`` also renders rays with samples placed by bf16 and by float32 queries (the field itself in float32
+both times) at each given beta, and compares the renders: what the check guards against. The rays look at the
+origin from 2.5 units (the normalised frame's object sits there); the model's own beta is put back afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 
 from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe
@@ -31,7 +38,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--codebook-entries", type=int, default=16384, help="random codebook rows of the fresh model (VQGAN: 16384)"
     )
+    parser.add_argument("--render-betas", type=float, nargs="*", default=[], help="compare renders at these betas")
+    parser.add_argument("--rays", type=int, default=2048, help="rays of each render comparison")
     return parser.parse_args(argv)
+
+
+def probe_rays(num: int, device: str) -> RayBundle:
+    """Rays from (0, 0, 2.5) toward the origin, spread over about 28 degrees (fixed); shaped as a num x 1 image."""
+    generator = torch.Generator().manual_seed(1)
+    spread = 0.5 * (torch.rand(num, 3, generator=generator) - 0.5)
+    directions = torch.nn.functional.normalize(torch.tensor([0.0, 0.0, -1.0]) + spread, dim=-1)
+    return (
+        RayBundle(
+            origins=torch.tensor([[0.0, 0.0, 2.5]]).expand(num, 3).contiguous(),
+            directions=directions,
+            pixel_area=torch.ones(num, 1),
+            camera_indices=torch.zeros(num, 1, dtype=torch.long),
+        )
+        .reshape((num, 1))
+        .to(device)
+    )
+
+
+@contextlib.contextmanager
+def beta_set_to(model: CocoInrModel, beta: float) -> Iterator[None]:
+    parameter = model.density.beta_param
+    kept = parameter.detach().clone()
+    try:
+        with torch.no_grad():
+            parameter.fill_(beta - model.density.beta_min)
+        yield
+    finally:
+        with torch.no_grad():
+            parameter.copy_(kept)
+
+
+@torch.no_grad()
+def render_differences(model: CocoInrModel, rays: RayBundle, beta: float) -> list[str]:
+    """One table row: renders with samples placed by float32 against bf16 queries at ``beta``."""
+    renders = []
+    bf16_before = model._sampler_bf16
+    try:
+        with beta_set_to(model, beta):
+            for bf16 in (False, True):
+                model._sampler_bf16 = bf16  # the check would switch bf16 off at small beta: set it directly
+                renders.append(model.get_outputs_for_camera_ray_bundle(rays))
+    finally:
+        model._sampler_bf16 = bf16_before
+    exact, rounded = renders
+    hit = exact["accumulation"].reshape(-1) > 0.5
+    depth = (exact["depth"] - rounded["depth"]).abs().reshape(-1)[hit]
+    accumulation = (exact["accumulation"] - rounded["accumulation"]).abs()
+    rgb = (exact["rgb"] - rounded["rgb"]).abs()
+    depth_p99 = float(torch.quantile(depth, 0.99)) if len(depth) else float("nan")
+    depth_median = float(depth.median()) if len(depth) else float("nan")
+    return [
+        f"{beta:g}",
+        f"{int(hit.sum())} / {len(hit)}",
+        f"{depth_median:.2e} / {depth_p99:.2e}",
+        f"{float(accumulation.mean()):.2e} / {float(accumulation.max()):.2e}",
+        f"{float(rgb.mean()):.2e} / {float(rgb.max()):.2e}",
+    ]
 
 
 def load_model(args: argparse.Namespace) -> tuple[CocoInrModel, str]:
@@ -73,6 +140,22 @@ def main(argv: list[str] | None = None) -> str:
             f"{keeps} | {errors[2] / share if share > 0 else float('inf'):.3g} |",
         ]
     )
+    if args.render_betas:
+        model.eval()
+        rays = probe_rays(args.rays, args.device)
+        rows = [render_differences(model, rays, beta) for beta in args.render_betas]
+        table += "\n".join(
+            [
+                "",
+                "",
+                f"Renders of {args.rays} rays, samples placed by float32 against bf16 SDF queries (the field in float32):",
+                "",
+                "| beta | rays hitting | depth difference median / 99% (hits) | accumulation difference mean / max | "
+                "rgb difference mean / max |",
+                "|---:|---:|---:|---:|---:|",
+                *(f"| {' | '.join(row)} |" for row in rows),
+            ]
+        )
     print(table)
     return table
 

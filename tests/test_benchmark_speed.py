@@ -485,6 +485,35 @@ def test_bf16_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
     assert row[6] == "bfloat16" and 0.002 < float(row[7]) < 0.04
 
 
+def test_bf16_render_comparison_restores_the_model(monkeypatch):
+    """--render-betas: one row a beta; the model's beta and sampler precision are as they were afterwards."""
+    import torch
+
+    module = load_script("measure_bf16_sdf_error", monkeypatch)
+    argv = ["--device", "cpu", "--codebook-entries", "64", "--render-betas", "0.1", "0.001", "--rays", "64"]
+    built = {}
+    load_model = module.load_model
+
+    def keep(args):
+        built["model"], name = load_model(args)
+        built["beta"] = built["model"].density.beta_param.detach().clone()
+        return built["model"], name
+
+    monkeypatch.setattr(module, "load_model", keep)
+    lines = run_main(module, argv).splitlines()
+    assert lines[6] == "Renders of 64 rays, samples placed by float32 against bf16 SDF queries (the field in float32):"
+    rows = [line.strip("| ").split(" | ") for line in lines[10:]]
+    assert [row[0] for row in rows] == ["0.1", "0.001"]
+    for row in rows:
+        hits, total = (int(value) for value in row[1].split(" / "))
+        assert 0 < hits <= total == 64
+        for cell in row[2:]:
+            mean_or_median, largest = (float(value) for value in cell.split(" / "))
+            assert 0 <= mean_or_median <= largest < 0.5  # the same field: renders differ, but not by much
+    model = built["model"]
+    assert torch.equal(model.density.beta_param, built["beta"]) and model._sampler_bf16 is False  # as built
+
+
 def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
     """--load-config reads a run through nerfstudio's eval_setup; a sharp beta means float32 queries."""
     import torch
