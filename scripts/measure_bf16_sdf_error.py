@@ -40,7 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--render-betas", type=float, nargs="*", default=[], help="compare renders at these betas")
     parser.add_argument("--rays", type=int, default=2048, help="rays of each render comparison")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if any(not beta > 0 for beta in args.render_betas) or args.rays < 1:
+        parser.error(f"--render-betas must be > 0 and --rays >= 1, got {args.render_betas} and {args.rays}")
+    return args
 
 
 def probe_rays(num: int, device: str) -> RayBundle:

@@ -512,6 +512,8 @@ def test_bf16_render_comparison_restores_the_model(monkeypatch):
             assert 0 <= mean_or_median <= largest < 0.5  # the same field: renders differ, but not by much
     model = built["model"]
     assert torch.equal(model.density.beta_param, built["beta"]) and model._sampler_bf16 is False  # as built
+    with pytest.raises(SystemExit):
+        module.parse_args(["--render-betas", "0.1", "0"])
 
 
 def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
