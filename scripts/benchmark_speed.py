@@ -344,6 +344,17 @@ def _trace_memory(step: int, peaks: list[int]) -> None:
         peaks[0] = peak
 
 
+def train_step(trainer, step: int):
+    """One training step as ``ns-train`` runs it: the callbacks (the sampler's refine budget and precision checks,
+    schedulers) before and after ``train_iteration``, whose (loss, loss_dict, metrics) it returns."""
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    outputs = trainer.train_iteration(step)
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+    return outputs
+
+
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     torch.manual_seed(args.seed)
     config = _trainer_config(args, scene, name, output_dir)
@@ -368,11 +379,7 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
                 warmup_peak = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             block_start, block_steps = time.perf_counter(), 0
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        loss, _, metrics = trainer.train_iteration(step)
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        loss, _, metrics = train_step(trainer, step)
         if args.trace_memory and device.startswith("cuda"):
             _sync(device)
             _trace_memory(step, peaks)

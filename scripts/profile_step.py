@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.utils import writer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,11 +62,7 @@ def main(argv: list[str] | None = None) -> str:
             trainer = config.setup(local_rank=0, world_size=1)
             trainer.setup()
             for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
-                for callback in trainer.callbacks:
-                    callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-                trainer.train_iteration(step)
-                for callback in trainer.callbacks:
-                    callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+                benchmark_speed.train_step(trainer, step)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
