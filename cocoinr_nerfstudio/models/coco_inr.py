@@ -334,7 +334,8 @@ class CocoInrModel(SurfaceModel):
                 f"{self.config.sampler_autocast_max_error}"
             )
         bf16 = self.config.sampler_autocast == "bfloat16"
-        self._sampler_bf16: bool | None = None if bf16 and self.config.sampler_autocast_max_error != math.inf else bf16
+        self._checks_sampler_precision = bf16 and self.config.sampler_autocast_max_error != math.inf
+        self._sampler_bf16: bool | None = None if self._checks_sampler_precision else bf16
         """Whether the sampler's queries run in bfloat16 now; None until checked (_check_sampler_precision)."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
@@ -635,7 +636,7 @@ class CocoInrModel(SurfaceModel):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        if self.config.sampler_autocast == "bfloat16" and self.config.sampler_autocast_max_error != math.inf:
+        if self._checks_sampler_precision:
             callbacks.append(
                 TrainingCallback(
                     [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
