@@ -10,6 +10,10 @@ are not cached (the ``reference`` config) they are computed inside each head's r
     python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points
     python scripts/profile_step.py --device cpu --config default --warmup 1 --steps 1   # smoke (host times)
 
+On CUDA, ``--top-kernels N`` adds the step's N largest kernels, each with its part and the operator (and shapes)
+that launched it; ``--frame-size S`` adds a viewer frame (S x S, volume rendering, eval mode): its wall time, and
+its kernel time by part and largest kernels.
+
 Options this script does not know are passed on to benchmark_speed.py's parser (``--rays``, ``--beta-init``, ...).
 """
 
@@ -18,15 +22,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from nerfstudio.utils import writer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
-from cocoinr_nerfstudio.benchmarks.step_phases import format_phases, profile_phases
+from cocoinr_nerfstudio.benchmarks.step_phases import (
+    PhaseTimes,
+    format_kernels,
+    format_phases,
+    profile_phases,
+    profile_render,
+)
 from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
 
@@ -36,11 +46,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser.add_argument("--config", default="graph+fields+bf16+sdpa+points", choices=list(benchmark_speed.CONFIGS))
     parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
     parser.add_argument("--steps", type=int, default=5, help="eager steps profiled")
+    parser.add_argument("--top-kernels", type=int, default=25, help="largest kernels listed (CUDA; 0: none)")
+    parser.add_argument("--frame-size", type=int, default=0, help="also profile an S x S viewer frame (CUDA)")
     args, passed_on = parser.parse_known_args(argv)
     if args.warmup is None:
         args.warmup = 100 if args.device == "cuda" else 2
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
+    if args.top_kernels < 0 or args.frame_size < 0:
+        parser.error(f"--top-kernels and --frame-size must be >= 0, got {args.top_kernels} and {args.frame_size}")
+    if args.frame_size > 0 and args.device != "cuda":
+        parser.error("--frame-size profiles GPU kernels: it needs --device cuda")
     speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", str(args.warmup)]
     return args, benchmark_speed.parse_args(speed + passed_on)
 
@@ -49,6 +65,8 @@ def main(argv: list[str] | None = None) -> str:
     args, speed_args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
+    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
+
     torch.manual_seed(speed_args.seed)
     writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +82,7 @@ def main(argv: list[str] | None = None) -> str:
             for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
                 benchmark_speed.train_step(trainer, step)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
+            frame = _profile_frame(trainer.pipeline, args.frame_size) if args.frame_size > 0 else None
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
             writer.EVENT_WRITERS[:] = writers_before
@@ -74,9 +93,43 @@ def main(argv: list[str] | None = None) -> str:
         f"Device: {device}; config {args.config}; {speed_args.rays} rays/step; {args.steps} eager steps profiled "
         f"after {args.warmup} trainer steps; sampler rounds 2.. on {100 * budget:.0f}% of the rays"
     )
-    table = format_phases(times, title)
-    print(table)
-    return table
+    report = [format_phases(times, title)]
+    if times.kernels and args.top_kernels > 0:
+        report += [
+            "",
+            f"The step's {args.top_kernels} largest kernels:",
+            "",
+            format_kernels(times.kernels, args.top_kernels),
+        ]
+    if frame is not None:
+        seconds, frame_times = frame
+        frame_title = (
+            f"A {args.frame_size}x{args.frame_size} frame (volume rendering, "
+            f"{model.config.eval_num_rays_per_chunk} rays a chunk): {seconds:.3f} s wall"
+        )
+        report += ["", format_phases(frame_times, frame_title, per="frame")]
+        if args.top_kernels > 0:
+            report += ["", format_kernels(frame_times.kernels, args.top_kernels)]
+    text = "\n".join(report)
+    print(text)
+    return text
+
+
+def _profile_frame(pipeline, size: int) -> tuple[float, PhaseTimes]:
+    """Wall seconds of one volume-rendered frame (after a warm-up one), and its kernel time by part."""
+    camera = benchmark_speed._frame_camera(pipeline.datamanager.eval_dataset.cameras, size).to(pipeline.device)
+    model = pipeline.model
+    model.eval()
+    try:
+        model.get_outputs_for_camera(camera)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.get_outputs_for_camera(camera)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return seconds, profile_render(model, lambda: model.get_outputs_for_camera(camera))
+    finally:
+        model.train()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,21 @@ def run_main(module, argv: list[str]) -> str:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def test_every_script_starts_in_a_fresh_interpreter():
+    """``python scripts/X.py --help`` for every script: in-process tests import nerfstudio before a script, which
+    hid an import order that failed on its own (nerfstudio's writer module imported before its configs)."""
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    runs = {
+        script.name: subprocess.Popen(
+            [sys.executable, str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for script in scripts
+    }
+    failed = {name: run.communicate(timeout=300)[1].strip().splitlines()[-1:] for name, run in runs.items()}
+    assert {name: error for name, error in failed.items() if runs[name].returncode != 0} == {}
+    assert len(scripts) >= 11
+
+
 def test_speed_benchmark_on_cpu(tmp_path):
     out = tmp_path / "speed"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TORCH_HOME=str(tmp_path / "torch"))
@@ -400,6 +415,48 @@ def test_kernels_count_in_the_ranges_open_when_they_were_launched():
     totals, kernels = sum_by_range(events, cuda=True)
     assert totals == {"forward pass": 37.0, "SDF and its gradient at the samples": 27.0}
     assert kernels == 77.0  # 77 - 37 = 40: the backward pass
+
+
+def test_kernels_are_listed_by_part_and_launcher():
+    """Made-up events: a kernel belongs to the innermost range open at its launch (on any thread), else to the
+    backward pass; rows group by (part, launcher with shapes, kernel), per step, largest first."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, format_kernels, kernels_by_launcher
+
+    def cpu(name, start, end, thread=1, launched=(), shapes=None):
+        return SimpleNamespace(
+            name=name,
+            device_type=DeviceType.CPU,
+            time_range=SimpleNamespace(start=start, end=end),
+            thread=thread,
+            input_shapes=shapes,
+            kernels=[SimpleNamespace(name=kernel, duration=duration) for kernel, duration in launched],
+        )
+
+    events = [
+        cpu(PREFIX + "forward pass", 0, 100, launched=[("annotation", 99.0)]),  # a range's own: not a row
+        cpu(PREFIX + "sampler (SDF queries, beta search)", 10, 40),
+        cpu("aten::mm", 12, 13, launched=[("gemm", 6.0)], shapes=[[8, 4], [4, 2]]),
+        cpu("aten::mm", 30, 31, thread=2, launched=[("gemm", 4.0)], shapes=[[8, 4], [4, 2]]),  # autograd's thread
+        cpu("aten::mm", 50, 51, launched=[("gemm", 1.0)], shapes=[[8, 4], [4, 2]]),  # the forward pass only
+        cpu("triton_poi_fused_mul_0", 150, 151, thread=2, launched=[("triton_poi_fused_mul_0", 30.0)]),
+        cpu("aten::add", 160, 161, thread=2, launched=[("add_kernel", 2.0), ("add_kernel", 2.0)], shapes=[[], []]),
+    ]
+    rows = kernels_by_launcher(events, num_steps=2)
+    assert [(row.part, row.launcher, row.kernel, row.milliseconds, row.launches) for row in rows] == [
+        ("backward pass (the rest)", "triton_poi_fused_mul_0", "triton_poi_fused_mul_0", 0.015, 0.5),
+        ("sampler (SDF queries, beta search)", "aten::mm [[8, 4], [4, 2]]", "gemm", 0.005, 1.0),
+        ("backward pass (the rest)", "aten::add", "add_kernel", 0.002, 1.0),
+        ("forward pass", "aten::mm [[8, 4], [4, 2]]", "gemm", 0.0005, 0.5),
+    ]
+    table = format_kernels(rows, limit=2, width=12).splitlines()
+    assert table[2:] == [
+        "| backward pass (the rest) | triton_po... | triton_po... | 0.015 | 0.5 |",
+        "| sampler (SDF queries, beta search) | aten::mm ... | gemm | 0.005 | 1 |",
+    ]
 
 
 def test_phase_ranges_wrap_and_restore_the_model_parts():

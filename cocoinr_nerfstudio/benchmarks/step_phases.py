@@ -15,7 +15,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,11 +58,26 @@ TOP_LEVEL = (BATCH, FORWARD, LOSSES)  # the ranges the backward pass is what is 
 
 
 @dataclass
+class KernelRow:
+    """One kernel's GPU time per step, with the part of the model and the operator that launched it."""
+
+    part: str
+    """The innermost range open when it was launched; the backward pass where none was."""
+    launcher: str
+    """The operator that launched it, with its input shapes where the profiler recorded them."""
+    kernel: str
+    milliseconds: float
+    launches: float
+
+
+@dataclass
 class PhaseTimes:
-    """Milliseconds per step of each part, and what they were measured as (GPU kernels or host wall time)."""
+    """Milliseconds per step of each part, and what they were measured as (GPU kernels or host wall time).
+    ``kernels``: every (part, launcher, kernel) on CUDA, largest first; empty elsewhere."""
 
     milliseconds: dict[str, float]
     unit: str
+    kernels: list[KernelRow] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -160,6 +175,54 @@ def sum_by_range(events: Iterable[Any], cuda: bool) -> tuple[dict[str, float], f
     return totals, kernels
 
 
+def _innermost(ranges: list[Any], time: float) -> str:
+    """The label of the latest-opened range that contains ``time`` (ranges nest), else the backward pass."""
+    inside = [window for window in ranges if window.time_range.start <= time <= window.time_range.end]
+    if not inside:
+        return BACKWARD
+    return max(inside, key=lambda window: window.time_range.start).name[len(PREFIX) :]
+
+
+def kernels_by_launcher(events: Iterable[Any], num_steps: int) -> list[KernelRow]:
+    """Every kernel's time per step, grouped by (part, launching operator and shapes, kernel name), largest first:
+    which products and fused kernels of which part the step's time goes to. Inductor's kernels are their own
+    launchers; an operator launched on autograd's thread counts in the range open at the time, as in
+    :func:`sum_by_range`."""
+    events = list(events)
+    ranges = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
+    rows: dict[tuple[str, str, str], list[float]] = {}
+    for event in events:
+        kernels = getattr(event, "kernels", ())
+        if event.device_type != DeviceType.CPU or not kernels or event.name.startswith(PREFIX):
+            continue
+        shapes = [list(shape) for shape in getattr(event, "input_shapes", None) or () if shape]
+        launcher = f"{event.name} {shapes}" if shapes else event.name
+        part = _innermost(ranges, event.time_range.start)
+        for kernel in kernels:
+            total = rows.setdefault((part, launcher, kernel.name), [0.0, 0.0])
+            total[0] += kernel.duration
+            total[1] += 1
+    table = [
+        KernelRow(part, launcher, kernel, microseconds / num_steps / 1000.0, count / num_steps)
+        for (part, launcher, kernel), (microseconds, count) in rows.items()
+    ]
+    return sorted(table, key=lambda row: -row.milliseconds)
+
+
+def format_kernels(rows: list[KernelRow], limit: int, width: int = 70) -> str:
+    """A Markdown table of the ``limit`` largest rows; long launcher and kernel names are cut to ``width``."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = ["| part | launcher | kernel | GPU ms per step | launches per step |", "|---|---|---|---:|---:|"]
+    for row in rows[:limit]:
+        lines.append(
+            f"| {row.part} | {cut(row.launcher)} | {cut(row.kernel)} | {row.milliseconds:.3f} | {row.launches:g} |"
+        )
+    return "\n".join(lines)
+
+
 def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int = 2) -> PhaseTimes:
     """Per-step time of each part over ``num_steps`` eager steps after ``warmup`` untimed ones. On CUDA, kernel
     time; elsewhere the host's wall time inside each range (there the backward row is not measured)."""
@@ -170,26 +233,44 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
         for step in range(first_step, first_step + warmup):
             eager_step(pipeline, step)
         sync()
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=cuda) as prof:
             for step in range(first_step + warmup, first_step + warmup + num_steps):
                 eager_step(pipeline, step)
             sync()
-    totals, kernels = sum_by_range(prof.events(), cuda)
+    events = prof.events()
+    totals, kernels = sum_by_range(events, cuda)
     per_step = {label: microseconds / num_steps / 1000.0 for label, microseconds in totals.items()}
-    if cuda:
-        per_step[TOTAL] = kernels / num_steps / 1000.0
-        per_step[BACKWARD] = per_step[TOTAL] - sum(per_step.get(label, 0.0) for label in TOP_LEVEL)
-    return PhaseTimes(per_step, "GPU kernel ms" if cuda else "host ms")
+    if not cuda:
+        return PhaseTimes(per_step, "host ms")
+    per_step[TOTAL] = kernels / num_steps / 1000.0
+    per_step[BACKWARD] = per_step[TOTAL] - sum(per_step.get(label, 0.0) for label in TOP_LEVEL)
+    return PhaseTimes(per_step, "GPU kernel ms", kernels_by_launcher(events, num_steps))
 
 
-def format_phases(times: PhaseTimes, title: str) -> str:
+def profile_render(model: torch.nn.Module, render: Callable[[], object]) -> PhaseTimes:
+    """GPU kernel time of one ``render()`` (a frame of the model, in eval mode) by part, after an untimed one. The
+    whole render is the forward-pass row; there is no backward pass. CUDA only."""
+    with phase_ranges(model):
+        render()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            with record_function(PREFIX + FORWARD):
+                render()
+            torch.cuda.synchronize()
+    events = prof.events()
+    totals, _ = sum_by_range(events, cuda=True)
+    per_render = {label: microseconds / 1000.0 for label, microseconds in totals.items()}
+    return PhaseTimes(per_render, "GPU kernel ms", kernels_by_launcher(events, 1))
+
+
+def format_phases(times: PhaseTimes, title: str, per: str = "step") -> str:
     """A Markdown table: the batch, the forward pass and its parts (one dot a level: a part includes the parts
     below it with more dots), the losses, the backward pass and the step, each with its share of the step (of
-    the forward pass where the step's total is not measured)."""
+    the forward pass where the step's total is not measured). ``per``: what one row's time is of."""
     whole = TOTAL if TOTAL in times.milliseconds else FORWARD
     step = times.milliseconds.get(whole, 0.0)
     share_of = "the step" if whole == TOTAL else "the forward pass"
-    rows = [title, "", f"| part | {times.unit} per step | share of {share_of} |", "|---|---:|---:|"]
+    rows = [title, "", f"| part | {times.unit} per {per} | share of {share_of} |", "|---|---:|---:|"]
     for label, depth in ROWS:
         if label not in times.milliseconds:
             continue
