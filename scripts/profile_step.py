@@ -81,11 +81,20 @@ def main(argv: list[str] | None = None) -> str:
             trainer.setup()
             for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
                 benchmark_speed.train_step(trainer, step)
+            report = []
+            if args.frame_size > 0:  # first: the eager profiled steps below leave the model as no ns-train run does
+                report.append(_frame_report(args, trainer.pipeline))
+                print(report[-1] + "\n", flush=True)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
-            frame = _profile_frame(trainer.pipeline, args.frame_size) if args.frame_size > 0 else None
+            report.append(_step_report(args, speed_args, trainer, times))
+            print(report[-1], flush=True)
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
             writer.EVENT_WRITERS[:] = writers_before
+    return "\n\n".join(report)
+
+
+def _step_report(args: argparse.Namespace, speed_args: argparse.Namespace, trainer, times: PhaseTimes) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = trainer.pipeline.model
     budget = model.sampler.static_refine_budget if model.sampler.static_shapes else 1.0
@@ -101,18 +110,19 @@ def main(argv: list[str] | None = None) -> str:
             "",
             format_kernels(times.kernels, args.top_kernels),
         ]
-    if frame is not None:
-        seconds, frame_times = frame
-        frame_title = (
-            f"A {args.frame_size}x{args.frame_size} frame (volume rendering, "
-            f"{model.config.eval_num_rays_per_chunk} rays a chunk): {seconds:.3f} s wall"
-        )
-        report += ["", format_phases(frame_times, frame_title, per="frame")]
-        if args.top_kernels > 0:
-            report += ["", format_kernels(frame_times.kernels, args.top_kernels)]
-    text = "\n".join(report)
-    print(text)
-    return text
+    return "\n".join(report)
+
+
+def _frame_report(args: argparse.Namespace, pipeline) -> str:
+    seconds, times = _profile_frame(pipeline, args.frame_size)
+    title = (
+        f"A {args.frame_size}x{args.frame_size} frame (volume rendering, "
+        f"{pipeline.model.config.eval_num_rays_per_chunk} rays a chunk): {seconds:.3f} s wall"
+    )
+    report = [format_phases(times, title, per="frame")]
+    if args.top_kernels > 0:
+        report += ["", format_kernels(times.kernels, args.top_kernels)]
+    return "\n".join(report)
 
 
 def _profile_frame(pipeline, size: int) -> tuple[float, PhaseTimes]:
