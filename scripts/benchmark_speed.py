@@ -322,9 +322,6 @@ def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
     """Prints where a step's time goes (top operators), to direct optimisation work."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cocoinr_nerfstudio.benchmarks.step_phases import keep_cupti_attached
-
-    keep_cupti_attached()  # the steps replay a CUDA graph
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         for step in range(first_step, first_step + num_steps):

@@ -593,20 +593,6 @@ def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
         run_main(module, ["--device", "cpu", "--load-config", str(tmp_path / "missing.yml")])
 
 
-def test_profiling_keeps_cupti_attached_unless_the_environment_says_otherwise(monkeypatch):
-    """torch's own workaround for profiling a process that replays CUDA graphs (no CUPTI teardown between sessions),
-    which torch applies only to inductor's graphs: the profiles set it for the model's own, and keep a user's choice."""
-    from cocoinr_nerfstudio.benchmarks.step_phases import keep_cupti_attached
-
-    monkeypatch.delenv("DISABLE_CUPTI_LAZY_REINIT", raising=False)
-    monkeypatch.setenv("TEARDOWN_CUPTI", "1")
-    keep_cupti_attached()
-    assert os.environ["DISABLE_CUPTI_LAZY_REINIT"] == "1" and os.environ["TEARDOWN_CUPTI"] == "1"
-    monkeypatch.delenv("TEARDOWN_CUPTI")
-    keep_cupti_attached()
-    assert os.environ["TEARDOWN_CUPTI"] == "0"
-
-
 def test_step_profile_leaves_no_writer_behind(monkeypatch):
     """The profiled trainer logs into a temporary folder: its writers must not outlive it (a later in-process
     trainer would write to them)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -176,16 +175,6 @@ def sum_by_range(events: Iterable[Any], cuda: bool) -> tuple[dict[str, float], f
     return totals, kernels
 
 
-def keep_cupti_attached() -> None:
-    """No CUPTI teardown and re-initialisation between profiler sessions (unless the environment says otherwise),
-    as torch's profiler arranges itself when inductor captures CUDA graphs: in a process that replays CUDA graphs,
-    they crash with illegal memory accesses (pytorch/pytorch#75504; torch's comment: on the second re-init after a
-    teardown, CUDA 12). The model captures its own graph, which torch does not know of; one such crash was seen here
-    (round twelve), in the first render after a profiled session."""
-    os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
-    os.environ.setdefault("TEARDOWN_CUPTI", "0")
-
-
 def _innermost(ranges: list[Any], time: float) -> str:
     """The label of the latest-opened range that contains ``time`` (ranges nest), else the backward pass."""
     inside = [window for window in ranges if window.time_range.start <= time <= window.time_range.end]
@@ -240,7 +229,6 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
     cuda = next(pipeline.model.parameters()).device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    keep_cupti_attached()
     with phase_ranges(pipeline.model):
         for step in range(first_step, first_step + warmup):
             eager_step(pipeline, step)
@@ -262,7 +250,6 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
 def profile_render(model: torch.nn.Module, render: Callable[[], object]) -> PhaseTimes:
     """GPU kernel time of one ``render()`` (a frame of the model, in eval mode) by part, after an untimed one. The
     whole render is the forward-pass row; there is no backward pass. CUDA only."""
-    keep_cupti_attached()
     with phase_ranges(model):
         render()
         torch.cuda.synchronize()
