@@ -10,9 +10,8 @@ are not cached (the ``reference`` config) they are computed inside each head's r
     python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points
     python scripts/profile_step.py --device cpu --config default --warmup 1 --steps 1   # smoke (host times)
 
-On CUDA, ``--top-kernels N`` adds the step's N largest kernels, each with its part and the operator (and shapes)
-that launched it; ``--frame-size S`` adds a viewer frame (S x S, volume rendering, eval mode): its wall time, and
-its kernel time by part and largest kernels.
+On CUDA, ``--top-kernels N`` (default 25) adds the step's N largest kernels, each with its part and the operator
+(and input shapes) that launched it.
 
 Options this script does not know are passed on to benchmark_speed.py's parser (``--rays``, ``--beta-init``, ...).
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,13 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
-from cocoinr_nerfstudio.benchmarks.step_phases import (
-    PhaseTimes,
-    format_kernels,
-    format_phases,
-    profile_phases,
-    profile_render,
-)
+from cocoinr_nerfstudio.benchmarks.step_phases import TOTAL, PhaseTimes, format_kernels, format_phases, profile_phases
 from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
 
@@ -47,16 +39,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
     parser.add_argument("--steps", type=int, default=5, help="eager steps profiled")
     parser.add_argument("--top-kernels", type=int, default=25, help="largest kernels listed (CUDA; 0: none)")
-    parser.add_argument("--frame-size", type=int, default=0, help="also profile an S x S viewer frame (CUDA)")
     args, passed_on = parser.parse_known_args(argv)
     if args.warmup is None:
         args.warmup = 100 if args.device == "cuda" else 2
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
-    if args.top_kernels < 0 or args.frame_size < 0:
-        parser.error(f"--top-kernels and --frame-size must be >= 0, got {args.top_kernels} and {args.frame_size}")
-    if args.frame_size > 0 and args.device != "cuda":
-        parser.error("--frame-size profiles GPU kernels: it needs --device cuda")
+    if args.top_kernels < 0:
+        parser.error(f"--top-kernels must be >= 0, got {args.top_kernels}")
     speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", str(args.warmup)]
     return args, benchmark_speed.parse_args(speed + passed_on)
 
@@ -81,20 +70,17 @@ def main(argv: list[str] | None = None) -> str:
             trainer.setup()
             for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
                 benchmark_speed.train_step(trainer, step)
-            report = []
-            if args.frame_size > 0:  # first: the eager profiled steps below leave the model as no ns-train run does
-                report.append(_frame_report(args, trainer.pipeline))
-                print(report[-1] + "\n", flush=True)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
-            report.append(_step_report(args, speed_args, trainer, times))
-            print(report[-1], flush=True)
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
             writer.EVENT_WRITERS[:] = writers_before
-    return "\n\n".join(report)
+    report = _step_report(args, speed_args, trainer, times)
+    print(report)
+    return report
 
 
 def _step_report(args: argparse.Namespace, speed_args: argparse.Namespace, trainer, times: PhaseTimes) -> str:
+    """The phase table, then (on CUDA) the largest kernels with the share of the step they cover."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = trainer.pipeline.model
     budget = model.sampler.static_refine_budget if model.sampler.static_shapes else 1.0
@@ -104,42 +90,11 @@ def _step_report(args: argparse.Namespace, speed_args: argparse.Namespace, train
     )
     report = [format_phases(times, title)]
     if times.kernels and args.top_kernels > 0:
-        report += [
-            "",
-            f"The step's {args.top_kernels} largest kernels:",
-            "",
-            format_kernels(times.kernels, args.top_kernels),
-        ]
+        listed = sum(row.milliseconds for row in times.kernels[: args.top_kernels])
+        step = times.milliseconds.get(TOTAL, 0.0)
+        heading = f"The step's {args.top_kernels} largest kernels ({listed:.2f} of its {step:.2f} GPU kernel ms):"
+        report += ["", heading, "", format_kernels(times.kernels, args.top_kernels)]
     return "\n".join(report)
-
-
-def _frame_report(args: argparse.Namespace, pipeline) -> str:
-    seconds, times = _profile_frame(pipeline, args.frame_size)
-    title = (
-        f"A {args.frame_size}x{args.frame_size} frame (volume rendering, "
-        f"{pipeline.model.config.eval_num_rays_per_chunk} rays a chunk): {seconds:.3f} s wall"
-    )
-    report = [format_phases(times, title, per="frame")]
-    if args.top_kernels > 0:
-        report += ["", format_kernels(times.kernels, args.top_kernels)]
-    return "\n".join(report)
-
-
-def _profile_frame(pipeline, size: int) -> tuple[float, PhaseTimes]:
-    """Wall seconds of one volume-rendered frame (after a warm-up one), and its kernel time by part."""
-    camera = benchmark_speed._frame_camera(pipeline.datamanager.eval_dataset.cameras, size).to(pipeline.device)
-    model = pipeline.model
-    model.eval()
-    try:
-        model.get_outputs_for_camera(camera)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.get_outputs_for_camera(camera)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return seconds, profile_render(model, lambda: model.get_outputs_for_camera(camera))
-    finally:
-        model.train()
 
 
 if __name__ == "__main__":

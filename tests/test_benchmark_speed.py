@@ -45,15 +45,24 @@ def test_every_script_starts_in_a_fresh_interpreter():
     """``python scripts/X.py --help`` for every script: in-process tests import nerfstudio before a script, which
     hid an import order that failed on its own (nerfstudio's writer module imported before its configs)."""
     scripts = sorted((REPO / "scripts").glob("*.py"))
-    runs = {
-        script.name: subprocess.Popen(
-            [sys.executable, str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        for script in scripts
-    }
-    failed = {name: run.communicate(timeout=300)[1].strip().splitlines()[-1:] for name, run in runs.items()}
-    assert {name: error for name, error in failed.items() if runs[name].returncode != 0} == {}
     assert len(scripts) >= 11
+    failed = {}
+    for first in range(0, len(scripts), 2):  # two at a time: each imports torch and nerfstudio
+        runs = {
+            script.name: subprocess.Popen(
+                [sys.executable, str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            for script in scripts[first : first + 2]
+        }
+        try:
+            for name, run in runs.items():
+                error = run.communicate(timeout=300)[1]
+                if run.returncode != 0:
+                    failed[name] = error.strip().splitlines()[-1:]
+        finally:
+            for run in runs.values():
+                run.kill()  # a no-op for those that exited
+    assert failed == {}
 
 
 def test_speed_benchmark_on_cpu(tmp_path):
@@ -418,8 +427,10 @@ def test_kernels_count_in_the_ranges_open_when_they_were_launched():
 
 
 def test_kernels_are_listed_by_part_and_launcher():
-    """Made-up events: a kernel belongs to the innermost range open at its launch (on any thread), else to the
-    backward pass; rows group by (part, launcher with shapes, kernel), per step, largest first."""
+    """Made-up events: a kernel belongs to the innermost range open at its launch (on any thread; of two ranges
+    opened at once, the one closing first), else to the backward pass; a range's own kernels are its part's, its
+    annotation (named like it) is no kernel; rows group by (part, launcher with shapes, kernel), per step, largest
+    first."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -437,8 +448,11 @@ def test_kernels_are_listed_by_part_and_launcher():
         )
 
     events = [
-        cpu(PREFIX + "forward pass", 0, 100, launched=[("annotation", 99.0)]),  # a range's own: not a row
-        cpu(PREFIX + "sampler (SDF queries, beta search)", 10, 40),
+        cpu(PREFIX + "forward pass", 0, 100, launched=[(PREFIX + "forward pass", 99.0)]),  # its annotation
+        cpu(PREFIX + "sampler (SDF queries, beta search)", 10, 40, launched=[("raw_launch", 0.8)]),
+        cpu(PREFIX + "colour head", 60, 70),
+        cpu(PREFIX + "foreground field at the samples", 60, 80),  # opened with the colour head, closes later
+        cpu("aten::gelu", 65, 66, launched=[("gelu_kernel", 0.6)]),
         cpu("aten::mm", 12, 13, launched=[("gemm", 6.0)], shapes=[[8, 4], [4, 2]]),
         cpu("aten::mm", 30, 31, thread=2, launched=[("gemm", 4.0)], shapes=[[8, 4], [4, 2]]),  # autograd's thread
         cpu("aten::mm", 50, 51, launched=[("gemm", 1.0)], shapes=[[8, 4], [4, 2]]),  # the forward pass only
@@ -451,6 +465,14 @@ def test_kernels_are_listed_by_part_and_launcher():
         ("sampler (SDF queries, beta search)", "aten::mm [[8, 4], [4, 2]]", "gemm", 0.005, 1.0),
         ("backward pass (the rest)", "aten::add", "add_kernel", 0.002, 1.0),
         ("forward pass", "aten::mm [[8, 4], [4, 2]]", "gemm", 0.0005, 0.5),
+        (
+            "sampler (SDF queries, beta search)",
+            PREFIX + "sampler (SDF queries, beta search)",
+            "raw_launch",
+            0.0004,
+            0.5,
+        ),
+        ("colour head", "aten::gelu", "gelu_kernel", 0.0003, 0.5),
     ]
     table = format_kernels(rows, limit=2, width=12).splitlines()
     assert table[2:] == [
@@ -591,6 +613,13 @@ def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
     assert row[0] == "run, step 1234" and row[1] == "0.0011" and row[6] == "float32"
     with pytest.raises(SystemExit, match=r"--load-config: .* is not a file"):
         run_main(module, ["--device", "cpu", "--load-config", str(tmp_path / "missing.yml")])
+
+
+def test_step_profile_refuses_a_negative_kernel_count(monkeypatch, capsys):
+    module = load_script("profile_step", monkeypatch)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--device", "cpu", "--top-kernels", "-1"])
+    assert "--top-kernels must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_step_profile_leaves_no_writer_behind(monkeypatch):

@@ -151,7 +151,7 @@ def sum_by_range(events: Iterable[Any], cuda: bool) -> tuple[dict[str, float], f
     On CUDA a range holds the kernels its own thread launched inside it (``device_time_total``) and those that
     ops on other threads (autograd's) launched while it was open. Elsewhere, the host time inside it."""
     events = list(events)
-    ranges = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
+    ranges = _ranges(events)
     totals: dict[str, float] = {}
     for event in ranges:
         label = event.name[len(PREFIX) :]
@@ -175,25 +175,35 @@ def sum_by_range(events: Iterable[Any], cuda: bool) -> tuple[dict[str, float], f
     return totals, kernels
 
 
+def _ranges(events: list[Any]) -> list[Any]:
+    """The host events of the ``record_function`` ranges this module opens."""
+    return [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
+
+
 def _innermost(ranges: list[Any], time: float) -> str:
-    """The label of the latest-opened range that contains ``time`` (ranges nest), else the backward pass."""
+    """The label of the innermost range that contains ``time`` (ranges nest: the latest opened, and of two opened
+    at once the first to close), else the backward pass."""
     inside = [window for window in ranges if window.time_range.start <= time <= window.time_range.end]
     if not inside:
         return BACKWARD
-    return max(inside, key=lambda window: window.time_range.start).name[len(PREFIX) :]
+    innermost = max(inside, key=lambda window: (window.time_range.start, -window.time_range.end))
+    return innermost.name[len(PREFIX) :]
 
 
 def kernels_by_launcher(events: Iterable[Any], num_steps: int) -> list[KernelRow]:
     """Every kernel's time per step, grouped by (part, launching operator and shapes, kernel name), largest first:
     which products and fused kernels of which part the step's time goes to. Inductor's kernels are their own
     launchers; an operator launched on autograd's thread counts in the range open at the time, as in
-    :func:`sum_by_range`."""
+    :func:`sum_by_range`. A kernel a range launched itself belongs to that range; the range's own annotation on
+    the GPU timeline (named like it) is not a kernel."""
     events = list(events)
-    ranges = [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
+    ranges = _ranges(events)
     rows: dict[tuple[str, str, str], list[float]] = {}
     for event in events:
         kernels = getattr(event, "kernels", ())
-        if event.device_type != DeviceType.CPU or not kernels or event.name.startswith(PREFIX):
+        if event.name.startswith(PREFIX):  # inductor's launchers are named like their kernels: not skipped
+            kernels = [kernel for kernel in kernels if kernel.name != event.name]
+        if event.device_type != DeviceType.CPU or not kernels:
             continue
         shapes = [list(shape) for shape in getattr(event, "input_shapes", None) or () if shape]
         launcher = f"{event.name} {shapes}" if shapes else event.name
@@ -247,30 +257,14 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
     return PhaseTimes(per_step, "GPU kernel ms", kernels_by_launcher(events, num_steps))
 
 
-def profile_render(model: torch.nn.Module, render: Callable[[], object]) -> PhaseTimes:
-    """GPU kernel time of one ``render()`` (a frame of the model, in eval mode) by part, after an untimed one. The
-    whole render is the forward-pass row; there is no backward pass. CUDA only."""
-    with phase_ranges(model):
-        render()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-            with record_function(PREFIX + FORWARD):
-                render()
-            torch.cuda.synchronize()
-    events = prof.events()
-    totals, _ = sum_by_range(events, cuda=True)
-    per_render = {label: microseconds / 1000.0 for label, microseconds in totals.items()}
-    return PhaseTimes(per_render, "GPU kernel ms", kernels_by_launcher(events, 1))
-
-
-def format_phases(times: PhaseTimes, title: str, per: str = "step") -> str:
+def format_phases(times: PhaseTimes, title: str) -> str:
     """A Markdown table: the batch, the forward pass and its parts (one dot a level: a part includes the parts
     below it with more dots), the losses, the backward pass and the step, each with its share of the step (of
-    the forward pass where the step's total is not measured). ``per``: what one row's time is of."""
+    the forward pass where the step's total is not measured)."""
     whole = TOTAL if TOTAL in times.milliseconds else FORWARD
     step = times.milliseconds.get(whole, 0.0)
     share_of = "the step" if whole == TOTAL else "the forward pass"
-    rows = [title, "", f"| part | {times.unit} per {per} | share of {share_of} |", "|---|---:|---:|"]
+    rows = [title, "", f"| part | {times.unit} per step | share of {share_of} |", "|---|---:|---:|"]
     for label, depth in ROWS:
         if label not in times.milliseconds:
             continue
