@@ -388,6 +388,23 @@ def test_step_phases_table_from_known_times():
     ]
 
 
+def host_event(name, start, end, thread, own=0.0, launched=(), shapes=None):
+    """A made-up profiler host event: a range or an operator, with the (name, microseconds) kernels it launched."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(
+        name=name,
+        device_type=DeviceType.CPU,
+        time_range=SimpleNamespace(start=start, end=end),
+        thread=thread,
+        device_time_total=own,
+        input_shapes=shapes,
+        kernels=[SimpleNamespace(name=kernel, duration=duration) for kernel, duration in launched],
+    )
+
+
 def test_kernels_count_in_the_ranges_open_when_they_were_launched():
     """CUDA accounting on made-up events: a range's own kernels, kernels that autograd's thread launched while the
     range was open (an eager ``autograd.grad``), annotations that are not kernels, and the backward as the rest."""
@@ -398,14 +415,7 @@ def test_kernels_count_in_the_ranges_open_when_they_were_launched():
     from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, sum_by_range
 
     def cpu(name, start, end, thread, own=0.0, launched=()):
-        return SimpleNamespace(
-            name=name,
-            device_type=DeviceType.CPU,
-            time_range=SimpleNamespace(start=start, end=end),
-            thread=thread,
-            device_time_total=own,
-            kernels=[SimpleNamespace(duration=d) for d in launched],
-        )
+        return host_event(name, start, end, thread, own, [("kernel", duration) for duration in launched])
 
     def gpu(name, duration, annotation=False):
         return SimpleNamespace(
@@ -431,21 +441,11 @@ def test_kernels_are_listed_by_part_and_launcher():
     opened at once, the one closing first), else to the backward pass; a range's own kernels are its part's, its
     annotation (named like it) is no kernel; rows group by (part, launcher with shapes, kernel), per step, largest
     first."""
-    from types import SimpleNamespace
-
-    from torch.autograd import DeviceType
 
     from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, format_kernels, kernels_by_launcher
 
     def cpu(name, start, end, thread=1, launched=(), shapes=None):
-        return SimpleNamespace(
-            name=name,
-            device_type=DeviceType.CPU,
-            time_range=SimpleNamespace(start=start, end=end),
-            thread=thread,
-            input_shapes=shapes,
-            kernels=[SimpleNamespace(name=kernel, duration=duration) for kernel, duration in launched],
-        )
+        return host_event(name, start, end, thread, launched=launched, shapes=shapes)
 
     events = [
         cpu(PREFIX + "forward pass", 0, 100, launched=[(PREFIX + "forward pass", 99.0)]),  # its annotation
