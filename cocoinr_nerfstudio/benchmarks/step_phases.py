@@ -200,10 +200,12 @@ def kernels_by_launcher(events: Iterable[Any], num_steps: int) -> list[KernelRow
     ranges = _ranges(events)
     rows: dict[tuple[str, str, str], list[float]] = {}
     for event in events:
+        if event.device_type != DeviceType.CPU:
+            continue
         kernels = getattr(event, "kernels", ())
         if event.name.startswith(PREFIX):  # inductor's launchers are named like their kernels: not skipped
             kernels = [kernel for kernel in kernels if kernel.name != event.name]
-        if event.device_type != DeviceType.CPU or not kernels:
+        if not kernels:
             continue
         shapes = [list(shape) for shape in getattr(event, "input_shapes", None) or () if shape]
         launcher = f"{event.name} {shapes}" if shapes else event.name
