@@ -176,8 +176,9 @@ class Page:
         self.training = training
         self.artifacts = artifacts
 
-    def wait(self, condition: Callable[[], object], timeout: float, what: str):
-        """Polls ``condition`` until it returns something other than None or False, and returns that."""
+    def poll(self, condition: Callable[[], object], timeout: float, what: str):
+        """Polls ``condition`` until it returns something other than None or False, and returns that; None once
+        ``timeout`` has passed."""
         deadline = time.monotonic() + timeout
         while True:
             if self.training.process.poll() is not None:
@@ -186,12 +187,19 @@ class Page:
             if value is not None and value is not False:
                 return value
             if time.monotonic() > deadline:
-                self.driver.save_screenshot(str(self.artifacts / "timeout.png"))
-                pytest.fail(
-                    f"no {what} within {timeout:.0f} s (screenshot: {self.artifacts / 'timeout.png'});\n"
-                    f"page text:\n{self.text()}\nns-train log:\n{self.training.log_tail()}"
-                )
+                return None
             time.sleep(0.25)
+
+    def wait(self, condition: Callable[[], object], timeout: float, what: str):
+        """:meth:`poll`, failing the test (with a screenshot, the page's text and the log) on a timeout."""
+        value = self.poll(condition, timeout, what)
+        if value is None:
+            self.driver.save_screenshot(str(self.artifacts / "timeout.png"))
+            pytest.fail(
+                f"no {what} within {timeout:.0f} s (screenshot: {self.artifacts / 'timeout.png'});\n"
+                f"page text:\n{self.text()}\nns-train log:\n{self.training.log_tail()}"
+            )
+        return value
 
     def text(self) -> str:
         from selenium.webdriver.common.by import By
@@ -208,6 +216,11 @@ class Page:
         from selenium.webdriver.common.by import By
 
         return self.driver.find_element(By.XPATH, f"//label[normalize-space()='{label}']/following::input[1]")
+
+    def step(self) -> int | None:
+        """The training step the viewer last reported (its stats line)."""
+        match = re.search(r"Step: (\d+)", self.text())
+        return int(match[1]) if match else None
 
     def resolution(self) -> tuple[int, int] | None:
         match = re.search(r"Resolution: (\d+)x(\d+)px", self.text())
@@ -249,6 +262,15 @@ def test_live_viewer_renders_follows_the_camera_and_runs_the_method_panel(browse
     )
     max_res.send_keys(Keys.CONTROL, "a")
     max_res.send_keys("64", Keys.TAB)  # keep full-resolution CPU renders short
+
+    # nerfstudio's viewer takes a browser on from its first camera message, which viser's page sends once, when
+    # its websocket connects. One CI run never got it through: the page said "Connected", while the viewer's step
+    # stayed 0 (it advances only with a browser taken on) and no frame came for 90 s as training ran. A user's
+    # first touch of the view sends another; here a short orbit does, should the step not move.
+    if page.poll(lambda: (page.step() or 0) > 0, 30, "viewer to take the browser on") is None:
+        canvas = browser.find_element(By.CSS_SELECTOR, "canvas[data-engine]")
+        ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(10, 0).release().perform()
+        page.wait(lambda: (page.step() or 0) > 0, 30, "viewer to take the browser on after a camera move")
 
     # a rendered frame: the viewer reports its size and the render area is no longer the empty dark canvas
     page.wait(lambda: page.resolution() not in (None, (0, 0)), 90, "rendered frame")
