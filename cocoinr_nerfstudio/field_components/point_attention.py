@@ -105,7 +105,8 @@ def _kernels_apply(q: Tensor) -> bool:
 
 def _check_shapes(name: str, q: Tensor, k: Tensor, v: Tensor, heads: int, *per_point: Tensor) -> None:
     """Refuses what the kernels would read out of bounds: ``q`` and the per-point cotangents ``[n, heads * d]``,
-    ``k`` and ``v`` ``[m, heads * d]``, on one device."""
+    ``k`` and ``v`` ``[m, heads * d]``, on one device; and no keys at all (``m = 0``), where the kernels' softmax
+    would divide 0 by 0."""
     tensors = (q, k, v, *per_point)
     width = q.shape[-1] if q.dim() == 2 else -1
     if (
@@ -114,11 +115,12 @@ def _check_shapes(name: str, q: Tensor, k: Tensor, v: Tensor, heads: int, *per_p
         or width % heads
         or any(x.dim() != 2 or x.shape[1] != width or x.device != q.device for x in tensors)
         or k.shape[0] != v.shape[0]
+        or k.shape[0] == 0
         or any(x.shape[0] != q.shape[0] for x in per_point)
     ):
         shapes = ", ".join(f"{tuple(x.shape)} on {x.device}" for x in tensors)
         raise ValueError(
-            f"point attention ({name}): expected queries [n, heads * d], keys and values [m, heads * d] and "
+            f"point attention ({name}): expected queries [n, heads * d], keys and values [m >= 1, heads * d] and "
             f"per-point cotangents [n, heads * d] on one device, with heads={heads}; got {shapes}."
         )
 

@@ -187,8 +187,24 @@ def test_a_kernel_failure_during_graph_capture_is_raised_not_hidden(monkeypatch)
 
 @pytest.mark.parametrize(
     "change, heads",
-    [({"q": (9,)}, 2), ({"k": (7, 8)}, 2), ({"v": (6, 6)}, 2), ({"g": (8, 6)}, 2), ({}, 4), ({}, 0)],
-    ids=["1-d queries", "key width", "fewer values than keys", "cotangent rows", "width not a multiple", "no heads"],
+    [
+        ({"q": (9,)}, 2),
+        ({"k": (7, 8)}, 2),
+        ({"v": (6, 6)}, 2),
+        ({"g": (8, 6)}, 2),
+        ({}, 4),
+        ({}, 0),
+        ({"k": (0, 6), "v": (0, 6)}, 2),
+    ],
+    ids=[
+        "1-d queries",
+        "key width",
+        "fewer values than keys",
+        "cotangent rows",
+        "width not a multiple",
+        "no heads",
+        "no keys",
+    ],
 )
 def test_inputs_of_the_wrong_shape_are_refused_naming_the_shapes(change, heads, monkeypatch):
     """Checked before any kernel runs (a kernel would read out of bounds), and not taken for a kernel failure."""
@@ -197,7 +213,9 @@ def test_inputs_of_the_wrong_shape_are_refused_naming_the_shapes(change, heads, 
     inputs = {"q": q, "k": k, "v": v, "g": g}
     for name, shape in change.items():
         inputs[name] = torch.zeros(shape, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"point attention \(grad_q\): expected queries \[n, heads \* d\].*got \("):
+    with pytest.raises(
+        ValueError, match=r"point attention \(grad_q\): expected queries \[n, heads \* d\].*m >= 1.*got \("
+    ):
         pa.grad_q(inputs["q"], inputs["k"], inputs["v"], inputs["g"], heads)
     assert pa._kernel_failure == []
 
@@ -230,8 +248,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     torch.manual_seed(0)
     # (points, keys, heads, width, query scale): the geometry head's 256 x 4 x 32 at a ragged point count; widths
     # and key counts that are not powers of two (masked lanes); fewer points than a tile; no points at all; scores
-    # spread wide (a key block's maximum far above the blocks before it: the online softmax's rescaling)
+    # spread wide (a key block's maximum far above the blocks before it: the online softmax's rescaling); fewer
+    # keys than the smallest tile of keys; one key past a power of two, with more points than a tile
     cases = [(70, 256, 4, 32, 1), (45, 20, 2, 12, 1), (3, 100, 1, 16, 1), (0, 8, 2, 16, 1), (40, 100, 2, 16, 6)]
+    cases += [(5, 7, 1, 12, 1), (65, 33, 1, 16, 8)]
     for n, m, heads, d, spread in cases:
         q, g, f = (torch.randn(n, heads * d) for _ in range(3))
         q = q * spread
@@ -264,7 +284,7 @@ def test_triton_kernels_match_the_formulas_in_the_interpreter():
         [sys.executable, "-c", INTERPRETER_CHECK], env=environment, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked") == 5 and "checked 70 256 4 32 11" in result.stdout
+    assert result.stdout.count("checked") == 7 and "checked 70 256 4 32 11" in result.stdout
 
 
 def _compile_for(kernel, target, pointers: set[str], warps: int = kernels.NUM_WARPS, **constants):
