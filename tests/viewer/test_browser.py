@@ -226,11 +226,24 @@ class Page:
         match = re.search(r"Resolution: (\d+)x(\d+)px", self.text())
         return (int(match[1]), int(match[2])) if match else None
 
-    def render_area(self, top: float = 0.03, bottom: float = 0.75) -> np.ndarray:
-        """Pixels of the 3D canvas between two heights (fractions), above the axes gizmo in its lower corner."""
+    def canvas(self):
         from selenium.webdriver.common.by import By
 
-        rect = self.driver.find_element(By.CSS_SELECTOR, "canvas[data-engine]").rect
+        return self.driver.find_element(By.CSS_SELECTOR, "canvas[data-engine]")
+
+    def drag(self, *offsets: tuple[int, int]) -> None:
+        """Drags on the 3D canvas by ``offsets`` in turn (pixels): the camera orbits."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        chain = ActionChains(self.driver).move_to_element(self.canvas()).click_and_hold()
+        for dx, dy in offsets:
+            chain = chain.move_by_offset(dx, dy)
+        chain.release().perform()
+
+    def render_area(self, top: float = 0.03, bottom: float = 0.75) -> np.ndarray:
+        """Pixels of the 3D canvas between two heights (fractions), above the axes gizmo in its lower corner."""
+
+        rect = self.canvas().rect
         shot = np.asarray(Image.open(io.BytesIO(self.driver.get_screenshot_as_png())).convert("RGB"), np.float32)
         scale = shot.shape[1] / self.driver.execute_script("return window.innerWidth")
         x, y, w, h = (scale * rect[k] for k in ("x", "y", "width", "height"))
@@ -249,7 +262,6 @@ class Page:
 
 
 def test_live_viewer_renders_follows_the_camera_and_runs_the_method_panel(browser, training, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -268,8 +280,7 @@ def test_live_viewer_renders_follows_the_camera_and_runs_the_method_panel(browse
     # stayed 0 (it advances only with a browser taken on) and no frame came for 90 s as training ran. A user's
     # first touch of the view sends another; here a short orbit does, should the step not move.
     if page.poll(lambda: (page.step() or 0) > 0, 30, "viewer to take the browser on") is None:
-        canvas = browser.find_element(By.CSS_SELECTOR, "canvas[data-engine]")
-        ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(10, 0).release().perform()
+        page.drag((10, 0))
         page.wait(lambda: (page.step() or 0) > 0, 30, "viewer to take the browser on after a camera move")
 
     # a rendered frame: the viewer reports its size and the render area is no longer the empty dark canvas
@@ -292,10 +303,7 @@ def test_live_viewer_renders_follows_the_camera_and_runs_the_method_panel(browse
     page.wait(lambda: max(page.resolution() or (0, 0)) == 64, 60, "full-resolution (64 px) frame")
 
     before = page.wait(lambda: page.settled(page.render_band), 60, "settled frame")
-    canvas = browser.find_element(By.CSS_SELECTOR, "canvas[data-engine]")
-    ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(90, 30).move_by_offset(
-        60, 20
-    ).release().perform()
+    page.drag((90, 30), (60, 20))
     after = page.wait(
         lambda: b if np.abs((b := page.render_band()) - before).mean() > 3.0 else None,
         60,
