@@ -188,6 +188,8 @@ class ErrorBoundedSampler(Sampler):
     """
 
     CANDIDATES_PER_LEVEL = 15
+    MAX_SEARCH_RAYS = 1 << 15
+    """Rays per call of the (compiled) beta search outside the static rounds; more go in pieces."""
 
     def __init__(
         self,
@@ -273,8 +275,25 @@ class ErrorBoundedSampler(Sampler):
         from a static round, which compiles as a whole (the search is traced into it, not compiled apart)."""
         if self.batched_bisection:
             levels = math.ceil(self.beta_iters / math.log2(self.CANDIDATES_PER_LEVEL + 1))
-            search = grid_search_beta if in_round else self._search_beta
-            return search(density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL)
+            if in_round:
+                return grid_search_beta(
+                    density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL
+                )
+            # inductor's scan kernel puts rays on the grid's y axis (at most 65535 blocks: a 65536-ray render
+            # chunk failed with "CUDA driver error: invalid argument" on an H200), so the search goes in pieces
+            pieces = zip(
+                beta_hi.split(self.MAX_SEARCH_RAYS),
+                sdf.split(self.MAX_SEARCH_RAYS),
+                dists.split(self.MAX_SEARCH_RAYS),
+                d_star.split(self.MAX_SEARCH_RAYS),
+                strict=True,
+            )
+            return torch.cat(
+                [
+                    self._search_beta(density, beta0, *piece, self.eps, levels, self.CANDIDATES_PER_LEVEL)
+                    for piece in pieces
+                ]
+            )
         # the original's sequential bisection
         meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)

@@ -181,6 +181,29 @@ def test_compiled_search_matches_eager():
     torch.testing.assert_close(compiled(*args), grid_search_beta(*args))
 
 
+def test_beta_search_in_pieces_gives_the_same_samples(monkeypatch):
+    """Renders search beta at most MAX_SEARCH_RAYS rays at a time (inductor's scan kernel cannot take 65536 rays
+    on the grid axis it uses): 10 rays in pieces of 4 are 3 calls, with the samples of one call."""
+    density = LaplaceDensity(beta_init=0.002, beta_min=0.0)
+    bundle, _ = rays_at_sphere(10)
+    sampler = ErrorBoundedSampler(max_total_iters=1, num_samples_eval=64)
+    sampler.eval()
+    whole, whole_info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+    sizes = []
+    search = sampler._search_beta
+
+    def counted(density, beta0, beta_hi, *args):
+        sizes.append(beta_hi.shape[0])
+        return search(density, beta0, beta_hi, *args)
+
+    monkeypatch.setattr(sampler, "_search_beta", counted)
+    monkeypatch.setattr(ErrorBoundedSampler, "MAX_SEARCH_RAYS", 4)
+    pieces, pieces_info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+    assert sizes == [4, 4, 2]
+    torch.testing.assert_close(pieces_info.beta, whole_info.beta, atol=0, rtol=0)
+    torch.testing.assert_close(pieces.frustums.starts, whole.frustums.starts, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("per_ray", [True, False])
 def test_static_shapes_give_the_same_samples(per_ray, constant_randomness):
     """In training, the fixed-shape variant (CUDA graphs) keeps each ray's samples from the round it converged;
