@@ -168,3 +168,69 @@ def test_layer_norm_inference_path_on_cuda_matches_torch():
     torch.testing.assert_close(
         got, torch.nn.functional.layer_norm(x, (39,), norm.weight, norm.bias), atol=1e-5, rtol=1e-5
     )
+
+
+def test_fused_float32_attention_without_gradients_takes_the_point_kernels(monkeypatch):
+    """With point_kernels, a fused pass of float32 CUDA queries where nothing is differentiated takes the point
+    kernels (faster than torch's float32 memory-efficient kernel); bf16, differentiated passes and CPU tensors keep
+    torch's fused kernels. The route taken gives the fused path's numbers."""
+    from types import SimpleNamespace
+
+    from cocoinr_nerfstudio.field_components import attention as module
+
+    def query(dtype, cuda):
+        return SimpleNamespace(dtype=dtype, is_cuda=cuda)
+
+    beats = MultiHeadAttention._point_kernels_beat_sdpa
+    with torch.no_grad():
+        assert beats(query(torch.float32, True))
+        assert not beats(query(torch.bfloat16, True)) and not beats(query(torch.float16, True))
+        assert not beats(query(torch.float32, False))
+    assert not beats(query(torch.float32, True))  # a gradient is being taken
+
+    calls = []
+    point_attention = module.point_attention
+
+    def recording_point_attention(q, k, v, heads):
+        calls.append(tuple(q.shape))
+        return point_attention(q, k, v, heads)
+
+    monkeypatch.setattr(module, "point_attention", recording_point_attention)
+    attention = MultiHeadAttention(query_dim=39, context_dim=128, heads=4, dim_head=32, point_kernels=True)
+    x, context = torch.randn(100, 39), torch.randn(256, 128)
+    with torch.no_grad():
+        sdpa = attention(x, context, fused=True)
+        assert calls == []  # CPU tensors: torch's fused kernel
+        monkeypatch.setattr(MultiHeadAttention, "_point_kernels_beat_sdpa", staticmethod(lambda q: True))
+        points = attention(x, context, fused=True)
+    assert calls == [(100, 128)]
+    torch.testing.assert_close(points, sdpa, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the point kernels' route is taken on CUDA only")
+def test_point_kernel_route_on_gpu_matches_torchs_fused_attention(monkeypatch):
+    """On CUDA, a fused float32 pass without gradients goes through the point kernels and gives torch's fused
+    attention's numbers (float32 products: torch's default matmul precision); with a gradient, torch's kernel."""
+    from cocoinr_nerfstudio.field_components import attention as module
+
+    calls = []
+    point_attention = module.point_attention
+    monkeypatch.setattr(module, "point_attention", lambda *args: calls.append(1) or point_attention(*args))
+    torch.manual_seed(0)
+    modules = [
+        MultiHeadAttention(query_dim=39, context_dim=128, heads=4, dim_head=32, point_kernels=flag).cuda()
+        for flag in (True, False)
+    ]
+    modules[1].load_state_dict(modules[0].state_dict())
+    x, context = torch.randn(5000, 39, device="cuda"), torch.randn(256, 128, device="cuda")
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a model built earlier in the process may have set TF32
+    try:
+        with torch.no_grad():
+            routed, sdpa = (attention(x, context, fused=True) for attention in modules)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert calls == [1]
+    torch.testing.assert_close(routed, sdpa, atol=TOLERANCE, rtol=TOLERANCE)
+    modules[0](x, context, fused=True)  # a gradient is taken: torch's fused kernel
+    assert calls == [1]
