@@ -184,7 +184,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
 
     eval_weight_threshold: float = 1e-4
     """When rendering (not training), samples whose weight is below this skip the SDF gradient and the colour
-    head; they would change a pixel by at most their summed weight. 0 evaluates every sample."""
+    head, and rays whose light reaching the background is below it skip the background field; either would change
+    a pixel by at most that weight (summed). 0 evaluates every sample."""
     train_weight_threshold: float = 0.0
     """In training, samples whose weight is below this skip the (twice-differentiated) SDF gradient and the
     colour head; their colour counts as 0. Every sample's SDF, hence density and transmittance, keeps its
@@ -463,6 +464,22 @@ class CocoInrModel(SurfaceModel):
                     outputs[name][visible] = value
         return outputs, weights, bg_transmittance
 
+    def _background_term(self, ray_bundle: RayBundle, bg_transmittance: Tensor) -> Tensor:
+        """The background's colour times the light that reaches it, ``[rays, 3]``. Renders skip the rays whose
+        transmittance is at most ``eval_weight_threshold`` (those the object hides): each would change a pixel by at
+        most that much."""
+        transmittance = bg_transmittance.reshape(-1, 1)
+        threshold = self.config.eval_weight_threshold
+        if self.training or threshold <= 0:
+            return transmittance * self._render_background(ray_bundle)
+        seen = transmittance[:, 0] > threshold
+        term = transmittance.new_zeros(transmittance.shape[0], 3)
+        if bool(seen.all()):
+            return transmittance * self._render_background(ray_bundle)
+        if bool(seen.any()):
+            term[seen] = transmittance[seen] * self._render_background(ray_bundle.flatten()[seen])
+        return term
+
     def _render_background(self, ray_bundle: RayBundle, num_samples: int | None = None) -> Tensor:
         assert self.field_background is not None
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
@@ -595,7 +612,7 @@ class CocoInrModel(SurfaceModel):
         depth = torch.minimum(torch.maximum(depth, distances[..., 0, :]), distances[..., -1, :])
         normal = (weights * field_outputs[FieldHeadNames.NORMALS]).sum(dim=-2)
         if self.field_background is not None:
-            rgb = rgb + samples["bg_transmittance"] * self._render_background(ray_bundle).reshape(rgb.shape)
+            rgb = rgb + self._background_term(ray_bundle, samples["bg_transmittance"]).reshape(rgb.shape)
 
         outputs: dict[str, Any] = {
             "rgb": rgb,

@@ -186,6 +186,41 @@ def test_rendering_shortcut_matches_full_evaluation():
         torch.testing.assert_close(shortcut[name], full[name], atol=2e-3, rtol=0)
 
 
+def test_renders_skip_the_background_where_the_object_hides_it():
+    """Rays whose light reaching the background is at most eval_weight_threshold skip the background field; each
+    pixel then differs from the full render by at most the threshold."""
+    model = build(tiny_config())
+    model.eval()
+    hitting, missing = rays(12), rays(12, seed=1)
+    missing.directions = torch.nn.functional.normalize(missing.directions + torch.tensor([3.0, 0.0, 0.0]), dim=-1)
+    bundle = RayBundle(
+        origins=torch.cat([hitting.origins, missing.origins]),
+        directions=torch.cat([hitting.directions, missing.directions]),
+        pixel_area=torch.ones(24, 1),
+        camera_indices=torch.zeros(24, 1, dtype=torch.long),
+    )
+    evaluated = []
+    render_background = model._render_background
+
+    def counted(ray_bundle, *args):
+        evaluated.append(ray_bundle.origins.reshape(-1, 3).shape[0])
+        return render_background(ray_bundle, *args)
+
+    model._render_background = counted
+    threshold = model.config.eval_weight_threshold
+    with torch.no_grad():
+        shortcut = model(bundle)
+        # the same render with the background on every ray (the foreground's own shortcut unchanged)
+        model._background_term = lambda ray_bundle, transmittance: transmittance * counted(ray_bundle)
+        full = model(bundle)
+    hidden = 1.0 - full["accumulation"][:, 0] <= threshold  # the light left for the background
+    assert hidden[:12].sum() >= 6 and not hidden[12:].any()  # a mix: rays through the sphere, rays past it
+    assert evaluated == [int((~hidden).sum()), 24]
+    assert (shortcut["rgb"] - full["rgb"]).abs().max() <= threshold
+    assert (shortcut["rgb"][hidden] != full["rgb"][hidden]).any()
+    torch.testing.assert_close(shortcut["rgb"][~hidden], full["rgb"][~hidden], atol=0, rtol=0)
+
+
 def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
     """The original put near-surface points at dir + z*dir; ours are origin + z*dir."""
     model = build(tiny_config())
