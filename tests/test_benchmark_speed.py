@@ -631,3 +631,54 @@ def test_step_profile_leaves_no_writer_behind(monkeypatch):
     before = list(writer.EVENT_WRITERS)
     run_main(module, ["--device", "cpu", "--config", "default", "--warmup", "1", "--steps", "1", "--rays", "32"])
     assert writer.EVENT_WRITERS == before
+
+
+def test_frame_profile_on_cpu(monkeypatch):
+    """scripts/profile_frame.py's smoke run: a timed row per chunk size, the work the frame asked for, and every
+    part of the volume render in its table (host times on CPU, nested parts within their parents)."""
+    module = load_script("profile_frame", monkeypatch)
+    argv = ["--device", "cpu", "--config", "default", "--frame-size", "8", "--chunks", "16", "64"]
+    lines = run_main(module, argv + ["--repeats", "1", "--frames", "1"]).splitlines()
+    assert lines[0] == "Device: CPU; config default; a 8x8 volume-rendered frame after 0 training steps"
+    assert [line.split(" | ")[0] for line in lines[4:6]] == ["| 16", "| 64"]
+    assert all(math.isnan(float(line.strip("| ").split(" | ")[3])) for line in lines[4:6])  # no GPU memory
+    assert lines[7].startswith("Work per frame: 64 rays in 1 chunks; ")  # the last chunk size: 64
+    table = lines[lines.index("By part (1 frames profiled at 64 rays a chunk):") + 4 :]
+    rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in table)}
+    assert list(rows) == [
+        "· sampler (SDF queries, beta search)",
+        "· foreground field at the samples",
+        "·· gradient and colour where the weights matter",
+        "··· SDF and its gradient at the samples",
+        "··· colour head",
+        "· background field",
+        "· the rest (chunking, compositing, copies)",
+        "frame",
+    ]
+    parts = ["· sampler (SDF queries, beta search)", "· foreground field at the samples", "· background field"]
+    assert all(rows[part] > 0 for part in parts) and rows["· the rest (chunking, compositing, copies)"] >= 0
+    assert sum(rows[part] for part in parts) <= rows["frame"]
+    nested = ["··· SDF and its gradient at the samples", "··· colour head"]
+    assert sum(rows[part] for part in nested) <= rows["·· gradient and colour where the weights matter"]
+    assert rows["·· gradient and colour where the weights matter"] <= rows["· foreground field at the samples"]
+
+
+def test_frame_work_counts_rays_rounds_and_visible_samples():
+    """frame_work on a tiny model: every ray of the camera, one count per chunk, at least one sampler round a ray,
+    and a visible share that is a fraction; the model's methods are its own again afterwards."""
+    import torch
+    from nerfstudio.cameras.cameras import Cameras
+    from tiny_models import build, tiny_config
+
+    from cocoinr_nerfstudio.benchmarks.frame_phases import frame_work
+
+    model = build(tiny_config())
+    model.eval()
+    model.config.eval_num_rays_per_chunk = 30
+    pose = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]])
+    camera = Cameras(camera_to_worlds=pose[None], fx=8.0, fy=8.0, cx=4.0, cy=4.0, width=8, height=8)
+    work = frame_work(model, camera)
+    assert (work.rays, work.chunks) == (64, 3)
+    assert 1.0 <= work.sampler_rounds <= model.config.max_total_iters
+    assert 0.0 < work.visible_share <= 1.0
+    assert "generate_ray_samples" not in vars(model.sampler) and "_forward_visible_samples" not in vars(model)

@@ -81,14 +81,14 @@ class PhaseTimes:
 
 
 @contextlib.contextmanager
-def phase_ranges(model: torch.nn.Module) -> Iterator[None]:
-    """Wraps the model's parts (``PARTS``, those it has) in ``record_function`` ranges; afterwards every method is
+def phase_ranges(model: torch.nn.Module, parts: tuple[tuple[str, str, str, int], ...] = PARTS) -> Iterator[None]:
+    """Wraps the model's parts (``parts``, those it has) in ``record_function`` ranges; afterwards every method is
     as it was (an instance attribute that was there is put back)."""
     inside_field = threading.local()
     wrapped: dict[tuple[int, str], Callable[..., Any]] = {}
     saved: list[tuple[Any, str, Any]] = []
     try:
-        for label, path, method, _ in PARTS:
+        for label, path, method, _ in parts:
             owner = getattr(model, path, None) if path else model
             if owner is None or not hasattr(owner, method) or (id(owner), method) in wrapped:
                 continue
@@ -180,22 +180,22 @@ def _ranges(events: list[Any]) -> list[Any]:
     return [event for event in events if event.device_type == DeviceType.CPU and event.name.startswith(PREFIX)]
 
 
-def _innermost(ranges: list[Any], time: float) -> str:
+def _innermost(ranges: list[Any], time: float, outside: str = BACKWARD) -> str:
     """The label of the innermost range that contains ``time`` (ranges nest: the latest opened, and of two opened
-    at once the first to close), else the backward pass."""
+    at once the first to close), else ``outside``."""
     inside = [window for window in ranges if window.time_range.start <= time <= window.time_range.end]
     if not inside:
-        return BACKWARD
+        return outside
     innermost = max(inside, key=lambda window: (window.time_range.start, -window.time_range.end))
     return innermost.name[len(PREFIX) :]
 
 
-def kernels_by_launcher(events: Iterable[Any], num_steps: int) -> list[KernelRow]:
+def kernels_by_launcher(events: Iterable[Any], num_steps: int, outside: str = BACKWARD) -> list[KernelRow]:
     """Every kernel's time per step, grouped by (part, launching operator and shapes, kernel name), largest first:
     which products and fused kernels of which part the step's time goes to. Inductor's kernels are their own
     launchers; an operator launched on autograd's thread counts in the range open at the time, as in
     :func:`sum_by_range`. A kernel a range launched itself belongs to that range; the range's own annotation on
-    the GPU timeline (named like it) is not a kernel."""
+    the GPU timeline (named like it) is not a kernel. Kernels launched outside every range count as ``outside``."""
     events = list(events)
     ranges = _ranges(events)
     rows: dict[tuple[str, str, str], list[float]] = {}
@@ -209,7 +209,7 @@ def kernels_by_launcher(events: Iterable[Any], num_steps: int) -> list[KernelRow
             continue
         shapes = [list(shape) for shape in getattr(event, "input_shapes", None) or () if shape]
         launcher = f"{event.name} {shapes}" if shapes else event.name
-        part = _innermost(ranges, event.time_range.start)
+        part = _innermost(ranges, event.time_range.start, outside)
         for kernel in kernels:
             total = rows.setdefault((part, launcher, kernel.name), [0.0, 0.0])
             total[0] += kernel.duration
@@ -259,15 +259,22 @@ def profile_phases(pipeline: Any, first_step: int, num_steps: int, warmup: int =
     return PhaseTimes(per_step, "GPU kernel ms", kernels_by_launcher(events, num_steps))
 
 
-def format_phases(times: PhaseTimes, title: str) -> str:
+def format_phases(
+    times: PhaseTimes,
+    title: str,
+    rows_in_order: tuple[tuple[str, int], ...] = ROWS,
+    total: str = TOTAL,
+    unit_of_work: str = "step",
+) -> str:
     """A Markdown table: the batch, the forward pass and its parts (one dot a level: a part includes the parts
     below it with more dots), the losses, the backward pass and the step, each with its share of the step (of
-    the forward pass where the step's total is not measured)."""
-    whole = TOTAL if TOTAL in times.milliseconds else FORWARD
+    the forward pass where the step's total is not measured). ``rows_in_order``, ``total`` and ``unit_of_work``
+    let another profile (a rendered frame) use the same layout."""
+    whole = total if total in times.milliseconds else FORWARD
     step = times.milliseconds.get(whole, 0.0)
-    share_of = "the step" if whole == TOTAL else "the forward pass"
-    rows = [title, "", f"| part | {times.unit} per step | share of {share_of} |", "|---|---:|---:|"]
-    for label, depth in ROWS:
+    share_of = f"the {unit_of_work}" if whole == total else f"the {whole}"
+    rows = [title, "", f"| part | {times.unit} per {unit_of_work} | share of {share_of} |", "|---|---:|---:|"]
+    for label, depth in rows_in_order:
         if label not in times.milliseconds:
             continue
         value = times.milliseconds[label]

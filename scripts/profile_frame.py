@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Where a viewer frame's time goes: wall-clock seconds per frame at chosen chunk sizes, then the GPU time of each
+part of the volume render (``cocoinr_nerfstudio.benchmarks.frame_phases``) and its largest kernels.
+
+A benchmark_speed.py configuration trains for ``--train-steps`` steps through nerfstudio's Trainer (0: the model
+at its initialisation, which skips the minutes the training step's compilation takes), then renders a
+``--frame-size`` square frame at the pose of a held-out view, as the viewer does.
+
+    python scripts/profile_frame.py --device cuda --train-steps 0 --chunks 8192 32768
+    python scripts/profile_frame.py --device cpu --frame-size 24 --frames 1   # smoke (host times)
+
+Options this script does not know are passed on to benchmark_speed.py's parser (``--beta-init``, ``--seed``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_speed  # a sibling script, not a package
+
+from cocoinr_nerfstudio.benchmarks.frame_phases import FRAME, FRAME_ROWS, REST, frame_work, profile_frames
+from cocoinr_nerfstudio.benchmarks.step_phases import format_kernels, format_phases
+from cocoinr_nerfstudio.data.scene_generator import generate_scene
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="graph+fields+bf16+sdpa+points", choices=list(benchmark_speed.CONFIGS))
+    parser.add_argument("--train-steps", type=int, default=0, help="trainer steps before rendering (0: at init)")
+    parser.add_argument("--frame-size", type=int, default=None, help="square frame's side (default 512 GPU, 32 CPU)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=None, help="rays per chunk to time (default: model's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed frames per chunk size (the median is shown)")
+    parser.add_argument("--frames", type=int, default=2, help="frames profiled by part (0: none)")
+    parser.add_argument("--top-kernels", type=int, default=20, help="largest kernels listed (CUDA; 0: none)")
+    args, passed_on = parser.parse_known_args(argv)
+    if args.frame_size is None:
+        args.frame_size = 512 if args.device == "cuda" else 32
+    for name in ("train_steps", "frames", "top_kernels"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.repeats < 1 or args.frame_size < 1 or any(chunk < 1 for chunk in args.chunks or ()):
+        parser.error("--repeats, --frame-size and --chunks must be at least 1")
+    speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", "0"]
+    return args, benchmark_speed.parse_args(speed + passed_on)
+
+
+def time_frames(model, camera, chunk: int, repeats: int, sync) -> tuple[float, float, float]:
+    """Seconds of the first render at this chunk size (compilation for new shapes included), the median of
+    ``repeats`` more, and the GPU memory they peaked at (GiB allocated; nan on a CPU)."""
+    model.config.eval_num_rays_per_chunk = chunk
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        model.get_outputs_for_camera(camera)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return seconds[0], statistics.median(seconds[1:]), peak
+
+
+def main(argv: list[str] | None = None) -> str:
+    args, speed_args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible")
+    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
+
+    torch.manual_seed(speed_args.seed)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
+    report: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            scene = speed_args.scene
+            if scene is None:
+                views, width, height = speed_args.scene_size
+                scene = Path(tmp) / "scene"
+                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+            config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
+            trainer = config.setup(local_rank=0, world_size=1)
+            trainer.setup()
+            for step in range(args.train_steps):
+                benchmark_speed.train_step(trainer, step)
+            pipeline = trainer.pipeline
+            model = pipeline.model
+            model.eval()
+            cameras = pipeline.datamanager.eval_dataset.cameras
+            camera = benchmark_speed._frame_camera(cameras, args.frame_size).to(model.device)
+            device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+            report.append(
+                f"Device: {device}; config {args.config}; a {args.frame_size}x{args.frame_size} volume-rendered "
+                f"frame after {args.train_steps} training steps"
+            )
+            report += [
+                "",
+                "| rays per chunk | first frame s | frame s (median) | peak GiB |",
+                "|---:|---:|---:|---:|",
+            ]
+            for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]:
+                first, median, peak = time_frames(model, camera, chunk, args.repeats, sync)
+                report.append(f"| {chunk} | {first:.2f} | {median:.3f} | {peak:.2f} |")
+                print(report[-1], flush=True)
+            work = frame_work(model, camera)
+            report += [
+                "",
+                f"Work per frame: {work.rays} rays in {work.chunks} chunks; {work.sampler_rounds:.2f} sampler rounds "
+                f"per ray; {100 * work.visible_share:.1f}% of the final foreground samples pass the weight "
+                "threshold.",
+            ]
+            if args.frames > 0:
+                times = profile_frames(model, camera, args.frames)
+                title = (
+                    f"By part ({args.frames} frames profiled at {model.config.eval_num_rays_per_chunk} rays a chunk):"
+                )
+                report += ["", format_phases(times, title, FRAME_ROWS, total=FRAME, unit_of_work="frame")]
+                if times.kernels and args.top_kernels > 0:
+                    listed = sum(row.milliseconds for row in times.kernels[: args.top_kernels])
+                    whole = times.milliseconds.get(FRAME, 0.0)
+                    report += [
+                        "",
+                        f"The frame's {args.top_kernels} largest kernels ({listed:.1f} of its {whole:.1f} GPU kernel "
+                        f"ms; '{REST}' is outside every part):",
+                        "",
+                        format_kernels(times.kernels, args.top_kernels),
+                    ]
+        finally:
+            torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
+            writer.EVENT_WRITERS[:] = writers_before
+    text = "\n".join(report)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
