@@ -638,7 +638,7 @@ def test_frame_profile_on_cpu(monkeypatch):
     part of the volume render in its table (host times on CPU, nested parts within their parents)."""
     module = load_script("profile_frame", monkeypatch)
     argv = ["--device", "cpu", "--config", "default", "--frame-size", "8", "--chunks", "16", "64"]
-    lines = run_main(module, argv + ["--repeats", "1", "--frames", "1"]).splitlines()
+    lines = run_main(module, [*argv, "--repeats", "1", "--frames", "1"]).splitlines()
     assert lines[0] == "Device: CPU; config default; a 8x8 volume-rendered frame after 0 training steps"
     assert [line.split(" | ")[0] for line in lines[4:6]] == ["| 16", "| 64"]
     assert all(math.isnan(float(line.strip("| ").split(" | ")[3])) for line in lines[4:6])  # no GPU memory

@@ -279,8 +279,8 @@ class ErrorBoundedSampler(Sampler):
                 return grid_search_beta(
                     density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL
                 )
-            # inductor's scan kernel puts rays on the grid's y axis (at most 65535 blocks: a 65536-ray render
-            # chunk failed with "CUDA driver error: invalid argument" on an H200), so the search goes in pieces
+            # inductor's compiled scan failed on a 65536-ray render chunk ("CUDA driver error: invalid argument",
+            # H200; likely a launch grid axis past 65535 blocks) and ran at 32768: the search goes in pieces
             pieces = zip(
                 beta_hi.split(self.MAX_SEARCH_RAYS),
                 sdf.split(self.MAX_SEARCH_RAYS),
