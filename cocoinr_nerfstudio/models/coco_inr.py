@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -288,6 +289,8 @@ class CocoInrModel(SurfaceModel):
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
         self._render_chunks: dict[str, int] = {}
+        self._compiled_render_modes: set[str] = set()
+        """Render modes whose first whole-image render (with compile_fields: compilation) has been made."""
         """Chunk sizes lowered after a render ran out of GPU memory, by option name (the config keeps the user's)."""
         if self.config.tf32_matmul:
             torch.set_float32_matmul_precision("high")
@@ -554,12 +557,23 @@ class CocoInrModel(SurfaceModel):
     def get_outputs_for_camera_ray_bundle(self, camera_ray_bundle: RayBundle) -> dict[str, Tensor]:
         """A whole image, chunk by chunk. A chunk that runs out of GPU memory halves the chunk size for this and
         every later render (down to ``MIN_RENDER_CHUNK``), with one message naming the option to set instead."""
-        option = "preview-num-rays-per-chunk" if self._renders_surface() else "eval-num-rays-per-chunk"
+        mode = "surface" if self._renders_surface() else "volume"
+        option = "preview-num-rays-per-chunk" if mode == "surface" else "eval-num-rays-per-chunk"
+        compiles = self.config.compile_fields and mode not in self._compiled_render_modes
+        if compiles:  # the viewer's first frame waits for it: say why
+            CONSOLE.print(
+                f"First {mode} render: compiling the fields for whole images (--pipeline.model.compile-fields; "
+                "about 1.5 minutes on an H200, once per process and render mode); later frames take seconds."
+            )
+            start = time.perf_counter()
         while True:
             configured = getattr(self.config, option.replace("-", "_"))
             chunk = min(self._render_chunks.get(option, configured), configured)
             outputs = self._render_in_chunks(camera_ray_bundle, chunk)
             if outputs is not None:
+                if compiles:
+                    self._compiled_render_modes.add(mode)
+                    CONSOLE.print(f"First {mode} render done in {time.perf_counter() - start:.0f} s.")
                 return outputs
             # the failed chunk's tensors are released by now (the exception was handled inside): free the cache
             if torch.cuda.is_available():

@@ -7,6 +7,7 @@ as plain torch ops. The inductor kernels are checked on a GPU (last test).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
@@ -392,3 +393,31 @@ def test_pad_matmuls_pads_an_unaligned_product_in_the_generated_code():
         assert not compiled.failed
         assert bool(re.search(r"\b296\b", "\n".join(code))) == pad_matmuls
         torch.testing.assert_close(out, colour_like(x), rtol=2e-2, atol=2e-2)
+
+
+def test_the_first_whole_image_render_of_each_mode_says_it_compiles(capsys):
+    """The viewer's first frame of a compiled model waits for compilation: the console says so before and how long it
+    took after, once per render mode; an eager model says nothing."""
+    from nerfstudio.cameras.cameras import Cameras
+
+    pose = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
+    camera = Cameras(camera_to_worlds=pose, fx=6.0, fy=6.0, cx=3.0, cy=3.0, width=6, height=6)
+    for compile_fields in (True, False):
+        model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager"))
+        model.eval()
+        capsys.readouterr()
+        for surface in (False, False, True, True):
+            with model.surface_rendering() if surface else contextlib.nullcontext():
+                assert model.get_outputs_for_camera(camera)["rgb"].shape == (6, 6, 3)
+        printed = capsys.readouterr().out
+        lines = [line for line in printed.splitlines() if line.startswith("First ")]
+        if not compile_fields:
+            assert lines == []
+            continue
+        assert [line.split(":")[0] if "compiling" in line else line.split(" done")[0] for line in lines] == [
+            "First volume render",
+            "First volume render",
+            "First surface render",
+            "First surface render",
+        ]
+        assert "compile-fields" in printed and all(line.endswith(" s.") for line in lines[1::2])
