@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cocoinr_nerfstudio.field_components import point_attention as point_ops
 from cocoinr_nerfstudio.field_components.point_attention import point_attention
 
 FeedForwardActivation = Literal["softplus", "gelu", "geglu", "relu"]
@@ -90,12 +91,14 @@ class MultiHeadAttention(nn.Module):
 
     @staticmethod
     def _point_kernels_beat_sdpa(q: Tensor) -> bool:
-        """Where nothing is differentiated, float32 CUDA queries take the point kernels rather than torch's fused
+        """Where nothing is differentiated, float32 queries take the point kernels rather than torch's fused
         attention, which for float32 is its memory-efficient kernel: 1.8x slower a point on an H200 (42 ms for 6.4M
         points against the point kernels' 19 ms for 5.1M), and a third of a 512x512 frame's GPU time once the
-        sampler's queries run in float32 (late in training). Half-precision queries keep the flash kernel, faster
-        still; on a CPU the point kernels are torch formulas, slower than torch's fused attention."""
-        return q.dtype == torch.float32 and q.is_cuda and not torch.is_grad_enabled()
+        sampler's queries run in float32 (late in training). Only where the Triton kernels run (CUDA, no failure
+        so far): their torch formulas would hold every point's scores. Their products follow torch's float32
+        matmul precision (TF32 with ``tf32_matmul``, as the model's other float32 products). Half-precision
+        queries keep the flash kernel, faster still."""
+        return q.dtype == torch.float32 and not torch.is_grad_enabled() and point_ops.kernels_run(q)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)

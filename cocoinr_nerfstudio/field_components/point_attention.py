@@ -103,6 +103,12 @@ def _kernels_apply(q: Tensor) -> bool:
     return q.is_cuda and kernels.AVAILABLE
 
 
+def kernels_run(q: Tensor) -> bool:
+    """Whether the Triton kernels (not the torch formulas) would take these queries: CUDA, Triton there, and no
+    failure of the kernels earlier in this process."""
+    return _kernels_apply(q) and not _kernel_failure
+
+
 def _check_shapes(name: str, q: Tensor, k: Tensor, v: Tensor, heads: int, *per_point: Tensor) -> None:
     """Refuses what the kernels would read out of bounds: ``q`` and the per-point cotangents ``[n, heads * d]``,
     ``k`` and ``v`` ``[m, heads * d]``, on one device; and no keys at all (``m = 0``), where the kernels' softmax

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cocoinr_nerfstudio.field_components import triton_point_attention as triton_kernels
 from cocoinr_nerfstudio.field_components.attention import (
     CodebookAttention,
     CoordinateAttention,
@@ -177,15 +178,23 @@ def test_fused_float32_attention_without_gradients_takes_the_point_kernels(monke
     from types import SimpleNamespace
 
     from cocoinr_nerfstudio.field_components import attention as module
+    from cocoinr_nerfstudio.field_components import point_attention as point_ops
 
     def query(dtype, cuda):
         return SimpleNamespace(dtype=dtype, is_cuda=cuda)
 
     beats = MultiHeadAttention._point_kernels_beat_sdpa
+    monkeypatch.setattr(point_ops.kernels, "AVAILABLE", True)
     with torch.no_grad():
         assert beats(query(torch.float32, True))
         assert not beats(query(torch.bfloat16, True)) and not beats(query(torch.float16, True))
         assert not beats(query(torch.float32, False))
+        monkeypatch.setattr(point_ops, "_kernel_failure", ["RuntimeError: no kernel image"])
+        assert not beats(query(torch.float32, True))  # failed kernels: their torch formulas would hold every score
+        monkeypatch.setattr(point_ops, "_kernel_failure", [])
+        monkeypatch.setattr(point_ops.kernels, "AVAILABLE", False)
+        assert not beats(query(torch.float32, True))  # no Triton
+        monkeypatch.setattr(point_ops.kernels, "AVAILABLE", True)
     assert not beats(query(torch.float32, True))  # a gradient is being taken
 
     calls = []
@@ -207,10 +216,14 @@ def test_fused_float32_attention_without_gradients_takes_the_point_kernels(monke
     torch.testing.assert_close(points, sdpa, atol=TOLERANCE, rtol=TOLERANCE)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the point kernels' route is taken on CUDA only")
-def test_point_kernel_route_on_gpu_matches_torchs_fused_attention(monkeypatch):
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not triton_kernels.AVAILABLE, reason="the point kernels' route: CUDA and Triton"
+)
+@pytest.mark.parametrize("precision, tolerance", [("highest", TOLERANCE), ("high", 5e-3)])
+def test_point_kernel_route_on_gpu_matches_torchs_fused_attention(precision, tolerance, monkeypatch):
     """On CUDA, a fused float32 pass without gradients goes through the point kernels and gives torch's fused
-    attention's numbers (float32 products: torch's default matmul precision); with a gradient, torch's kernel."""
+    attention's numbers: to float32 rounding with float32 products (torch's default), to TF32's with ``high``
+    (what ``tf32_matmul`` sets); with a gradient, torch's kernel."""
     from cocoinr_nerfstudio.field_components import attention as module
 
     calls = []
@@ -223,14 +236,14 @@ def test_point_kernel_route_on_gpu_matches_torchs_fused_attention(monkeypatch):
     ]
     modules[1].load_state_dict(modules[0].state_dict())
     x, context = torch.randn(5000, 39, device="cuda"), torch.randn(256, 128, device="cuda")
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # a model built earlier in the process may have set TF32
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # set here: a model built earlier may have left TF32 on
     try:
         with torch.no_grad():
             routed, sdpa = (attention(x, context, fused=True) for attention in modules)
     finally:
-        torch.set_float32_matmul_precision(precision)
+        torch.set_float32_matmul_precision(before)
     assert calls == [1]
-    torch.testing.assert_close(routed, sdpa, atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(routed, sdpa, atol=tolerance, rtol=tolerance)
     modules[0](x, context, fused=True)  # a gradient is taken: torch's fused kernel
     assert calls == [1]
