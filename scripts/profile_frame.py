@@ -57,6 +57,7 @@ def time_frames(model, camera, chunk: int, repeats: int, sync) -> tuple[float, f
     """Seconds of the first render at this chunk size (compilation for new shapes included), the median of
     ``repeats`` more, and the GPU memory they peaked at (GiB allocated; nan on a CPU)."""
     model.config.eval_num_rays_per_chunk = chunk
+    model._render_chunks.clear()  # a size lowered after running out of memory at an earlier chunk size
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     torch.manual_seed(speed_args.seed)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
+    precision_before = torch.get_float32_matmul_precision()  # the model may set TF32 process-wide
     report: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> str:
             ]
             for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]:
                 first, median, peak = time_frames(model, camera, chunk, args.repeats, sync)
-                report.append(f"| {chunk} | {first:.2f} | {median:.3f} | {peak:.2f} |")
+                used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
+                size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
+                report.append(f"| {size} | {first:.2f} | {median:.3f} | {peak:.2f} |")
                 print(report[-1], flush=True)
             work = frame_work(model, camera)
             report += [
@@ -121,9 +125,8 @@ def main(argv: list[str] | None = None) -> str:
             ]
             if args.frames > 0:
                 times = profile_frames(model, camera, args.frames)
-                title = (
-                    f"By part ({args.frames} frames profiled at {model.config.eval_num_rays_per_chunk} rays a chunk):"
-                )
+                chunk = model._render_chunks.get("eval-num-rays-per-chunk", model.config.eval_num_rays_per_chunk)
+                title = f"By part ({args.frames} frames profiled at {chunk} rays a chunk):"
                 report += ["", format_phases(times, title, FRAME_ROWS, total=FRAME, unit_of_work="frame")]
                 if times.kernels and args.top_kernels > 0:
                     listed = sum(row.milliseconds for row in times.kernels[: args.top_kernels])
@@ -133,10 +136,10 @@ def main(argv: list[str] | None = None) -> str:
                         f"The frame's {args.top_kernels} largest kernels ({listed:.1f} of its {whole:.1f} GPU kernel "
                         f"ms; '{REST}' is outside every part):",
                         "",
-                        format_kernels(times.kernels, args.top_kernels),
+                        format_kernels(times.kernels, args.top_kernels, unit_of_work="frame"),
                     ]
         finally:
-            torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
+            torch.set_float32_matmul_precision(precision_before)
             writer.EVENT_WRITERS[:] = writers_before
     text = "\n".join(report)
     print(text)

@@ -682,3 +682,44 @@ def test_frame_work_counts_rays_rounds_and_visible_samples():
     assert 1.0 <= work.sampler_rounds <= model.config.max_total_iters
     assert 0.0 < work.visible_share <= 1.0
     assert "generate_ray_samples" not in vars(model.sampler) and "_forward_visible_samples" not in vars(model)
+
+
+def test_frame_kernels_outside_every_part_are_the_rest():
+    """Made-up events of one frame: the frame's own range holds the parts; a kernel launched inside a part is that
+    part's, one launched in the frame but outside every part is the rest's (not the frame's); the table says
+    "per frame"."""
+    from cocoinr_nerfstudio.benchmarks.frame_phases import FRAME, REST, SAMPLER, frame_kernels
+    from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, format_kernels
+
+    events = [
+        host_event(PREFIX + FRAME, 0, 100, 1),
+        host_event(PREFIX + SAMPLER, 10, 40, 1),
+        host_event("aten::mm", 12, 13, 1, launched=[("gemm", 6.0)]),
+        host_event("aten::cat", 90, 91, 1, launched=[("cat_kernel", 2.0)]),
+    ]
+    rows = frame_kernels(events, num_frames=1)
+    assert [(row.part, row.kernel, row.milliseconds) for row in rows] == [
+        (SAMPLER, "gemm", 0.006),
+        (REST, "cat_kernel", 0.002),
+    ]
+    assert format_kernels(rows, limit=1, unit_of_work="frame").splitlines()[0] == (
+        "| part | launcher | kernel | GPU ms per frame | launches per frame |"
+    )
+
+
+def test_frame_profile_without_the_weight_threshold_counts_the_field_once():
+    """With eval_weight_threshold 0 the render calls the field directly: its row stands for the foreground, and the
+    rest of the frame (host time on CPU) does not hold it a second time."""
+    import torch
+    from nerfstudio.cameras.cameras import Cameras
+    from tiny_models import build, tiny_config
+
+    from cocoinr_nerfstudio.benchmarks.frame_phases import FOREGROUND, FRAME, REST, VISIBLE, profile_frames
+
+    model = build(tiny_config(eval_weight_threshold=0.0))
+    model.eval()
+    pose = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
+    camera = Cameras(camera_to_worlds=pose, fx=6.0, fy=6.0, cx=3.0, cy=3.0, width=6, height=6)
+    times = profile_frames(model, camera, num_frames=1, warmup=0).milliseconds
+    assert FOREGROUND not in times and times[VISIBLE] > 0
+    assert 0 <= times[REST] < times[VISIBLE] and times[REST] < 0.2 * times[FRAME]

@@ -51,7 +51,12 @@ FRAME_ROWS: tuple[tuple[str, int], ...] = (
     (REST, 1),
     (FRAME, 0),
 )
-TOP_LEVEL = (SAMPLER, FOREGROUND, BACKGROUND)
+
+
+def _top_level(per_frame: dict[str, float]) -> tuple[str, ...]:
+    """The parts that do not nest in one another: the foreground row, or (with ``eval_weight_threshold`` 0, where
+    the render calls the field directly) the field's own row."""
+    return (SAMPLER, FOREGROUND if FOREGROUND in per_frame else VISIBLE, BACKGROUND)
 
 
 @dataclass
@@ -86,10 +91,17 @@ def profile_frames(model: Any, camera: Any, num_frames: int, warmup: int = 1) ->
     per_frame = {label: microseconds / num_frames / 1000.0 for label, microseconds in totals.items()}
     if cuda:
         per_frame[FRAME] = kernels / num_frames / 1000.0
-    per_frame[REST] = per_frame.get(FRAME, 0.0) - sum(per_frame.get(label, 0.0) for label in TOP_LEVEL)
+    per_frame[REST] = per_frame.get(FRAME, 0.0) - sum(per_frame.get(label, 0.0) for label in _top_level(per_frame))
     if not cuda:
         return PhaseTimes(per_frame, "host ms")
-    return PhaseTimes(per_frame, "GPU kernel ms", kernels_by_launcher(events, num_frames, outside=REST))
+    return PhaseTimes(per_frame, "GPU kernel ms", frame_kernels(events, num_frames))
+
+
+def frame_kernels(events: Any, num_frames: int) -> list[Any]:
+    """Every kernel's time per frame by part and launcher (``kernels_by_launcher``). The frame's own range holds
+    every part, so it is left out: kernels launched outside the parts belong to the rest, not to "frame"."""
+    in_parts = [event for event in events if event.name != PREFIX + FRAME]
+    return kernels_by_launcher(in_parts, num_frames, outside=REST)
 
 
 def frame_work(model: Any, camera: Any) -> FrameWork:
@@ -97,6 +109,7 @@ def frame_work(model: Any, camera: Any) -> FrameWork:
     threshold lets through (wrapping the two methods that know, for this one render)."""
     counts = {"rays": 0, "rounds": 0.0, "samples": 0, "visible": 0, "chunks": 0}
     sampler, threshold = model.sampler, model.config.eval_weight_threshold
+    wrapped = [(sampler, "generate_ray_samples"), (model, "_forward_visible_samples")]
     generate, forward_visible = sampler.generate_ray_samples, model._forward_visible_samples
 
     def counted_generate(*args: Any, **kwargs: Any) -> Any:
@@ -112,13 +125,18 @@ def frame_work(model: Any, camera: Any) -> FrameWork:
         counts["visible"] += int((weights > weight_threshold).sum())
         return outputs, weights, bg_transmittance
 
+    saved = [(owner, name, vars(owner).get(name)) for owner, name in wrapped]
     sampler.generate_ray_samples = counted_generate
     model._forward_visible_samples = counted_forward
     try:
         with torch.no_grad():
             model.get_outputs_for_camera(camera)
     finally:
-        del sampler.generate_ray_samples, model._forward_visible_samples
+        for owner, name, previous in saved:  # an instance attribute that was there is put back
+            if previous is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, previous)
     samples = counts["samples"]
     return FrameWork(
         rays=counts["rays"],

@@ -221,13 +221,14 @@ def kernels_by_launcher(events: Iterable[Any], num_steps: int, outside: str = BA
     return sorted(table, key=lambda row: -row.milliseconds)
 
 
-def format_kernels(rows: list[KernelRow], limit: int, width: int = 70) -> str:
+def format_kernels(rows: list[KernelRow], limit: int, width: int = 70, unit_of_work: str = "step") -> str:
     """A Markdown table of the ``limit`` largest rows; long launcher and kernel names are cut to ``width``."""
 
     def cut(text: str) -> str:
         return text if len(text) <= width else text[: width - 3] + "..."
 
-    lines = ["| part | launcher | kernel | GPU ms per step | launches per step |", "|---|---|---|---:|---:|"]
+    header = f"| part | launcher | kernel | GPU ms per {unit_of_work} | launches per {unit_of_work} |"
+    lines = [header, "|---|---|---|---:|---:|"]
     for row in rows[:limit]:
         lines.append(
             f"| {row.part} | {cut(row.launcher)} | {cut(row.kernel)} | {row.milliseconds:.3f} | {row.launches:g} |"

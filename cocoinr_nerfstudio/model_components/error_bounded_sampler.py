@@ -288,12 +288,11 @@ class ErrorBoundedSampler(Sampler):
                 d_star.split(self.MAX_SEARCH_RAYS),
                 strict=True,
             )
-            return torch.cat(
-                [
-                    self._search_beta(density, beta0, *piece, self.eps, levels, self.CANDIDATES_PER_LEVEL)
-                    for piece in pieces
-                ]
-            )
+            betas = [
+                self._search_beta(density, beta0, *piece, self.eps, levels, self.CANDIDATES_PER_LEVEL)
+                for piece in pieces
+            ]
+            return betas[0] if len(betas) == 1 else torch.cat(betas)
         # the original's sequential bisection
         meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)
