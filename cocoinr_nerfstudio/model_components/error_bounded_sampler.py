@@ -189,7 +189,7 @@ class ErrorBoundedSampler(Sampler):
 
     CANDIDATES_PER_LEVEL = 15
     MAX_SEARCH_RAYS = 1 << 15
-    """Rays per call of the (compiled) beta search outside the static rounds; more go in pieces."""
+    """Rays per call of the (compiled) beta search, in renders and in static rounds alike; more go in pieces."""
 
     def __init__(
         self,
@@ -275,10 +275,9 @@ class ErrorBoundedSampler(Sampler):
         from a static round, which compiles as a whole (the search is traced into it, not compiled apart)."""
         if self.batched_bisection:
             levels = math.ceil(self.beta_iters / math.log2(self.CANDIDATES_PER_LEVEL + 1))
-            if in_round:
-                return grid_search_beta(
-                    density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL
-                )
+            search = grid_search_beta if in_round else self._search_beta
+            if beta_hi.shape[0] <= self.MAX_SEARCH_RAYS:
+                return search(density, beta0, beta_hi, sdf, dists, d_star, self.eps, levels, self.CANDIDATES_PER_LEVEL)
             # inductor's compiled scan failed on a 65536-ray render chunk ("CUDA driver error: invalid argument",
             # H200; likely a launch grid axis past 65535 blocks) and ran at 32768: the search goes in pieces
             pieces = zip(
@@ -288,11 +287,9 @@ class ErrorBoundedSampler(Sampler):
                 d_star.split(self.MAX_SEARCH_RAYS),
                 strict=True,
             )
-            betas = [
-                self._search_beta(density, beta0, *piece, self.eps, levels, self.CANDIDATES_PER_LEVEL)
-                for piece in pieces
-            ]
-            return betas[0] if len(betas) == 1 else torch.cat(betas)
+            return torch.cat(
+                [search(density, beta0, *piece, self.eps, levels, self.CANDIDATES_PER_LEVEL) for piece in pieces]
+            )
         # the original's sequential bisection
         meets_at_beta0 = opacity_error_bound(density, beta0, sdf, dists, d_star).max(-1).values <= self.eps
         hi = torch.where(meets_at_beta0, beta0.expand_as(beta_hi), beta_hi)

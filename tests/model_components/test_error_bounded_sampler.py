@@ -204,6 +204,31 @@ def test_beta_search_in_pieces_gives_the_same_samples(monkeypatch):
     torch.testing.assert_close(pieces.frustums.starts, whole.frustums.starts, atol=0, rtol=0)
 
 
+def test_static_rounds_search_beta_in_pieces_too(monkeypatch, constant_randomness):
+    """Training's fixed-shape rounds (traced whole when compiled) split the search the same way: the same samples
+    as in one piece."""
+    from cocoinr_nerfstudio.model_components import error_bounded_sampler as module
+
+    density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
+    bundle = hit_and_miss_rays()
+    sampler = ErrorBoundedSampler(static_shapes=True)
+    whole, whole_info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+    sizes = []
+    search = module.grid_search_beta
+
+    def counted(density, beta0, beta_hi, *args):
+        sizes.append(beta_hi.shape[0])
+        return search(density, beta0, beta_hi, *args)
+
+    monkeypatch.setattr(module, "grid_search_beta", counted)
+    monkeypatch.setattr(ErrorBoundedSampler, "MAX_SEARCH_RAYS", 4)
+    pieces, pieces_info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+    num_rays = bundle.origins.shape[0]
+    assert num_rays > 4 and sizes[: -(-num_rays // 4)] == [4] * (num_rays // 4) + [num_rays % 4] * (num_rays % 4 > 0)
+    torch.testing.assert_close(pieces_info.beta, whole_info.beta, atol=0, rtol=0)
+    torch.testing.assert_close(pieces.frustums.starts, whole.frustums.starts, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("per_ray", [True, False])
 def test_static_shapes_give_the_same_samples(per_ray, constant_randomness):
     """In training, the fixed-shape variant (CUDA graphs) keeps each ray's samples from the round it converged;
