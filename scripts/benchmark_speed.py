@@ -355,6 +355,21 @@ def train_step(trainer, step: int):
     return outputs
 
 
+def trained(args, name: str, folder: Path, steps: int):
+    """A Trainer of configuration ``name`` set up in ``folder`` (on ``args.scene``, or a scene generated there) and
+    trained ``steps`` steps as ``ns-train`` runs them: what the profiling scripts start from."""
+    scene = args.scene
+    if scene is None:
+        views, width, height = args.scene_size
+        scene = folder / "scene"
+        generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+    trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
+    trainer.setup()
+    for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
+        train_step(trainer, step)
+    return trainer
+
+
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     torch.manual_seed(args.seed)
     config = _trainer_config(args, scene, name, output_dir)

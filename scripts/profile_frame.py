@@ -28,7 +28,6 @@ import benchmark_speed  # a sibling script, not a package
 
 from cocoinr_nerfstudio.benchmarks.frame_phases import FRAME, FRAME_ROWS, REST, frame_work, profile_frames
 from cocoinr_nerfstudio.benchmarks.step_phases import format_kernels, format_phases
-from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -85,16 +84,7 @@ def main(argv: list[str] | None = None) -> str:
     report: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            scene = speed_args.scene
-            if scene is None:
-                views, width, height = speed_args.scene_size
-                scene = Path(tmp) / "scene"
-                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
-            config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
-            trainer = config.setup(local_rank=0, world_size=1)
-            trainer.setup()
-            for step in range(args.train_steps):
-                benchmark_speed.train_step(trainer, step)
+            trainer = benchmark_speed.trained(speed_args, args.config, Path(tmp), args.train_steps)
             pipeline = trainer.pipeline
             model = pipeline.model
             model.eval()

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
 from cocoinr_nerfstudio.benchmarks.step_phases import TOTAL, PhaseTimes, format_kernels, format_phases, profile_phases
-from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -60,16 +59,7 @@ def main(argv: list[str] | None = None) -> str:
     writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            scene = speed_args.scene
-            if scene is None:
-                views, width, height = speed_args.scene_size
-                scene = Path(tmp) / "scene"
-                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
-            config = benchmark_speed._trainer_config(speed_args, scene, args.config, Path(tmp) / "outputs")
-            trainer = config.setup(local_rank=0, world_size=1)
-            trainer.setup()
-            for step in range(args.warmup):  # as ns-train: the callbacks adapt the sampler's refine budget
-                benchmark_speed.train_step(trainer, step)
+            trainer = benchmark_speed.trained(speed_args, args.config, Path(tmp), args.warmup)
             times = profile_phases(trainer.pipeline, args.warmup, args.steps)
         finally:
             torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
