@@ -21,6 +21,7 @@ from cocoinr_nerfstudio.benchmarks.step_phases import (
     PhaseTimes,
     kernels_by_launcher,
     phase_ranges,
+    replaced_methods,
     sum_by_range,
 )
 
@@ -109,7 +110,6 @@ def frame_work(model: Any, camera: Any) -> FrameWork:
     threshold lets through (wrapping the two methods that know, for this one render)."""
     counts = {"rays": 0, "rounds": 0.0, "samples": 0, "visible": 0, "chunks": 0}
     sampler, threshold = model.sampler, model.config.eval_weight_threshold
-    wrapped = [(sampler, "generate_ray_samples"), (model, "_forward_visible_samples")]
     generate, forward_visible = sampler.generate_ray_samples, model._forward_visible_samples
 
     def counted_generate(*args: Any, **kwargs: Any) -> Any:
@@ -125,18 +125,12 @@ def frame_work(model: Any, camera: Any) -> FrameWork:
         counts["visible"] += int((weights > weight_threshold).sum())
         return outputs, weights, bg_transmittance
 
-    saved = [(owner, name, vars(owner).get(name)) for owner, name in wrapped]
-    sampler.generate_ray_samples = counted_generate
-    model._forward_visible_samples = counted_forward
-    try:
-        with torch.no_grad():
-            model.get_outputs_for_camera(camera)
-    finally:
-        for owner, name, previous in saved:  # an instance attribute that was there is put back
-            if previous is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, previous)
+    replacements = [
+        (sampler, "generate_ray_samples", counted_generate),
+        (model, "_forward_visible_samples", counted_forward),
+    ]
+    with torch.no_grad(), replaced_methods(replacements):
+        model.get_outputs_for_camera(camera)
     samples = counts["samples"]
     return FrameWork(
         rays=counts["rays"],

@@ -81,36 +81,45 @@ class PhaseTimes:
 
 
 @contextlib.contextmanager
-def phase_ranges(model: torch.nn.Module, parts: tuple[tuple[str, str, str, int], ...] = PARTS) -> Iterator[None]:
-    """Wraps the model's parts (``parts``, those it has) in ``record_function`` ranges; afterwards every method is
-    as it was (an instance attribute that was there is put back)."""
-    inside_field = threading.local()
-    wrapped: dict[tuple[int, str], Callable[..., Any]] = {}
+def replaced_methods(replacements: Iterable[tuple[Any, str, Callable[..., Any]]]) -> Iterator[None]:
+    """Sets each ``(owner, method name, function)`` as an instance attribute for the block; afterwards every method
+    is as it was (an instance attribute that was there is put back, else the class's method shows again)."""
     saved: list[tuple[Any, str, Any]] = []
     try:
-        for label, path, method, _ in parts:
-            owner = getattr(model, path, None) if path else model
-            if owner is None or not hasattr(owner, method) or (id(owner), method) in wrapped:
-                continue
+        for owner, method, function in replacements:
             saved.append((owner, method, vars(owner).get(method)))
-            function = getattr(owner, method)
-            if method == "sdf_and_gradient":
-                wrapper = _ranged(
-                    function, lambda: SAMPLES_GRADIENT if getattr(inside_field, "on", False) else EIKONAL_GRADIENT
-                )
-            elif path == "field" and method == "get_outputs":
-                wrapper = _ranged(function, lambda label=label: label, flag=inside_field)
-            else:
-                wrapper = _ranged(function, lambda label=label: label)
-            wrapped[(id(owner), method)] = wrapper
-            setattr(owner, method, wrapper)
+            setattr(owner, method, function)
         yield
     finally:
         for owner, method, previous in reversed(saved):
             if previous is None:
-                delattr(owner, method)  # the class's method shows again
+                delattr(owner, method)
             else:
                 setattr(owner, method, previous)
+
+
+def phase_ranges(
+    model: torch.nn.Module, parts: tuple[tuple[str, str, str, int], ...] = PARTS
+) -> contextlib.AbstractContextManager:
+    """Wraps the model's parts (``parts``, those it has) in ``record_function`` ranges for the block
+    (:func:`replaced_methods`)."""
+    inside_field = threading.local()
+    wrapped: dict[tuple[int, str], tuple[Any, str, Callable[..., Any]]] = {}
+    for label, path, method, _ in parts:
+        owner = getattr(model, path, None) if path else model
+        if owner is None or not hasattr(owner, method) or (id(owner), method) in wrapped:
+            continue
+        function = getattr(owner, method)
+        if method == "sdf_and_gradient":
+            wrapper = _ranged(
+                function, lambda: SAMPLES_GRADIENT if getattr(inside_field, "on", False) else EIKONAL_GRADIENT
+            )
+        elif path == "field" and method == "get_outputs":
+            wrapper = _ranged(function, lambda label=label: label, flag=inside_field)
+        else:
+            wrapper = _ranged(function, lambda label=label: label)
+        wrapped[(id(owner), method)] = (owner, method, wrapper)
+    return replaced_methods(wrapped.values())
 
 
 def _ranged(

@@ -473,12 +473,10 @@ class CocoInrModel(SurfaceModel):
         most that much."""
         transmittance = bg_transmittance.reshape(-1, 1)
         threshold = self.config.eval_weight_threshold
-        if self.training or threshold <= 0:
+        seen = None if self.training or threshold <= 0 else transmittance[:, 0] > threshold
+        if seen is None or bool(seen.all()):
             return transmittance * self._render_background(ray_bundle)
-        seen = transmittance[:, 0] > threshold
         term = transmittance.new_zeros(transmittance.shape[0], 3)
-        if bool(seen.all()):
-            return transmittance * self._render_background(ray_bundle)
         if bool(seen.any()):
             term[seen] = transmittance[seen] * self._render_background(ray_bundle.flatten()[seen])
         return term
