@@ -666,18 +666,14 @@ def test_frame_profile_on_cpu(monkeypatch):
 def test_frame_work_counts_rays_rounds_and_visible_samples():
     """frame_work on a tiny model: every ray of the camera, one count per chunk, at least one sampler round a ray,
     and a visible share that is a fraction; the model's methods are its own again afterwards."""
-    import torch
-    from nerfstudio.cameras.cameras import Cameras
-    from tiny_models import build, tiny_config
+    from tiny_models import build, tiny_config, viewer_camera
 
     from cocoinr_nerfstudio.benchmarks.frame_phases import frame_work
 
     model = build(tiny_config())
     model.eval()
     model.config.eval_num_rays_per_chunk = 30
-    pose = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]])
-    camera = Cameras(camera_to_worlds=pose[None], fx=8.0, fy=8.0, cx=4.0, cy=4.0, width=8, height=8)
-    work = frame_work(model, camera)
+    work = frame_work(model, viewer_camera(8, 8))
     assert (work.rays, work.chunks) == (64, 3)
     assert 1.0 <= work.sampler_rounds <= model.config.max_total_iters
     assert 0.0 < work.visible_share <= 1.0
@@ -710,16 +706,12 @@ def test_frame_kernels_outside_every_part_are_the_rest():
 def test_frame_profile_without_the_weight_threshold_counts_the_field_once():
     """With eval_weight_threshold 0 the render calls the field directly: its row stands for the foreground, and the
     rest of the frame (host time on CPU) does not hold it a second time."""
-    import torch
-    from nerfstudio.cameras.cameras import Cameras
-    from tiny_models import build, tiny_config
+    from tiny_models import build, tiny_config, viewer_camera
 
     from cocoinr_nerfstudio.benchmarks.frame_phases import FOREGROUND, FRAME, REST, VISIBLE, profile_frames
 
     model = build(tiny_config(eval_weight_threshold=0.0))
     model.eval()
-    pose = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
-    camera = Cameras(camera_to_worlds=pose, fx=6.0, fy=6.0, cx=3.0, cy=3.0, width=6, height=6)
-    times = profile_frames(model, camera, num_frames=1, warmup=0).milliseconds
+    times = profile_frames(model, viewer_camera(6, 6), num_frames=1, warmup=0).milliseconds
     assert FOREGROUND not in times and times[VISIBLE] > 0
     assert 0 <= times[REST] < times[VISIBLE] and times[REST] < 0.2 * times[FRAME]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.scene_box import SceneBox
 
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
@@ -36,3 +37,19 @@ def build(config: CocoInrModelConfig) -> CocoInrModel:
     """A fresh, seeded model on CPU."""
     torch.manual_seed(0)
     return config.setup(scene_box=SCENE_BOX, num_train_data=4)
+
+
+def viewer_camera(height: int = 12, width: int = 16) -> Cameras:
+    """Looking down -z at the origin from 2.5 units away (nerfstudio's OpenGL camera convention): the tiny model's
+    sphere in the middle of the frame, the background around it."""
+    c2w = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
+    return Cameras(
+        camera_to_worlds=c2w,
+        fx=14.0,
+        fy=14.0,
+        cx=width / 2,
+        cy=height / 2,
+        width=width,
+        height=height,
+        camera_type=CameraType.PERSPECTIVE,
+    )

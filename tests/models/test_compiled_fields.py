@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_coco_inr import rays
 from test_hash_grid_geometry import SMALL_GRID, hash_config
-from tiny_models import build, tiny_config
+from tiny_models import build, tiny_config, viewer_camera
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
@@ -398,10 +398,7 @@ def test_pad_matmuls_pads_an_unaligned_product_in_the_generated_code():
 def test_the_first_whole_image_render_of_each_mode_says_it_compiles(capsys):
     """The viewer's first frame of a compiled model waits for compilation: the console says so before and how long it
     took after, once per render mode; an eager model says nothing."""
-    from nerfstudio.cameras.cameras import Cameras
-
-    pose = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
-    camera = Cameras(camera_to_worlds=pose, fx=6.0, fy=6.0, cx=3.0, cy=3.0, width=6, height=6)
+    camera = viewer_camera(6, 6)
     for compile_fields in (True, False):
         model = build(tiny_config(compile_fields=compile_fields, compile_backend="aot_eager"))
         model.eval()

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.cameras.cameras import Cameras
+from tiny_models import viewer_camera as camera
 
 VIEWER_OUTPUTS = {"rgb", "accumulation", "depth", "normal", "normals"}
-
-
-def camera(height: int = 12, width: int = 16) -> Cameras:
-    """Looking down -z at the origin from 2.5 units away (nerfstudio's OpenGL camera convention)."""
-    c2w = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.5]]])
-    return Cameras(
-        camera_to_worlds=c2w,
-        fx=14.0,
-        fy=14.0,
-        cx=width / 2,
-        cy=height / 2,
-        width=width,
-        height=height,
-        camera_type=CameraType.PERSPECTIVE,
-    )
 
 
 def render_like_the_viewer(model, cam: Cameras) -> dict[str, torch.Tensor]:
