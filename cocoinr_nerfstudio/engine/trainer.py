@@ -1,12 +1,14 @@
-"""nerfstudio's Trainer, with learning-rate decays that span the run and an optional CUDA-graph step."""
+"""nerfstudio's Trainer, with learning-rate decays that span the run, an optional CUDA-graph step and a viewer
+that a browser can open while training starts (:mod:`cocoinr_nerfstudio.viewer.viewer`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import nerfstudio.engine.trainer as nerfstudio_trainer
 import torch
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
@@ -15,6 +17,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep, StaticShapeError
 from cocoinr_nerfstudio.engine.optimizers import set_fused
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
+from cocoinr_nerfstudio.viewer.viewer import CocoViewer
 
 
 def resolve_decay_lengths(optimizers: dict[str, Any], max_num_iterations: int) -> dict[str, Any]:
@@ -37,7 +40,8 @@ class CocoTrainerConfig(TrainerConfig):
 
 class CocoTrainer(Trainer):
     """Trainer whose open-ended decays follow ``max_num_iterations`` (the original decays over its whole run),
-    and which replays each step as a CUDA graph when the model asks for it (``--pipeline.model.cuda-graph``).
+    which replays each step as a CUDA graph when the model asks for it (``--pipeline.model.cuda-graph``), and whose
+    viewer is :class:`~cocoinr_nerfstudio.viewer.viewer.CocoViewer` (safe to open while training starts).
 
     The graph path replaces ``pipeline.get_train_loss_dict`` with the model's forward and loss (what
     VanillaPipeline does); a pipeline that customises that method would be bypassed."""
@@ -46,6 +50,15 @@ class CocoTrainer(Trainer):
     _graph_step: CudaGraphTrainStep | None = None
     _graph_unavailable: str | None = None
     _shape_warning_shown: bool = False
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        # nerfstudio's setup builds the viewer from the class its module imported: lend it ours for the call
+        builtin = nerfstudio_trainer.ViewerState
+        nerfstudio_trainer.ViewerState = CocoViewer
+        try:
+            super().setup(test_mode)
+        finally:
+            nerfstudio_trainer.ViewerState = builtin
 
     def setup_optimizers(self) -> Optimizers:
         optimizers = resolve_decay_lengths(self.config.optimizers, self.config.max_num_iterations)
