@@ -65,12 +65,13 @@ class CocoViewer(Viewer):
     @check_main_thread
     def set_camera_visibility(self, visible: bool) -> None:
         """Shows or hides the training cameras drawn so far; ``init_scene`` applies the choice to the rest."""
-        self._train_cams_visible = visible
-        with self.viser_server.atomic():
+        with self.viser_server.atomic():  # the choice and the handles change together (clicks come from worker threads)
+            self._train_cams_visible = visible
             for handle in list(getattr(self, "camera_handles", {}).values()):
                 handle.visible = visible
 
     def init_scene(self, *args, **kwargs) -> None:
         super().init_scene(*args, **kwargs)
-        if not self._train_cams_visible:  # hidden before (or while) the cameras were drawn
-            self.set_camera_visibility(False)
+        with self.viser_server.atomic():  # a click before (or while) the cameras were drawn
+            for handle in self.camera_handles.values():
+                handle.visible = self._train_cams_visible

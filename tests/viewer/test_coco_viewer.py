@@ -23,7 +23,7 @@ from cocoinr_nerfstudio.pipelines.coco_pipeline import CocoPipelineConfig
 from cocoinr_nerfstudio.viewer.viewer import CocoViewer, released_on_errors
 
 
-def enters_from_another_thread(atomic, timeout: float = 2.0) -> bool:
+def enters_from_another_thread(atomic, timeout: float = 10.0) -> bool:
     """Whether another thread gets into ``atomic()`` within ``timeout`` seconds (False: the lock is held)."""
     entered = threading.Event()
 
@@ -59,8 +59,13 @@ def test_released_on_errors_lets_other_threads_in_after_a_block_raises(server):
     assert enters_from_another_thread(atomic)
     assert enters_from_another_thread(server.atomic)  # the lock itself is free, not just the wrapper's view of it
 
-    with atomic(), atomic():  # nested in one thread: viser ignores the inner call, and so does the wrapper
-        assert not enters_from_another_thread(atomic, timeout=0.5)
+    with atomic():  # nested in one thread: viser ignores the inner call, and so does the wrapper, raising or not
+        with pytest.raises(KeyError):
+            with atomic():
+                raise KeyError("inner")
+        with atomic():
+            pass
+        assert not enters_from_another_thread(atomic, timeout=0.5)  # the outer block still holds the lock
     assert enters_from_another_thread(atomic)
 
 
@@ -163,3 +168,13 @@ def test_coco_trainer_builds_the_repaired_viewer(monkeypatch):
     CocoTrainer.__new__(CocoTrainer).setup()
     assert seen == [CocoViewer]
     assert nerfstudio_trainer.ViewerState is Viewer  # restored for anything else in the process
+
+
+def test_coco_trainer_restores_nerfstudios_viewer_when_setup_fails(monkeypatch):
+    def failing_setup(self, test_mode):
+        raise FileNotFoundError("cameras.npz")
+
+    monkeypatch.setattr(nerfstudio_trainer.Trainer, "setup", failing_setup)
+    with pytest.raises(FileNotFoundError, match=r"cameras\.npz"):
+        CocoTrainer.__new__(CocoTrainer).setup()
+    assert nerfstudio_trainer.ViewerState is Viewer
