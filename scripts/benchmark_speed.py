@@ -21,9 +21,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -355,19 +356,32 @@ def train_step(trainer, step: int):
     return outputs
 
 
-def trained(args, name: str, folder: Path, steps: int):
-    """A Trainer of configuration ``name`` set up in ``folder`` (on ``args.scene``, or a scene generated there) and
-    trained ``steps`` steps as ``ns-train`` runs them: what the profiling scripts start from."""
-    scene = args.scene
-    if scene is None:
-        views, width, height = args.scene_size
-        scene = folder / "scene"
-        generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
-    trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
-    trainer.setup()
-    for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
-        train_step(trainer, step)
-    return trainer
+@contextlib.contextmanager
+def trained(args, name: str, steps: int) -> Iterator[Any]:
+    """A Trainer of configuration ``name`` set up in a temporary folder (on ``args.scene``, or a scene generated
+    there) and trained ``steps`` steps as ``ns-train`` runs them: what the profiling scripts start from. Afterwards
+    the folder is gone, and the process-wide state the trainer changed (nerfstudio's event writers, the float32
+    matmul precision) is as before."""
+    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
+
+    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder
+    precision_before = torch.get_float32_matmul_precision()  # the model may set TF32 process-wide
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(tmp)
+            scene = args.scene
+            if scene is None:
+                views, width, height = args.scene_size
+                scene = folder / "scene"
+                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+            trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
+            trainer.setup()
+            for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
+                train_step(trainer, step)
+            yield trainer
+        finally:
+            torch.set_float32_matmul_precision(precision_before)
+            writer.EVENT_WRITERS[:] = writers_before
 
 
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:

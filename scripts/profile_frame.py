@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,62 +74,54 @@ def main(argv: list[str] | None = None) -> str:
     args, speed_args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
 
     torch.manual_seed(speed_args.seed)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
-    precision_before = torch.get_float32_matmul_precision()  # the model may set TF32 process-wide
     report: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            trainer = benchmark_speed.trained(speed_args, args.config, Path(tmp), args.train_steps)
-            pipeline = trainer.pipeline
-            model = pipeline.model
-            model.eval()
-            cameras = pipeline.datamanager.eval_dataset.cameras
-            camera = benchmark_speed._frame_camera(cameras, args.frame_size).to(model.device)
-            device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-            report.append(
-                f"Device: {device}; config {args.config}; a {args.frame_size}x{args.frame_size} volume-rendered "
-                f"frame after {args.train_steps} training steps"
-            )
-            report += [
-                "",
-                "| rays per chunk | first frame s | frame s (median) | peak GiB |",
-                "|---:|---:|---:|---:|",
-            ]
-            for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]:
-                first, median, peak = time_frames(model, camera, chunk, args.repeats, sync)
-                used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
-                size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
-                report.append(f"| {size} | {first:.2f} | {median:.3f} | {peak:.2f} |")
-                print(report[-1], flush=True)
-            work = frame_work(model, camera)
-            report += [
-                "",
-                f"Work per frame: {work.rays} rays in {work.chunks} chunks; {work.sampler_rounds:.2f} sampler rounds "
-                f"per ray; {100 * work.visible_share:.1f}% of the final foreground samples pass the weight "
-                "threshold.",
-            ]
-            if args.frames > 0:
-                times = profile_frames(model, camera, args.frames)
-                chunk = model._render_chunks.get("eval-num-rays-per-chunk", model.config.eval_num_rays_per_chunk)
-                title = f"By part ({args.frames} frames profiled at {chunk} rays a chunk):"
-                report += ["", format_phases(times, title, FRAME_ROWS, total=FRAME, unit_of_work="frame")]
-                if times.kernels and args.top_kernels > 0:
-                    listed = sum(row.milliseconds for row in times.kernels[: args.top_kernels])
-                    whole = times.milliseconds.get(FRAME, 0.0)
-                    report += [
-                        "",
-                        f"The frame's {args.top_kernels} largest kernels ({listed:.1f} of its {whole:.1f} GPU kernel "
-                        f"ms; '{REST}' is outside every part):",
-                        "",
-                        format_kernels(times.kernels, args.top_kernels, unit_of_work="frame"),
-                    ]
-        finally:
-            torch.set_float32_matmul_precision(precision_before)
-            writer.EVENT_WRITERS[:] = writers_before
+    with benchmark_speed.trained(speed_args, args.config, args.train_steps) as trainer:
+        pipeline = trainer.pipeline
+        model = pipeline.model
+        model.eval()
+        cameras = pipeline.datamanager.eval_dataset.cameras
+        camera = benchmark_speed._frame_camera(cameras, args.frame_size).to(model.device)
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+        report.append(
+            f"Device: {device}; config {args.config}; a {args.frame_size}x{args.frame_size} volume-rendered "
+            f"frame after {args.train_steps} training steps"
+        )
+        report += [
+            "",
+            "| rays per chunk | first frame s | frame s (median) | peak GiB |",
+            "|---:|---:|---:|---:|",
+        ]
+        for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]:
+            first, median, peak = time_frames(model, camera, chunk, args.repeats, sync)
+            used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
+            size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
+            report.append(f"| {size} | {first:.2f} | {median:.3f} | {peak:.2f} |")
+            print(report[-1], flush=True)
+        work = frame_work(model, camera)
+        report += [
+            "",
+            f"Work per frame: {work.rays} rays in {work.chunks} chunks; {work.sampler_rounds:.2f} sampler rounds "
+            f"per ray; {100 * work.visible_share:.1f}% of the final foreground samples pass the weight "
+            "threshold.",
+        ]
+        if args.frames > 0:
+            times = profile_frames(model, camera, args.frames)
+            chunk = model._render_chunks.get("eval-num-rays-per-chunk", model.config.eval_num_rays_per_chunk)
+            title = f"By part ({args.frames} frames profiled at {chunk} rays a chunk):"
+            report += ["", format_phases(times, title, FRAME_ROWS, total=FRAME, unit_of_work="frame")]
+            if times.kernels and args.top_kernels > 0:
+                listed = sum(row.milliseconds for row in times.kernels[: args.top_kernels])
+                whole = times.milliseconds.get(FRAME, 0.0)
+                report += [
+                    "",
+                    f"The frame's {args.top_kernels} largest kernels ({listed:.1f} of its {whole:.1f} GPU kernel "
+                    f"ms; '{REST}' is outside every part):",
+                    "",
+                    format_kernels(times.kernels, args.top_kernels, unit_of_work="frame"),
+                ]
     text = "\n".join(report)
     print(text)
     return text

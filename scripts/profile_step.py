@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -53,17 +52,9 @@ def main(argv: list[str] | None = None) -> str:
     args, speed_args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
-
     torch.manual_seed(speed_args.seed)
-    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder below
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            trainer = benchmark_speed.trained(speed_args, args.config, Path(tmp), args.warmup)
-            times = profile_phases(trainer.pipeline, args.warmup, args.steps)
-        finally:
-            torch.set_float32_matmul_precision("highest")  # the model set TF32 process-wide
-            writer.EVENT_WRITERS[:] = writers_before
+    with benchmark_speed.trained(speed_args, args.config, args.warmup) as trainer:
+        times = profile_phases(trainer.pipeline, args.warmup, args.steps)
     report = _step_report(args, speed_args, trainer, times)
     print(report)
     return report

@@ -289,9 +289,9 @@ class CocoInrModel(SurfaceModel):
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
         self._render_chunks: dict[str, int] = {}
+        """Chunk sizes lowered after a render ran out of GPU memory, by option name (the config keeps the user's)."""
         self._compiled_render_modes: set[str] = set()
         """Render modes whose first whole-image render (with compile_fields: compilation) has been made."""
-        """Chunk sizes lowered after a render ran out of GPU memory, by option name (the config keeps the user's)."""
         if self.config.tf32_matmul:
             torch.set_float32_matmul_precision("high")
         if self.config.cuda_graph and self.config.train_weight_threshold > 0:
