@@ -634,29 +634,39 @@ def test_step_profile_leaves_no_writer_behind(monkeypatch):
 
 
 def test_frame_profile_on_cpu(monkeypatch):
-    """scripts/profile_frame.py's smoke run: a timed row per chunk size, the work the frame asked for, and every
-    part of the volume render in its table (host times on CPU, nested parts within their parents)."""
+    """scripts/profile_frame.py's smoke run: a timed row per occupancy grid and chunk size, each image compared with
+    the first row's, the work the frame asked for, and every part of the volume render in its table (host times on
+    CPU, nested parts within their parents)."""
     module = load_script("profile_frame", monkeypatch)
-    argv = ["--device", "cpu", "--config", "default", "--frame-size", "8", "--chunks", "16", "64"]
-    lines = run_main(module, [*argv, "--repeats", "1", "--frames", "1"]).splitlines()
-    assert lines[0] == "Device: CPU; config default; a 8x8 volume-rendered frame after 0 training steps"
-    assert [line.split(" | ")[0] for line in lines[4:6]] == ["| 16", "| 64"]
-    assert all(math.isnan(float(line.strip("| ").split(" | ")[3])) for line in lines[4:6])  # no GPU memory
-    assert lines[7].startswith("Work per frame: 64 rays in 1 chunks; ")  # the last chunk size: 64
-    table = lines[lines.index("By part (1 frames profiled at 64 rays a chunk):") + 4 :]
+    argv = ["--device", "cpu", "--config", "default", "--frame-size", "16", "--chunks", "64", "256", "--grids", "0"]
+    lines = run_main(module, [*argv, "10", "--beta", "0.08", "--repeats", "1", "--frames", "1"]).splitlines()
+    assert lines[0] == "Device: CPU; config default; a 16x16 volume-rendered frame after 0 training steps (beta 0.08)"
+    rows = [line.strip("| ").split(" | ") for line in lines[4:8]]
+    assert [row[:2] for row in rows] == [["none", "64"], ["none", "256"], ["10^3", "64"], ["10^3", "256"]]
+    assert all(math.isnan(float(row[4])) for row in rows)  # no GPU memory
+    assert rows[0][5] == "inf dB, max 0.000"  # the first row is the reference
+    assert all(float(row[5].split(" dB")[0]) > 30 for row in rows[1:])  # the grid only skips what is not seen
+    assert lines[10].startswith("256 of 256 rays sampled, in 1 chunks; ")  # beta 0.08 keeps a wide band: no ray cut
+    table = lines[lines.index("By part (1 frames profiled at 256 rays a chunk):") + 4 :]
     rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in table)}
     assert list(rows) == [
+        "· occupancy grid (the SDF on a grid)",
         "· sampler (SDF queries, beta search)",
         "· foreground field at the samples",
         "·· gradient and colour where the weights matter",
         "··· SDF and its gradient at the samples",
         "··· colour head",
         "· background field",
-        "· the rest (chunking, compositing, copies)",
+        "· the rest (chunking, ray bounds, compositing, copies)",
         "frame",
     ]
-    parts = ["· sampler (SDF queries, beta search)", "· foreground field at the samples", "· background field"]
-    assert all(rows[part] > 0 for part in parts) and rows["· the rest (chunking, compositing, copies)"] >= 0
+    parts = [
+        "· occupancy grid (the SDF on a grid)",
+        "· sampler (SDF queries, beta search)",
+        "· foreground field at the samples",
+        "· background field",
+    ]
+    assert all(rows[part] > 0 for part in parts) and rows["· the rest (chunking, ray bounds, compositing, copies)"] >= 0
     assert sum(rows[part] for part in parts) <= rows["frame"]
     nested = ["··· SDF and its gradient at the samples", "··· colour head"]
     assert sum(rows[part] for part in nested) <= rows["·· gradient and colour where the weights matter"]
@@ -674,7 +684,7 @@ def test_frame_work_counts_rays_rounds_and_visible_samples():
     model.eval()
     model.config.eval_num_rays_per_chunk = 30
     work = frame_work(model, viewer_camera(8, 8))
-    assert (work.rays, work.chunks) == (64, 3)
+    assert (work.pixels, work.rays, work.chunks) == (64, 64, 3)  # an 8x8 image gets no occupancy grid
     assert 1.0 <= work.sampler_rounds <= model.config.max_total_iters
     assert 0.0 < work.visible_share <= 1.0
     assert "generate_ray_samples" not in vars(model.sampler) and "_forward_visible_samples" not in vars(model)

@@ -2,7 +2,7 @@
 
 The frame is rendered as the viewer renders it (``get_outputs_for_camera``, chunk by chunk, no gradients but the
 SDF's at the samples that are seen) with a ``record_function`` range around the whole frame and around each part.
-The parts are the sampler, the foreground field at the final samples (its SDF everywhere; the SDF's gradient and
+The parts are the occupancy grid that bounds where rays are sampled (``render_occupancy_resolution``), the sampler, the foreground field at the final samples (its SDF everywhere; the SDF's gradient and
 the colour head only where the weights matter, see ``eval_weight_threshold``) and the background field; what is
 left of the frame (chunking, compositing, copies) is its own row.
 """
@@ -25,7 +25,8 @@ from cocoinr_nerfstudio.benchmarks.step_phases import (
     sum_by_range,
 )
 
-FRAME, REST = "frame", "the rest (chunking, compositing, copies)"
+FRAME, REST = "frame", "the rest (chunking, ray bounds, compositing, copies)"
+GRID = "occupancy grid (the SDF on a grid)"
 SAMPLER, FOREGROUND, VISIBLE, COLOUR, BACKGROUND = (
     "sampler (SDF queries, beta search)",
     "foreground field at the samples",
@@ -36,6 +37,7 @@ SAMPLER, FOREGROUND, VISIBLE, COLOUR, BACKGROUND = (
 
 FRAME_PARTS: tuple[tuple[str, str, str, int], ...] = (
     # (label, attribute of the model holding the method ("" = the model), method, nesting depth in the table)
+    (GRID, "", "_render_occupancy_grid", 1),
     (SAMPLER, "sampler", "generate_ray_samples", 1),
     (FOREGROUND, "", "_forward_visible_samples", 1),
     (VISIBLE, "field", "get_outputs", 2),
@@ -57,15 +59,18 @@ FRAME_ROWS: tuple[tuple[str, int], ...] = (
 def _top_level(per_frame: dict[str, float]) -> tuple[str, ...]:
     """The parts that do not nest in one another: the foreground row, or (with ``eval_weight_threshold`` 0, where
     the render calls the field directly) the field's own row."""
-    return (SAMPLER, FOREGROUND if FOREGROUND in per_frame else VISIBLE, BACKGROUND)
+    return (GRID, SAMPLER, FOREGROUND if FOREGROUND in per_frame else VISIBLE, BACKGROUND)
 
 
 @dataclass
 class FrameWork:
     """How much a frame asks of the model: what explains a part's time besides its kernels' speed."""
 
+    pixels: int
     rays: int
+    """Rays that reached the sampler: those the occupancy grid did not rule out."""
     chunks: int
+    """Chunks that reached the sampler."""
     sampler_rounds: float
     """Mean rounds of the error-bounded sampler per ray (1 = converged after the uniform samples)."""
     visible_share: float
@@ -106,7 +111,7 @@ def frame_kernels(events: Any, num_frames: int) -> list[Any]:
 
 
 def frame_work(model: Any, camera: Any) -> FrameWork:
-    """Renders one frame while counting the sampler's rounds per ray and the foreground samples the weight
+    """Renders one frame while counting the rays sampled, the sampler's rounds per ray and the foreground samples the weight
     threshold lets through (wrapping the two methods that know, for this one render)."""
     counts = {"rays": 0, "rounds": 0.0, "samples": 0, "visible": 0, "chunks": 0}
     sampler, threshold = model.sampler, model.config.eval_weight_threshold
@@ -133,6 +138,7 @@ def frame_work(model: Any, camera: Any) -> FrameWork:
         model.get_outputs_for_camera(camera)
     samples = counts["samples"]
     return FrameWork(
+        pixels=int(camera.width[0, 0]) * int(camera.height[0, 0]),
         rays=counts["rays"],
         chunks=counts["chunks"],
         sampler_rounds=counts["rounds"] / max(counts["rays"], 1),

@@ -40,6 +40,7 @@ from cocoinr_nerfstudio.model_components.background import (
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, batch_psnr, masked_psnr
+from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe, surface_bf16_error
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
@@ -52,6 +53,8 @@ DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
 SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that bf16 sampler queries are still accurate enough
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
+GRID_COST_SHARE = 8  # a render's occupancy grid queries at most 1/8 of the points of the sampler's first round
+MIN_GRID_RESOLUTION = 8  # cells a side: a coarser grid would skip little, so small images go without one
 
 
 @dataclass
@@ -159,11 +162,12 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Weight of the eikonal loss."""
     fg_mask_loss_mult: float = 0.0
     """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
-    eval_num_rays_per_chunk: int = 8192
+    eval_num_rays_per_chunk: int = 16384
     """Rays per chunk when rendering whole images (volume mode). Large chunks mean few kernel launches per frame:
-    a 512x512 frame took 8.4 s at 1024 and 4.0 s at 8192 on an H200. Memory grows with it (several GiB at 8192
-    early in training, when most samples are visible). A render that runs out of GPU memory halves it and retries,
-    and says so."""
+    a 512x512 ``coco-inr-fast`` frame with a sharp surface (beta 0.005) took 0.88 s at 16384 and 0.68 s at 32768 on
+    an H200 (docs/benchmarks.md). Memory grows with it, most early in training when most samples are visible (at
+    the initialisation: 5.3 GiB at 8192, 20.7 at 32768). A render that runs out of GPU memory halves it and
+    retries, and says so."""
     # SurfaceModel/Model options this model does not use (or that would be wrong here: its depth prior compares
     # z-depth while our depth is ray distance): kept for nerfstudio, hidden from the command line
     far_plane: tyro.conf.Suppress[float] = 4.0
@@ -193,6 +197,16 @@ class CocoInrModelConfig(SurfaceModelConfig):
     gradient. 0 evaluates every sample, as the original. It changes training, not only cost: the rendered
     colour's derivative by a sample's weight is that sample's colour, which skipping zeroes. It is refused with
     cuda_graph (a fixed-count form measured slower there: docs/benchmarks.md)."""
+    render_occupancy_resolution: int = 128
+    """Whole-image renders in volume mode (viewer, ns-eval, ns-render) first evaluate the SDF on a grid of up to this
+    many cells a side over the bounding cube, and sample each ray only where it passes cells that may come near the
+    surface (or lie inside the object); a ray that meets none skips the foreground. The band kept around the
+    surface is where the density still adds ``eval-weight-threshold`` of optical depth along the longest ray, so
+    skipping changes a pixel by about that much, as long as the SDF varies no faster than the grid sees (its
+    steepest slope between cells widens the band). The sampler then spends its samples on the part of the ray that
+    matters. Small images get a coarser grid (its queries stay within an eighth of the sampler's first round), none
+    below 8 cells a side. 0 (or an eval-weight-threshold of 0) samples every ray from the bounding sphere's entry to
+    its exit."""
     preview_trace_steps: int = 64
     """Sphere-tracing steps of the viewer's fast ``surface`` render mode."""
     preview_background_samples: int = 8
@@ -233,15 +247,17 @@ class CocoInrModel(SurfaceModel):
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (``copy.deepcopy``) leave out what belongs to this process's threads and viewer: the render
-        thread's surface override (thread-local) and the viewer panel (its elements hold the viser server); the
-        copy gets a fresh, unattached panel."""
-        state = {key: value for key, value in super().__getstate__().items() if key != "_surface_override"}
+        threads' surface override and occupancy grid (thread-local) and the viewer panel (its elements hold the viser
+        server); the copy gets a fresh, unattached panel."""
+        threads = ("_surface_override", "_frame_grid")
+        state = {key: value for key, value in super().__getstate__().items() if key not in threads}
         state["_modules"] = {name: module for name, module in state["_modules"].items() if name != "viewer_panel"}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._surface_override = threading.local()
+        self._frame_grid = threading.local()
         self.viewer_panel = MethodPanel(self)
 
     def populate_modules(self) -> None:
@@ -288,6 +304,8 @@ class CocoInrModel(SurfaceModel):
         self.viewer_render_mode: Literal["volume", "surface"] = "volume"
         """Set by the viewer panel; ``surface`` sphere-traces the viewer's frames (see _renders_surface)."""
         self._surface_override = threading.local()
+        self._frame_grid = threading.local()
+        """The occupancy grid of the whole-image render this thread is making (see render_occupancy_resolution)."""
         self._render_chunks: dict[str, int] = {}
         """Chunk sizes lowered after a render ran out of GPU memory, by option name (the config keeps the user's)."""
         self._compiled_render_modes: set[str] = set()
@@ -298,6 +316,11 @@ class CocoInrModel(SurfaceModel):
             raise ValueError(
                 "--pipeline.model.cuda-graph needs --pipeline.model.train-weight-threshold 0: skipping samples "
                 f"changes tensor shapes every step (got {self.config.train_weight_threshold})."
+            )
+        if self.config.render_occupancy_resolution < 0 or self.config.render_occupancy_resolution == 1:
+            raise ValueError(
+                "--pipeline.model.render-occupancy-resolution must be 0 (off) or at least 2 cells a side, got "
+                f"{self.config.render_occupancy_resolution}"
             )
         if self.config.num_samples_extra > self.config.num_samples_eval:
             raise ValueError(
@@ -563,7 +586,37 @@ class CocoInrModel(SurfaceModel):
                 f"First {mode} render: compiling the fields for whole images (--pipeline.model.compile-fields; "
                 "about 1.5 minutes on an H200, once per process and render mode); later frames take seconds."
             )
-            start = time.perf_counter()
+        start = time.perf_counter()
+        pixels = len(camera_ray_bundle)
+        self._frame_grid.grid = self._render_occupancy_grid(pixels) if mode == "volume" else None
+        try:
+            return self._render_whole_image(camera_ray_bundle, mode, option, compiles, start)
+        finally:
+            self._frame_grid.grid = None
+
+    def _render_occupancy_grid(self, num_rays: int) -> OccupancyGrid | None:
+        """The grid a whole-image volume render of ``num_rays`` skips empty space with (see
+        ``render_occupancy_resolution``); built for every image, from the field as it is now (the viewer renders
+        between training steps)."""
+        affordable = int((num_rays * self.config.num_samples_eval / GRID_COST_SHARE) ** (1.0 / 3.0) + 1e-6)
+        resolution = min(self.config.render_occupancy_resolution, affordable)
+        tolerance = self.config.eval_weight_threshold
+        if resolution < MIN_GRID_RESOLUTION or tolerance <= 0 or self.training:
+            return None
+        fused = self.field.config.coordinate_attention.use_fused(grad=False)
+        return OccupancyGrid.from_sdf(
+            lambda points: self.field.forward_geonetwork(points, fused=fused)[..., :1],
+            self.scene_radius,
+            resolution,
+            beta=float(self.density.get_beta().detach()),
+            tolerance=tolerance,
+            chunk=self.config.sampler_chunk_size,
+            device=self.device,
+        )
+
+    def _render_whole_image(
+        self, camera_ray_bundle: RayBundle, mode: str, option: str, compiles: bool, start: float
+    ) -> dict[str, Tensor]:
         while True:
             configured = getattr(self.config, option.replace("-", "_"))
             chunk = min(self._render_chunks.get(option, configured), configured)
@@ -606,6 +659,49 @@ class CocoInrModel(SurfaceModel):
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Any]:  # type: ignore[override]
         if not self.training and self._renders_surface():
             return self._render_surface(ray_bundle)
+        grid = None if self.training else getattr(self._frame_grid, "grid", None)
+        if grid is not None:
+            return self._render_occupied(ray_bundle, grid)
+        return self._render_volume(ray_bundle)
+
+    def _render_occupied(self, ray_bundle: RayBundle, grid: OccupancyGrid) -> dict[str, Tensor]:
+        """A render's volume outputs with the foreground sampled only where ``grid`` marks cells on the ray."""
+        bundle = ray_bundle.flatten()
+        assert bundle.nears is not None and bundle.fars is not None
+        hit, nears, fars = grid.ray_bounds(bundle.origins, bundle.directions, bundle.nears, bundle.fars)
+        bundle.nears, bundle.fars = nears, fars
+        if bool(hit.all()):
+            outputs = self._render_volume(bundle)
+        else:
+            outputs = self._render_empty(bundle[~hit])
+            if bool(hit.any()):
+                seen = self._render_volume(bundle[hit])
+                for name, value in outputs.items():
+                    merged = value.new_empty(len(bundle), *value.shape[1:])
+                    merged[~hit], merged[hit] = value, seen[name]
+                    outputs[name] = merged
+        return {name: value.reshape(*ray_bundle.shape, -1) for name, value in outputs.items()}
+
+    def _render_empty(self, ray_bundle: RayBundle) -> dict[str, Tensor]:
+        """Volume outputs of rays with no foreground on them: the background's colour (and the viewer's crop
+        override, as RGBRenderer adds it to every render), nothing accumulated, depth at the far bound."""
+        assert ray_bundle.fars is not None
+        num_rays = len(ray_bundle)
+        no_samples = ray_bundle.origins.new_zeros(num_rays, 1, 1)
+        rgb = self.renderer_rgb(rgb=no_samples.expand(num_rays, 1, 3), weights=no_samples)
+        if self.field_background is not None:
+            rgb = rgb + self._background_term(ray_bundle, no_samples[:, 0] + 1.0)
+        normal = torch.zeros_like(rgb)
+        return {
+            "rgb": rgb,
+            "accumulation": no_samples[:, 0],
+            "depth": ray_bundle.fars.reshape(num_rays, 1),
+            "normal": normal,
+            "normals": ((F.normalize(normal, dim=-1) + 1.0) / 2.0).clamp(0.0, 1.0),
+        }
+
+    def _render_volume(self, ray_bundle: RayBundle) -> dict[str, Any]:
+        """The method's volume rendering between each ray's ``nears`` and ``fars`` (training and renders)."""
         if self.training and self.prior is not None:
             self.prior.refresh()  # once per step: shared by sampler, render pass and eikonal points
         samples = self.sample_and_forward_field(ray_bundle)
