@@ -28,6 +28,7 @@ import benchmark_speed  # a sibling script, not a package
 
 from cocoinr_nerfstudio.benchmarks.frame_phases import FRAME, FRAME_ROWS, REST, frame_work, profile_frames
 from cocoinr_nerfstudio.benchmarks.step_phases import format_kernels, format_phases
+from cocoinr_nerfstudio.models.coco_inr import MIN_GRID_RESOLUTION
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         parser.error("--repeats, --frame-size and --chunks must be at least 1")
     if args.beta is not None and not args.beta > 0:
         parser.error(f"--beta must be positive, got {args.beta}")
-    if any(grid < 0 or grid == 1 for grid in args.grids or ()):
-        parser.error("--grids: 0 (no grid) or at least 2 cells a side")
+    if any(grid != 0 and grid < MIN_GRID_RESOLUTION for grid in args.grids or ()):
+        parser.error(f"--grids: 0 (no grid) or at least {MIN_GRID_RESOLUTION} cells a side")
     speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", "0"]
     return args, benchmark_speed.parse_args(speed + passed_on)
 

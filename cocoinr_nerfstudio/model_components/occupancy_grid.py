@@ -23,12 +23,13 @@ SDFCallable = Callable[[Float[Tensor, "n 3"]], Float[Tensor, "n 1"]]
 
 
 def surface_band(beta: float, radius: float, tolerance: float) -> float:
-    """The SDF value above which the density can be skipped: along a ray inside the bounding sphere (at most
-    ``2 radius`` long) it adds at most ``tolerance`` of optical depth, so a pixel changes by about that much at
-    most. Solves ``2 radius * exp(-m / beta) / (2 beta) = tolerance`` for ``m``."""
+    """The SDF value above which the density can be skipped: along a ray's part inside the cube ``[-radius,
+    radius]^3`` (at most its diagonal, ``2 sqrt(3) radius``, long; unit directions) it adds at most ``tolerance`` of
+    optical depth, so a pixel changes by about that much at most. Solves ``2 sqrt(3) radius * exp(-m / beta) /
+    (2 beta) = tolerance`` for ``m``."""
     if tolerance <= 0:
         return math.inf
-    return beta * max(0.0, math.log(radius / (beta * tolerance)))
+    return beta * max(0.0, math.log(math.sqrt(3.0) * radius / (beta * tolerance)))
 
 
 def lipschitz_bound(sdf: Float[Tensor, "r r r"], cell: float) -> float:
@@ -37,7 +38,8 @@ def lipschitz_bound(sdf: Float[Tensor, "r r r"], cell: float) -> float:
     finer than a cell is not seen."""
     gradients = torch.gradient(sdf, spacing=cell)
     norm = torch.stack(gradients).pow(2).sum(0).sqrt()
-    return max(1.0, float(norm.max()))
+    norm = norm[norm.isfinite()]
+    return max(1.0, float(norm.max())) if norm.numel() else 1.0
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class OccupancyGrid:
         sdf = torch.cat([sdf_fn(points).reshape(-1).float() for points in centres.split(chunk)])
         sdf = sdf.reshape(resolution, resolution, resolution)
         reach = surface_band(beta, radius, tolerance) + lipschitz_bound(sdf, cell) * math.sqrt(3.0) / 2.0 * cell
-        near_surface = (sdf < reach).float()[None, None]
+        near_surface = (~(sdf >= reach)).float()[None, None]  # a NaN value is not known to be far: marked
         occupied = F.max_pool3d(near_surface, kernel_size=3, stride=1, padding=1)[0, 0] > 0
         return cls(occupied, radius)
 
@@ -91,24 +93,29 @@ class OccupancyGrid:
         fars: Float[Tensor, "n 1"],
     ) -> tuple[Bool[Tensor, " n"], Float[Tensor, "n 1"], Float[Tensor, "n 1"]]:
         """Which rays meet a marked cell between ``nears`` and ``fars``, and the part of ``[nears, fars]`` that
-        holds every point of theirs in a cell marked before the dilation.
+        holds every point of theirs in a cell marked before the dilation or outside the cube (a crop box's bounds
+        may leave it: the grid knows nothing there). Rays with bounds that are not finite keep them.
 
         Points are taken at most one cell's length apart. A point of the ray in a cell marked before the dilation
         lies within half a step of a taken point, so in that cell or a neighbour (a point within one cell's length
         is), which the dilation marked: each such point lies within half a step of a marked taken point."""
         lengths = directions.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         step = self.cell / lengths  # distance along the ray per cell's length
-        spans = (fars - nears).clamp(min=0.0)
+        finite = (nears.isfinite() & fars.isfinite())[:, 0]
+        spans = torch.where(finite[:, None], fars - nears, 0.0).clamp(min=0.0)
         count = int(torch.ceil((spans / step).max()).item()) + 1 if spans.numel() else 1
         index = torch.arange(count, device=origins.device, dtype=origins.dtype)
-        t = torch.minimum(nears + index * step, fars)  # [n, count]: nears to fars, at most a step apart
+        start = torch.where(finite[:, None], nears, 0.0)
+        t = torch.minimum(start + index * step, start + spans)  # [n, count]: nears to fars, at most a step apart
         points = origins[:, None, :] + t[..., None] * directions[:, None, :]
+        outside = (points.abs() > self.radius).any(-1)
         cells = ((points + self.radius) / self.cell).floor().long().clamp(0, self.resolution - 1)
         flat = (cells[..., 0] * self.resolution + cells[..., 1]) * self.resolution + cells[..., 2]
-        marked = self.occupied.reshape(-1)[flat] & (spans > 0)
-        hit = marked.any(-1)
+        marked = (self.occupied.reshape(-1)[flat] | outside) & (spans > 0)
+        hit = marked.any(-1) | ~finite
         first = marked.to(torch.uint8).argmax(-1, keepdim=True)
         last = count - 1 - marked.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
         new_nears = torch.maximum(nears, t.gather(1, first) - step)
         new_fars = torch.minimum(fars, t.gather(1, last) + step)
-        return hit, torch.where(hit[:, None], new_nears, nears), torch.where(hit[:, None], new_fars, fars)
+        narrowed = (hit & finite)[:, None]
+        return hit, torch.where(narrowed, new_nears, nears), torch.where(narrowed, new_fars, fars)

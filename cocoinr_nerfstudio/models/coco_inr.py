@@ -204,9 +204,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     surface is where the density still adds ``eval-weight-threshold`` of optical depth along the longest ray, so
     skipping changes a pixel by about that much, as long as the SDF varies no faster than the grid sees (its
     steepest slope between cells widens the band). The sampler then spends its samples on the part of the ray that
-    matters. Small images get a coarser grid (its queries stay within an eighth of the sampler's first round), none
-    below 8 cells a side. 0 (or an eval-weight-threshold of 0) samples every ray from the bounding sphere's entry to
-    its exit."""
+    matters; a skipped ray's depth is its far bound. Small images get a coarser grid (its queries stay within an
+    eighth of the sampler's first round), none below 8 cells a side. 0 (or an eval-weight-threshold of 0) samples
+    every ray from the bounding sphere's entry to its exit."""
     preview_trace_steps: int = 64
     """Sphere-tracing steps of the viewer's fast ``surface`` render mode."""
     preview_background_samples: int = 8
@@ -317,10 +317,13 @@ class CocoInrModel(SurfaceModel):
                 "--pipeline.model.cuda-graph needs --pipeline.model.train-weight-threshold 0: skipping samples "
                 f"changes tensor shapes every step (got {self.config.train_weight_threshold})."
             )
-        if self.config.render_occupancy_resolution < 0 or self.config.render_occupancy_resolution == 1:
+        if (
+            self.config.render_occupancy_resolution != 0
+            and self.config.render_occupancy_resolution < MIN_GRID_RESOLUTION
+        ):
             raise ValueError(
-                "--pipeline.model.render-occupancy-resolution must be 0 (off) or at least 2 cells a side, got "
-                f"{self.config.render_occupancy_resolution}"
+                f"--pipeline.model.render-occupancy-resolution must be 0 (off) or at least {MIN_GRID_RESOLUTION} cells "
+                f"a side, got {self.config.render_occupancy_resolution}"
             )
         if self.config.num_samples_extra > self.config.num_samples_eval:
             raise ValueError(
@@ -604,15 +607,23 @@ class CocoInrModel(SurfaceModel):
         if resolution < MIN_GRID_RESOLUTION or tolerance <= 0 or self.training:
             return None
         fused = self.field.config.coordinate_attention.use_fused(grad=False)
-        return OccupancyGrid.from_sdf(
-            lambda points: self.field.forward_geonetwork(points, fused=fused)[..., :1],
-            self.scene_radius,
-            resolution,
-            beta=float(self.density.get_beta().detach()),
-            tolerance=tolerance,
-            chunk=self.config.sampler_chunk_size,
-            device=self.device,
-        )
+        try:
+            return OccupancyGrid.from_sdf(
+                lambda points: self.field.forward_geonetwork(points, fused=fused)[..., :1],
+                self.scene_radius,
+                resolution,
+                beta=float(self.density.get_beta().detach()),
+                tolerance=tolerance,
+                chunk=self.config.sampler_chunk_size,
+                device=self.device,
+            )
+        except OutOfMemoryError:
+            CONSOLE.print(
+                f"[bold yellow]The render's occupancy grid ({resolution}^3) ran out of GPU memory: this image samples "
+                "every ray in full (--pipeline.model.render-occupancy-resolution lower, or "
+                "--pipeline.model.sampler-chunk-size smaller)."
+            )
+            return None
 
     def _render_whole_image(
         self, camera_ray_bundle: RayBundle, mode: str, option: str, compiles: bool, start: float

@@ -17,13 +17,14 @@ def sphere_sdf(points: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_band_leaves_the_tolerance_of_optical_depth_along_the_longest_ray():
-    """Beyond the band the Laplace density, over a whole diameter, adds exactly the tolerance; no tolerance (the
+    """Beyond the band the Laplace density, over the cube's diagonal, adds exactly the tolerance; no tolerance (the
     exact render) keeps everything, and a band never goes below 0."""
     beta, tolerance = 0.01, 1e-4
     band = surface_band(beta, RADIUS, tolerance)
-    assert band == pytest.approx(beta * math.log(RADIUS / (beta * tolerance)))
+    assert band == pytest.approx(beta * math.log(math.sqrt(3) * RADIUS / (beta * tolerance)))
     density = LaplaceDensity(beta_init=beta, beta_min=0.0)(torch.tensor([band], dtype=torch.float64))
-    assert float(2 * RADIUS * density.detach()) == pytest.approx(tolerance, rel=1e-6)
+    diagonal = 2 * math.sqrt(3) * RADIUS  # the longest path through the cube
+    assert float(diagonal * density.detach()) == pytest.approx(tolerance, rel=1e-6)
     assert surface_band(beta, RADIUS, 0.0) == math.inf
     assert surface_band(10.0, RADIUS, 1.0) == 0.0
 
@@ -139,3 +140,52 @@ def test_no_point_of_a_random_ray_near_the_surface_falls_outside_its_bounds():
 def test_a_grid_needs_two_cells_a_side():
     with pytest.raises(ValueError, match="at least 2 cells"):
         OccupancyGrid.from_sdf(sphere_sdf, RADIUS, 1, 0.01, 1e-4)
+
+
+def test_every_point_in_a_cell_marked_before_the_dilation_lies_within_the_bounds():
+    """The bounds' own promise, cell by cell: points taken densely along random rays (from outside and from inside
+    the cube) that fall in a cell marked before the dilation all lie within their ray's bounds, on a grid coarse
+    enough that rays graze marked cells' corners."""
+    torch.manual_seed(1)
+    beta, tolerance, resolution = 0.005, 1e-4, 12
+    grid = OccupancyGrid.from_sdf(sphere_sdf, RADIUS, resolution, beta, tolerance)
+    cell = grid.cell
+    axis = -RADIUS + cell * (torch.arange(resolution) + 0.5)
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    marked = sphere_sdf(centres)[..., 0] < surface_band(beta, RADIUS, tolerance) + math.sqrt(3) / 2 * cell
+    origins = torch.cat([torch.nn.functional.normalize(torch.randn(1500, 3), dim=-1) * 3.0, torch.rand(500, 3) - 0.5])
+    directions = torch.nn.functional.normalize(torch.randn(2000, 3), dim=-1)
+    enter, leave = _crossing(origins, directions, RADIUS)
+    nears, fars = enter.clamp(min=0)[:, None], leave[:, None]
+    keep = leave > 0  # rays that pass the bounding sphere ahead of them
+    origins, directions, nears, fars = origins[keep], directions[keep], nears[keep], fars[keep]
+    hit, new_nears, new_fars = grid.ray_bounds(origins, directions, nears, fars)
+    t = nears + (fars - nears) * torch.linspace(0, 1, 3000)
+    points = origins[:, None] + t[..., None] * directions[:, None]
+    cells = ((points + RADIUS) / cell).floor().long().clamp(0, resolution - 1)
+    in_marked = marked[cells[..., 0], cells[..., 1], cells[..., 2]]
+    assert not (in_marked & ((t < new_nears) | (t > new_fars))).any()
+    assert not in_marked[~hit].any()
+    assert in_marked.any() and (~hit).any()
+
+
+def test_points_outside_the_cube_count_as_marked():
+    """A crop box's bounds may leave the cube, where the grid knows nothing: a sphere beyond it is still sampled."""
+    grid = OccupancyGrid.from_sdf(sphere_sdf, RADIUS, 16, 0.005, 1e-4)
+    origin, direction = torch.tensor([[0.0, 1.2, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    hit, nears, fars = grid.ray_bounds(origin, direction, torch.zeros(1, 1), torch.full((1, 1), 10.0))
+    assert hit.tolist() == [True]
+    assert float(nears) <= RADIUS and float(fars) == 10.0
+
+
+def test_rays_with_bounds_that_are_not_finite_keep_them():
+    """A NaN bound (nerfstudio's box intersection can give one) is passed on as it was, not turned into an
+    error or a skipped ray."""
+    grid = OccupancyGrid.from_sdf(sphere_sdf, RADIUS, 16, 0.005, 1e-4)
+    origins = torch.tensor([[0.0, 0.0, 4.0], [0.0, 0.0, 4.0]])
+    directions = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]])
+    nears, fars = torch.tensor([[math.nan], [2.5]]), torch.tensor([[5.0], [5.5]])
+    hit, new_nears, new_fars = grid.ray_bounds(origins, directions, nears, fars)
+    assert hit.tolist() == [True, True]
+    assert math.isnan(float(new_nears[0])) and float(new_fars[0]) == 5.0
+    assert 2.5 <= float(new_nears[1]) < 3.5 and 4.5 < float(new_fars[1]) <= 5.5

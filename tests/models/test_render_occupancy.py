@@ -131,7 +131,39 @@ def test_the_grid_lives_for_one_image_and_training_never_sees_it(full_size_grid)
     assert rays == [24 * 32]
 
 
-@pytest.mark.parametrize("resolution", [-1, 1])
+@pytest.mark.parametrize("resolution", [-1, 1, 7])
 def test_a_grid_resolution_that_cannot_work_is_refused(resolution):
-    with pytest.raises(ValueError, match=r"render-occupancy-resolution must be 0 \(off\) or at least 2"):
+    with pytest.raises(ValueError, match=r"render-occupancy-resolution must be 0 \(off\) or at least 8"):
         build(tiny_config(render_occupancy_resolution=resolution))
+
+
+@pytest.mark.parametrize("background", ["nerf++", "none"])
+def test_rays_that_miss_the_bounding_sphere_render_as_before(full_size_grid, background):
+    """From outside the bounding sphere the frame's corners miss it (the collider gives them no length): with the
+    grid they are skipped, and their pixels are the full render's."""
+    c2w = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 5.0]]])
+    camera = viewer_camera(24, 32)
+    camera.camera_to_worlds = c2w
+    reference, _ = _render(_model(render_occupancy_resolution=0, background_model=background), camera)
+    outputs, _ = _render(_model(render_occupancy_resolution=48, background_model=background), camera)
+    misses = _model().collider(camera.generate_rays(camera_indices=0)).fars[..., 0] <= 0
+    assert bool(misses.any())
+    for name in ("rgb", "accumulation"):
+        torch.testing.assert_close(outputs[name][misses], reference[name][misses], atol=1e-6, rtol=0)
+
+
+def test_a_grid_that_runs_out_of_memory_leaves_the_image_to_the_full_render(full_size_grid, monkeypatch, capsys):
+    """Out of GPU memory while building the grid: one message naming the option, and the image rendered in full."""
+    from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
+    from cocoinr_nerfstudio.torch_compat import OutOfMemoryError
+
+    def fail(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(OccupancyGrid, "from_sdf", fail)
+    camera = viewer_camera(24, 32)
+    reference, _ = _render(_model(render_occupancy_resolution=0), camera)
+    outputs, sampled = _render(_model(render_occupancy_resolution=48), camera)
+    assert sampled == 24 * 32
+    torch.testing.assert_close(outputs["rgb"], reference["rgb"], atol=0, rtol=0)
+    assert "render-occupancy-resolution" in capsys.readouterr().out
