@@ -110,13 +110,14 @@ def test_the_viewers_crop_background_reaches_the_skipped_rays(full_size_grid):
 
 
 def test_the_grid_lives_for_one_image_and_training_never_sees_it(full_size_grid):
-    """After a render nothing of its grid remains; a model's forward pass outside a whole-image render (training,
-    nerfstudio's exporters) samples every ray."""
+    """After a render nothing of its grid remains; and even with a grid in place, a training step samples every
+    ray (the grid is for whole-image renders only)."""
     model = _model(render_occupancy_resolution=48)
     camera = viewer_camera(24, 32)
     _, sampled = _render(model, camera)
     assert sampled < 24 * 32
     assert getattr(model._frame_grid, "grid", None) is None
+    model._frame_grid.grid = model._render_occupancy_grid(24 * 32)  # as if a render were under way in this thread
     rays = []
     generate = model.sampler.generate_ray_samples
 
@@ -126,9 +127,9 @@ def test_the_grid_lives_for_one_image_and_training_never_sees_it(full_size_grid)
         return samples, info
 
     model.sampler.generate_ray_samples = counted
-    with torch.no_grad():
-        model(camera.generate_rays(camera_indices=0).flatten())
-    assert rays == [24 * 32]
+    model.train()
+    outputs = model(camera.generate_rays(camera_indices=0).flatten())
+    assert rays == [24 * 32] and "eik_grad" in outputs
 
 
 @pytest.mark.parametrize("resolution", [-1, 1, 7])
