@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> str:
         )
         report += [
             "",
-            "| occupancy grid | rays per chunk | first frame s | frame s (median) | peak GiB | image against the first row's |",
+            "| occupancy grid | rays per chunk | first frame s | frame s (median) | peak GiB "
+            "| image against the first row's |",
             "|---:|---:|---:|---:|---:|---|",
         ]
         reference = None
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None) -> str:
                 used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
                 size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
                 cells = f"{grid}^3" if grid else "none"
-                row = f"| {cells} | {size} | {first:.2f} | {median:.3f} | {peak:.2f} | {image_difference(rgb, reference)} |"
-                report.append(row)
+                difference = image_difference(rgb, reference)
+                report.append(f"| {cells} | {size} | {first:.2f} | {median:.3f} | {peak:.2f} | {difference} |")
                 print(report[-1], flush=True)
         report.append("")
         report.append("Work per frame (the last occupancy grid):")

@@ -666,7 +666,8 @@ def test_frame_profile_on_cpu(monkeypatch):
         "· foreground field at the samples",
         "· background field",
     ]
-    assert all(rows[part] > 0 for part in parts) and rows["· the rest (chunking, ray bounds, compositing, copies)"] >= 0
+    rest = "· the rest (chunking, ray bounds, compositing, copies)"
+    assert all(rows[part] > 0 for part in parts) and rows[rest] >= 0
     assert sum(rows[part] for part in parts) <= rows["frame"]
     nested = ["··· SDF and its gradient at the samples", "··· colour head"]
     assert sum(rows[part] for part in nested) <= rows["·· gradient and colour where the weights matter"]

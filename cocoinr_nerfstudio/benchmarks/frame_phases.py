@@ -2,9 +2,10 @@
 
 The frame is rendered as the viewer renders it (``get_outputs_for_camera``, chunk by chunk, no gradients but the
 SDF's at the samples that are seen) with a ``record_function`` range around the whole frame and around each part.
-The parts are the occupancy grid that bounds where rays are sampled (``render_occupancy_resolution``), the sampler, the foreground field at the final samples (its SDF everywhere; the SDF's gradient and
-the colour head only where the weights matter, see ``eval_weight_threshold``) and the background field; what is
-left of the frame (chunking, compositing, copies) is its own row.
+The parts are the occupancy grid that bounds where rays are sampled (``render_occupancy_resolution``), the sampler,
+the foreground field at the final samples (its SDF everywhere; the SDF's gradient and the colour head only where the
+weights matter, see ``eval_weight_threshold``) and the background field; what is left of the frame (chunking, the
+rays' bounds in the grid, compositing, copies) is its own row.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def frame_kernels(events: Any, num_frames: int) -> list[Any]:
 
 
 def frame_work(model: Any, camera: Any) -> FrameWork:
-    """Renders one frame while counting the rays sampled, the sampler's rounds per ray and the foreground samples the weight
-    threshold lets through (wrapping the two methods that know, for this one render)."""
+    """Renders one frame while counting the rays sampled, the sampler's rounds per ray and the foreground samples
+    the weight threshold lets through (wrapping the two methods that know, for this one render)."""
     counts = {"rays": 0, "rounds": 0.0, "samples": 0, "visible": 0, "chunks": 0}
     sampler, threshold = model.sampler, model.config.eval_weight_threshold
     generate, forward_visible = sampler.generate_ray_samples, model._forward_visible_samples

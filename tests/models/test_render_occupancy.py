@@ -1,5 +1,7 @@
 """Whole-image renders with the occupancy grid (render_occupancy_resolution): what they skip, and what they give."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from nerfstudio.model_components import renderers
@@ -18,8 +20,9 @@ def _model(beta: float = BETA, **overrides):
     return model
 
 
-def _render(model, camera):
-    """The frame's outputs and the number of rays that reached the sampler."""
+@contextmanager
+def _sampled_rays(model):
+    """A list that gets the number of rays of each call of the model's sampler inside the block."""
     rays = []
     generate = model.sampler.generate_ray_samples
 
@@ -30,9 +33,15 @@ def _render(model, camera):
 
     model.sampler.generate_ray_samples = counted
     try:
-        return model.get_outputs_for_camera(camera), sum(rays)
+        yield rays
     finally:
         del model.sampler.generate_ray_samples
+
+
+def _render(model, camera):
+    """The frame's outputs and the number of rays that reached the sampler."""
+    with _sampled_rays(model) as rays:
+        return model.get_outputs_for_camera(camera), sum(rays)
 
 
 def _skipped(model, camera):
@@ -118,17 +127,9 @@ def test_the_grid_lives_for_one_image_and_training_never_sees_it(full_size_grid)
     assert sampled < 24 * 32
     assert getattr(model._frame_grid, "grid", None) is None
     model._frame_grid.grid = model._render_occupancy_grid(24 * 32)  # as if a render were under way in this thread
-    rays = []
-    generate = model.sampler.generate_ray_samples
-
-    def counted(*args, **kwargs):
-        samples, info = generate(*args, **kwargs)
-        rays.append(info.num_rounds.numel())
-        return samples, info
-
-    model.sampler.generate_ray_samples = counted
     model.train()
-    outputs = model(camera.generate_rays(camera_indices=0).flatten())
+    with _sampled_rays(model) as rays:
+        outputs = model(camera.generate_rays(camera_indices=0).flatten())
     assert rays == [24 * 32] and "eik_grad" in outputs
 
 
