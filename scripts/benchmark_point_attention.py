@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--tile-sweep", action="store_true", help="also time the kernels' tile sizes and warps")
+    parser.add_argument(
+        "--explicit", action=argparse.BooleanOptionalAction, default=True, help="time the explicit paths as well"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> str:
     ]
     print("\n".join(lines), flush=True)
     for label, (forward_fn, training_fn) in paths.items():
+        if label.startswith("explicit") and not args.explicit:
+            continue
         forward = _time_ms(functools.partial(_forward, forward_fn, q, k, v, args.heads), device, args.repeats)
         training = _time_ms(functools.partial(_training_pass, training_fn, q, k, v, args.heads), device, args.repeats)
         lines.append(f"| {label} | {forward:.3f} | {training:.3f} |")
@@ -100,40 +105,84 @@ def main(argv: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _sweep_row(settings: dict, q, k, v, args, device) -> tuple[float, float] | None:
-    """Times the kernels at ``settings``; None where they cannot run (the ops then fall back to their torch
-    formulas, which must not be timed as the kernels)."""
+def _sweep_settings(settings: dict, timed: dict, args, device) -> dict[str, float] | None:
+    """Milliseconds of each of ``timed`` (label: function) with the kernels' module set to ``settings``; None where
+    the kernels cannot run (the ops then fall back to their torch formulas, which must not be timed as the
+    kernels). The module is restored afterwards."""
+    before = {name: getattr(kernels, name) for name in settings if name not in kernels.ROW_TILES}
+    before_tiles = dict(kernels.ROW_TILES)
     for name, value in settings.items():
-        setattr(kernels, name, value)
+        if name in kernels.ROW_TILES:
+            kernels.ROW_TILES[name] = value
+        else:
+            setattr(kernels, name, value)
     failure = point_attention_ops._kernel_failure
     failure.clear()
-    forward = _time_ms(functools.partial(_forward, point_attention, q, k, v, args.heads), device, args.repeats)
-    training_fn = _with_gradient(point_attention)
-    training = _time_ms(functools.partial(_training_pass, training_fn, q, k, v, args.heads), device, args.repeats)
-    values = " | ".join(str(x) for x in settings.values())
+    try:
+        times = {label: _time_ms(fn, device, args.repeats) for label, fn in timed.items()}
+    finally:
+        kernels.ROW_TILES.update(before_tiles)
+        for name, value in before.items():
+            setattr(kernels, name, value)
     if failure:  # a tile that does not fit the chip (shared memory, registers)
-        print(f"| {values} | {failure[0][:60]} | |", flush=True)
+        print(f"| {settings} | {failure[0][:80]} |", flush=True)
         failure.clear()
         return None
-    print(f"| {values} | {forward:.3f} | {training:.3f} |", flush=True)
-    return forward, training
+    return times
+
+
+ROW_CANDIDATES = [
+    kernels.RowTile(16, 0, 4),
+    kernels.RowTile(32, 32, 4),
+    kernels.RowTile(64, 32, 4),
+    kernels.RowTile(64, 64, 4),
+    kernels.RowTile(64, 64, 8),
+    kernels.RowTile(128, 32, 8),
+    kernels.RowTile(128, 64, 8),
+]
+"""Tiles of the passes over whole rows that compile without register spills for sm_90 (ptxas), but for 64 x 64
+at 4 warps in ``grad_q_backward`` (96 bytes)."""
 
 
 def _tile_sweep(q, k, v, args, device) -> None:
-    """Tile sizes and warps: the passes over whole rows first, then (with the best of those) the passes that sum
-    over the points. Prints the best setting of each."""
-    defaults = {name: getattr(kernels, name) for name in SWEPT}
-    print("| rows per program | warps | forward | training pass |\n|---:|---:|---:|---:|")
-    rows = {}
-    for rows_per_program in (16, 32):
-        for warps in (4, 8):
-            timed = _sweep_row({"ROWS_PER_PROGRAM": rows_per_program, "NUM_WARPS": warps}, q, k, v, args, device)
-            if timed is not None:
-                rows[(rows_per_program, warps)] = timed[1]
-    best_rows = min(rows, key=rows.get) if rows else (defaults["ROWS_PER_PROGRAM"], defaults["NUM_WARPS"])
-    kernels.ROWS_PER_PROGRAM, kernels.NUM_WARPS = best_rows
-    print("| keys per program | rows per tile | programs | warps | forward | training pass |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    """Each pass over whole rows at each of ``ROW_CANDIDATES`` (the op that launches it, alone), then the training
+    pass with the fastest tile of each; then the passes that sum over the points. Prints the best settings."""
+    heads = args.heads
+    g, f = torch.randn_like(q), torch.randn_like(q)
+    kd, vd = k.detach(), v.detach()
+    ops = {
+        "attend": {"forward": functools.partial(point_attention_ops.attend, q, kd, vd, heads)},
+        "grad_q": {
+            "grad_q": functools.partial(point_attention_ops.grad_q, q, kd, vd, g, heads),
+            "grad_qkv": functools.partial(point_attention_ops.grad_qkv, q, kd, vd, g, heads),
+        },
+        "grad_q_backward": {
+            "grad_q_backward": functools.partial(point_attention_ops.grad_q_backward, q, kd, vd, g, f, heads)
+        },
+    }
+    training = {"training pass": functools.partial(_training_pass, _with_gradient(point_attention), q, k, v, heads)}
+    best = {}
+    print("| pass | points | keys per step | warps | ms (each op launching it) |\n|---|---:|---:|---:|---|")
+    for name, timed in ops.items():
+        results = {}
+        for tile in ROW_CANDIDATES:
+            times = _sweep_settings({name: tile}, timed, args, device)
+            if times is None:
+                continue
+            results[tile] = sum(times.values())
+            shown = ", ".join(f"{label} {ms:.3f}" for label, ms in times.items())
+            print(f"| {name} | {tile.points} | {tile.keys or 'all'} | {tile.warps} | {shown} |", flush=True)
+        best[name] = min(results, key=results.get) if results else kernels.ROW_TILES[name]
+    shipped = _sweep_settings({}, training, args, device)
+    fastest = _sweep_settings(best, training, args, device)
+    if shipped and fastest:
+        print(
+            f"training pass: shipped tiles {shipped['training pass']:.3f} ms, fastest tile of each pass "
+            f"{fastest['training pass']:.3f} ms ({best})",
+            flush=True,
+        )
+    print("| keys per program | rows per tile | programs | warps | training pass |")
+    print("|---:|---:|---:|---:|---:|")
     reductions = {}
     for keys in (32, 64, 128):
         for tile_rows in (32, 64, 128):
@@ -145,19 +194,16 @@ def _tile_sweep(q, k, v, args, device) -> None:
                         "REDUCTION_PROGRAMS": programs,
                         "REDUCTION_WARPS": warps,
                     }
-                    timed = _sweep_row(settings, q, k, v, args, device)
-                    if timed is not None:
-                        reductions[tuple(settings.values())] = timed[1]
-    best = min(reductions, key=reductions.get) if reductions else None
+                    times = _sweep_settings({**best, **settings}, training, args, device)
+                    if times is not None:
+                        reductions[tuple(settings.values())] = times["training pass"]
+                        print(f"| {keys} | {tile_rows} | {programs} | {warps} | {times['training pass']:.3f} |")
+    fastest_reduction = min(reductions, key=reductions.get) if reductions else None
     print(
-        f"best: ROWS_PER_PROGRAM, NUM_WARPS = {best_rows}; KEYS_PER_PROGRAM, REDUCTION_ROWS, REDUCTION_PROGRAMS, "
-        f"REDUCTION_WARPS = {best}"
+        f"best: ROW_TILES {best}; KEYS_PER_PROGRAM, REDUCTION_ROWS, REDUCTION_PROGRAMS, REDUCTION_WARPS = "
+        f"{fastest_reduction}",
+        flush=True,
     )
-    for name, value in defaults.items():
-        setattr(kernels, name, value)
-
-
-SWEPT = ("ROWS_PER_PROGRAM", "NUM_WARPS", "KEYS_PER_PROGRAM", "REDUCTION_ROWS", "REDUCTION_PROGRAMS", "REDUCTION_WARPS")
 
 
 if __name__ == "__main__":

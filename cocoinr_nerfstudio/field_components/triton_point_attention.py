@@ -1,15 +1,19 @@
 """Triton kernels of :mod:`.point_attention`: each point's scores to every key stay on chip.
 
-One program takes ``BLOCK_N`` points of one head, with all of that head's keys and values (256 x 32 in CoCo-INR)
-in registers, and recomputes the softmax in every pass instead of reading it back. Passes that reduce over the
-points (the keys' and values' gradients) loop over many tiles per program and write one partial sum per program,
-summed afterwards (deterministic, unlike atomics).
+A program of a pass over whole rows takes a tile of points of one head and recomputes their softmax instead of
+reading it back. It holds the scores to all of the head's keys (256 x 32 in CoCo-INR) at once, or (a key block
+size in ``ROW_TILES``) loops over blocks of keys as flash attention does: an online softmax first, then, in the
+backward passes, a second loop with the row statistics it found. Larger point tiles load each key fewer times.
+Passes that reduce over the points (the keys' and values' gradients) loop over many tiles per program and write
+one partial sum per program, summed afterwards (deterministic, unlike atomics).
 
 Products use TF32 where torch's float32 matmul precision allows it (``torch.set_float32_matmul_precision``), as
 the explicit path's matrix products do. Inputs of any float dtype are computed in float32.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,10 +26,30 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     AVAILABLE = False
 
-ROWS_PER_PROGRAM = 16
-"""Points per program in the passes over whole rows (all keys): 16 x 256 float32 scores per live matrix."""
-NUM_WARPS = 4
-"""Warps per program."""
+
+@dataclass(frozen=True)
+class RowTile:
+    """How a pass over whole rows divides its work."""
+
+    points: int
+    """Points per program (a power of two, >= 16)."""
+    keys: int
+    """Keys per step of the program's loop over them (a power of two, >= 16); 0, or at least the key count: all
+    keys in one step, which needs no second loop but holds ``points x keys`` float32 scores per live matrix."""
+    warps: int
+    """Warps per program."""
+
+
+ROW_TILES = {
+    "attend": RowTile(points=128, keys=32, warps=8),
+    "grad_q": RowTile(points=64, keys=32, warps=4),
+    "grad_q_backward": RowTile(points=64, keys=64, warps=4),
+}
+"""The tile of each pass over whole rows: the forward, the gradient with respect to the queries (and the row
+statistics of the keys' pass), and the rows of the gradient's backward. The fastest of a sweep on an H200
+(``scripts/benchmark_point_attention.py --tile-sweep``, docs/benchmarks.md, round fifteen): against 16 points with
+all keys at once, the forward took 0.20 ms instead of 0.49 at 99,328 points; the backward passes, which loop over
+the keys twice, gained 10-20%."""
 KEYS_PER_PROGRAM = 64
 """Keys per program in the passes that sum over the points (the keys' and values' cotangents)."""
 REDUCTION_ROWS = 64
@@ -71,26 +95,76 @@ if AVAILABLE:
         return p / total[:, None], top + tl.log(total)
 
     @triton.jit
-    def _row_tile(n, m, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """What a program of a pass over whole rows covers: its head, points, all keys, and the head's columns."""
+    def _row_tile(n, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program of a pass over whole rows covers: its head, its points, and the head's columns."""
         head = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        keys = tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        return head, rows, keys, head * D + dims, rows < n, keys < m, dims < D
+        return head, rows, head * D + dims, rows < n, dims < D
+
+    @triton.jit
+    def _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS: tl.constexpr):
+        """Block ``block`` of the head's keys and values, and which of its keys exist."""
+        keys = block * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        key_ok = keys < m
+        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
+        return k, _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width), key_ok
+
+    @triton.jit
+    def _weights(q, k, key_ok, lse, scale, PRECISION: tl.constexpr):
+        """The attention weights of a block of keys, from the points' log-sum-exp over all keys."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        return tl.where(key_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
+
+    @triton.jit
+    def _online_softmax(
+        q, g, f, k_ptr, v_ptr, cols, dim_ok, m, width, scale,
+        BLOCK_N: tl.constexpr, BLOCK_KEYS: tl.constexpr, KEY_BLOCKS: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, SECOND_ORDER: tl.constexpr,
+    ):  # fmt: skip
+        """One loop over the key blocks, rescaling the sums as the running maximum of the scores grows: each
+        point's log-sum-exp and output ``o = p v``; with ``SECOND_ORDER`` also ``pk = p k`` and
+        ``e = <p, dds * u>`` (``dds = f k^T * scale``, ``u = g v^T``), which are linear in ``p`` as well."""
+        top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_N,), tl.float32)
+        o = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        pk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        e = tl.zeros((BLOCK_N,), tl.float32)
+        for block in range(KEY_BLOCKS):
+            k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(key_ok[None, :], scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, axis=1))
+            rescale = tl.exp(top - new_top)  # 0 at the first block: every block has a key (m >= 1)
+            p = tl.exp(scores - new_top[:, None])
+            total = total * rescale + tl.sum(p, axis=1)
+            o = o * rescale[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            if SECOND_ORDER:
+                dds = tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
+                u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+                pk = pk * rescale[:, None] + tl.dot(p, k, input_precision=PRECISION)
+                e = e * rescale + tl.sum(p * dds * u, axis=1)
+            top = new_top
+        return top + tl.log(total), o / total[:, None], pk / total[:, None], e / total
 
     @triton.jit
     def _attend_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, n, m, width, scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KEYS: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        _, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
+        _, rows, cols, row_ok, dim_ok = _row_tile(n, D, BLOCK_N, BLOCK_D)
         q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
-        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
-        v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        p, _ = _softmax(q, k, key_ok, scale, PRECISION)
-        _store_rows(o_ptr, tl.dot(p, v, input_precision=PRECISION), rows, cols, row_ok, dim_ok, width)
+        if KEY_BLOCKS == 1:
+            k, v, key_ok = _key_block(k_ptr, v_ptr, 0, cols, dim_ok, m, width, BLOCK_KEYS)
+            p, _ = _softmax(q, k, key_ok, scale, PRECISION)
+            o = tl.dot(p, v, input_precision=PRECISION)
+        else:
+            _, o, _, _ = _online_softmax(
+                q, q, q, k_ptr, v_ptr, cols, dim_ok, m, width, scale,
+                BLOCK_N, BLOCK_KEYS, KEY_BLOCKS, BLOCK_D, PRECISION, False,
+            )  # fmt: skip
+        _store_rows(o_ptr, o, rows, cols, row_ok, dim_ok, width)
 
     @triton.jit
     def _store_stat(ptr, value, rows, row_ok, head, heads):
@@ -101,62 +175,98 @@ if AVAILABLE:
         return tl.load(ptr + rows * heads + head, mask=row_ok, other=0.0)[:, None]
 
     @triton.jit
-    def _weights_and_u(
-        q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION: tl.constexpr
-    ):
-        """A row program's start in the backward passes: its head's keys and values, the attention weights of its
-        points with their log-sum-exp, and ``u = g v^T`` (``g`` the cotangent of the output)."""
-        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
-        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
-        k = _load_rows(k_ptr, keys, cols, key_ok, dim_ok, width)
-        v = _load_rows(v_ptr, keys, cols, key_ok, dim_ok, width)
-        p, lse = _softmax(q, k, key_ok, scale, PRECISION)
-        return k, v, p, lse, tl.dot(g, tl.trans(v), input_precision=PRECISION)
-
-    @triton.jit
     def _grad_q_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, n, m, width, scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_STATS: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KEYS: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_STATS: tl.constexpr,
     ):  # fmt: skip
         """``dq`` (``WRITE_DQ``) and, per point and head, what the keys' pass needs (``WRITE_STATS``): the
-        log-sum-exp of the scores and ``delta = <p, u>``, ``u = g v^T``."""
-        head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
+        log-sum-exp of the scores and ``delta = <p, u>``, ``u = g v^T`` (over blocks of keys: ``delta = <g, o>``,
+        the same sum)."""
+        head, rows, cols, row_ok, dim_ok = _row_tile(n, D, BLOCK_N, BLOCK_D)
         heads = tl.num_programs(1)
-        k, _, p, lse, u = _weights_and_u(
-            q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION
-        )
-        delta = tl.sum(p * u, axis=1)
+        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
+        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
+        if KEY_BLOCKS == 1:
+            k, v, key_ok = _key_block(k_ptr, v_ptr, 0, cols, dim_ok, m, width, BLOCK_KEYS)
+            p, lse = _softmax(q, k, key_ok, scale, PRECISION)
+            u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            delta = tl.sum(p * u, axis=1)
+            if WRITE_DQ:
+                dq = tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION)
+        else:
+            lse, o, _, _ = _online_softmax(
+                q, g, g, k_ptr, v_ptr, cols, dim_ok, m, width, scale,
+                BLOCK_N, BLOCK_KEYS, KEY_BLOCKS, BLOCK_D, PRECISION, False,
+            )  # fmt: skip
+            delta = tl.sum(g * o, axis=1)
+            if WRITE_DQ:
+                dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+                for block in range(KEY_BLOCKS):
+                    k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
+                    p = _weights(q, k, key_ok, lse, scale, PRECISION)
+                    u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+                    dq += tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION)
         if WRITE_DQ:
-            dq = tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION) * scale
-            _store_rows(dq_ptr, dq, rows, cols, row_ok, dim_ok, width)
+            _store_rows(dq_ptr, dq * scale, rows, cols, row_ok, dim_ok, width)
         if WRITE_STATS:
             _store_stat(lse_ptr, lse, rows, row_ok, head, heads)
             _store_stat(delta_ptr, delta, rows, row_ok, head, heads)
 
     @triton.jit
+    def _second_order_products(p, u, pdds, delta, c, e, k, v, PRECISION: tl.constexpr):
+        """A block of keys' share of ``grad_q_backward``'s ``dq / scale`` and ``dg`` (``delta``, ``c``, ``e``:
+        ``[points, 1]`` sums over all keys)."""
+        dscores = pdds * (u - delta) - c * p * u - p * (e - 2.0 * c * delta)
+        dq = tl.dot(dscores, k, input_precision=PRECISION)
+        return dq, tl.dot(pdds - c * p, v, input_precision=PRECISION)
+
+    @triton.jit
     def _grad_q_backward_rows_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, f_ptr, dq_ptr, dg_ptr, lse_ptr, delta_ptr, c_ptr, e_ptr, n, m, width, scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KEYS: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """``dq`` and ``dg`` of ``grad_q_backward``, and the row statistics its keys' pass needs: the scores'
-        log-sum-exp, ``delta = <p, u>``, ``c = <p, dds>`` and ``e = <p, dds * u>``."""
-        head, rows, keys, cols, row_ok, key_ok, dim_ok = _row_tile(n, m, D, BLOCK_N, BLOCK_M, BLOCK_D)
+        log-sum-exp, ``delta = <p, u>``, ``c = <p, dds>`` and ``e = <p, dds * u>`` (over blocks of keys:
+        ``delta = <g, o>`` and ``c = <f, p k> * scale``, the same sums)."""
+        head, rows, cols, row_ok, dim_ok = _row_tile(n, D, BLOCK_N, BLOCK_D)
         heads = tl.num_programs(1)
-        k, v, p, lse, u = _weights_and_u(
-            q_ptr, k_ptr, v_ptr, g_ptr, rows, keys, cols, row_ok, key_ok, dim_ok, width, scale, PRECISION
-        )
+        q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
+        g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
         f = _load_rows(f_ptr, rows, cols, row_ok, dim_ok, width)
-        delta_row = tl.sum(p * u, axis=1)
-        pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
-        c_row = tl.sum(pdds, axis=1)
-        e_row = tl.sum(pdds * u, axis=1)
-        delta, c, e = delta_row[:, None], c_row[:, None], e_row[:, None]
-        du = pdds - c * p
-        dscores = pdds * (u - delta) - c * p * u - p * (e - 2.0 * c * delta)
-        _store_rows(dq_ptr, tl.dot(dscores, k, input_precision=PRECISION) * scale, rows, cols, row_ok, dim_ok, width)
-        _store_rows(dg_ptr, tl.dot(du, v, input_precision=PRECISION), rows, cols, row_ok, dim_ok, width)
+        if KEY_BLOCKS == 1:
+            k, v, key_ok = _key_block(k_ptr, v_ptr, 0, cols, dim_ok, m, width, BLOCK_KEYS)
+            p, lse = _softmax(q, k, key_ok, scale, PRECISION)
+            u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
+            delta_row = tl.sum(p * u, axis=1)
+            c_row = tl.sum(pdds, axis=1)
+            e_row = tl.sum(pdds * u, axis=1)
+            dq, dg = _second_order_products(
+                p, u, pdds, delta_row[:, None], c_row[:, None], e_row[:, None], k, v, PRECISION
+            )
+        else:
+            lse, o, pk, e_row = _online_softmax(
+                q, g, f, k_ptr, v_ptr, cols, dim_ok, m, width, scale,
+                BLOCK_N, BLOCK_KEYS, KEY_BLOCKS, BLOCK_D, PRECISION, True,
+            )  # fmt: skip
+            delta_row = tl.sum(g * o, axis=1)
+            c_row = tl.sum(f * pk, axis=1) * scale
+            dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            dg = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            for block in range(KEY_BLOCKS):
+                k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
+                p = _weights(q, k, key_ok, lse, scale, PRECISION)
+                u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+                pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
+                dq_block, dg_block = _second_order_products(
+                    p, u, pdds, delta_row[:, None], c_row[:, None], e_row[:, None], k, v, PRECISION
+                )
+                dq += dq_block
+                dg += dg_block
+        _store_rows(dq_ptr, dq * scale, rows, cols, row_ok, dim_ok, width)
+        _store_rows(dg_ptr, dg, rows, cols, row_ok, dim_ok, width)
         _store_stat(lse_ptr, lse, rows, row_ok, head, heads)
         _store_stat(delta_ptr, delta_row, rows, row_ok, head, heads)
         _store_stat(c_ptr, c_row, rows, row_ok, head, heads)
@@ -215,19 +325,27 @@ if AVAILABLE:
 def _shapes(q: Tensor, k: Tensor, heads: int) -> dict:
     n, width = q.shape  # checked by point_attention's ops
     d = width // heads
-    return dict(n=n, m=k.shape[0], width=width, scale=d**-0.5, D=d, BLOCK_M=_pow2(k.shape[0]), BLOCK_D=_pow2(d))
+    return dict(n=n, m=k.shape[0], width=width, scale=d**-0.5, D=d, BLOCK_D=_pow2(d))
 
 
 def _reduction_programs(n: int) -> int:
     return max(1, min(REDUCTION_PROGRAMS, triton.cdiv(n, REDUCTION_ROWS)))
 
 
-def _row_grid(n: int, heads: int) -> tuple[int, int]:
-    return triton.cdiv(n, ROWS_PER_PROGRAM), heads
+def _launch(kernel, grid, *tensors, shapes: dict, warps: int, **constants) -> None:
+    kernel[grid](*tensors, **shapes, PRECISION=_precision(), num_warps=warps, **constants)
 
 
-def _launch(kernel, grid, *tensors, shapes: dict, warps: int | None = None, **constants) -> None:
-    kernel[grid](*tensors, **shapes, PRECISION=_precision(), num_warps=warps or NUM_WARPS, **constants)
+def _row_launch(pass_name: str, kernel, *tensors, shapes: dict, heads: int, **constants) -> None:
+    """Launches a pass over whole rows with its tile in ``ROW_TILES``."""
+    tile = ROW_TILES[pass_name]
+    all_keys = _pow2(shapes["m"])
+    block_keys = all_keys if tile.keys <= 0 else min(_pow2(tile.keys), all_keys)
+    grid = (triton.cdiv(shapes["n"], _pow2(tile.points)), heads)
+    _launch(
+        kernel, grid, *tensors, shapes=shapes, warps=tile.warps, BLOCK_N=_pow2(tile.points), BLOCK_KEYS=block_keys,
+        KEY_BLOCKS=triton.cdiv(shapes["m"], block_keys), **constants,
+    )  # fmt: skip
 
 
 def _keys_pass(q, k, v, g, f, lse, delta, c, e, shapes: dict, heads: int) -> tuple[Tensor, Tensor]:
@@ -235,10 +353,9 @@ def _keys_pass(q, k, v, g, f, lse, delta, c, e, shapes: dict, heads: int) -> tup
     programs = _reduction_programs(q.shape[0])
     dk = torch.empty(programs, *k.shape, device=k.device, dtype=torch.float32)
     dv = torch.empty(programs, *v.shape, device=v.device, dtype=torch.float32)
-    key_shapes = {name: value for name, value in shapes.items() if name != "BLOCK_M"}
     grid = (triton.cdiv(k.shape[0], KEYS_PER_PROGRAM), programs, heads)
     _launch(
-        _keys_kernel, grid, q, k, v, g, f, dk, dv, lse, delta, c, e, shapes=key_shapes,
+        _keys_kernel, grid, q, k, v, g, f, dk, dv, lse, delta, c, e, shapes=shapes,
         warps=REDUCTION_WARPS, BLOCK_N=REDUCTION_ROWS, BLOCK_KEYS=KEYS_PER_PROGRAM, SECOND_ORDER=f is not None,
     )  # fmt: skip
     return dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
@@ -252,16 +369,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     if q.shape[0]:
-        _launch(
-            _attend_kernel,
-            _row_grid(q.shape[0], heads),
-            q,
-            k,
-            v,
-            o,
-            shapes=_shapes(q, k, heads),
-            BLOCK_N=ROWS_PER_PROGRAM,
-        )
+        _row_launch("attend", _attend_kernel, q, k, v, o, shapes=_shapes(q, k, heads), heads=heads)
     return o
 
 
@@ -275,9 +383,9 @@ def _grad(
         return dq, torch.zeros_like(k) if need_kv else None, torch.zeros_like(v) if need_kv else None
     shapes = _shapes(q, k, heads)
     lse, delta = _stats(q, heads, 2) if need_kv else (None, None)
-    _launch(
-        _grad_q_kernel, _row_grid(q.shape[0], heads), q, k, v, g, dq, lse, delta, shapes=shapes,
-        BLOCK_N=ROWS_PER_PROGRAM, WRITE_DQ=need_q, WRITE_STATS=need_kv,
+    _row_launch(
+        "grad_q", _grad_q_kernel, q, k, v, g, dq, lse, delta, shapes=shapes, heads=heads,
+        WRITE_DQ=need_q, WRITE_STATS=need_kv,
     )  # fmt: skip
     if not need_kv:
         return dq, None, None
@@ -307,9 +415,9 @@ def grad_q_backward(
         return dq, torch.zeros_like(k), torch.zeros_like(v), dg
     shapes = _shapes(q, k, heads)
     lse, delta, c, e = _stats(q, heads, 4)
-    _launch(
-        _grad_q_backward_rows_kernel, _row_grid(q.shape[0], heads), q, k, v, g, f, dq, dg, lse, delta, c, e,
-        shapes=shapes, BLOCK_N=ROWS_PER_PROGRAM,
+    _row_launch(
+        "grad_q_backward", _grad_q_backward_rows_kernel, q, k, v, g, f, dq, dg, lse, delta, c, e,
+        shapes=shapes, heads=heads,
     )  # fmt: skip
     dk, dv = _keys_pass(q, k, v, g, f, lse, delta, c, e, shapes, heads)
     return dq, dk, dv, dg

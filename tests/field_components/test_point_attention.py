@@ -252,7 +252,12 @@ INTERPRETER_CHECK = textwrap.dedent(
     # keys than the smallest tile of keys; one key past a power of two, with more points than a tile
     cases = [(70, 256, 4, 32, 1), (45, 20, 2, 12, 1), (3, 100, 1, 16, 1), (0, 8, 2, 16, 1), (40, 100, 2, 16, 6)]
     cases += [(5, 7, 1, 12, 1), (65, 33, 1, 16, 8)]
-    for n, m, heads, d, spread in cases:
+    # every pass over whole rows with all keys in one step (the shipped tiles), then looping over blocks of 16 keys
+    # (one to sixteen blocks here, ragged last blocks) with 32-point tiles
+    looped = kernels.RowTile(points=32, keys=16, warps=4)
+    tile_sets = [dict(kernels.ROW_TILES), {name: looped for name in kernels.ROW_TILES}]
+    for tiles, (n, m, heads, d, spread) in [(tiles, case) for tiles in tile_sets for case in cases]:
+        kernels.ROW_TILES.update(tiles)
         q, g, f = (torch.randn(n, heads * d) for _ in range(3))
         q = q * spread
         k, v = (torch.randn(m, heads * d) for _ in range(2))
@@ -269,7 +274,7 @@ INTERPRETER_CHECK = textwrap.dedent(
             # float32 sums of terms up to the output's largest: an error relative to that, not to each element
             size = float(theirs.abs().max()) if theirs.numel() else 1.0
             torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=3e-6 * max(1.0, size))
-        print("checked", n, m, heads, d, len(pairs))
+        print("checked", n, m, heads, d, len(pairs), tiles["grad_q"].keys)
     """
 )
 
@@ -284,10 +289,10 @@ def test_triton_kernels_match_the_formulas_in_the_interpreter():
         [sys.executable, "-c", INTERPRETER_CHECK], env=environment, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked") == 7 and "checked 70 256 4 32 11" in result.stdout
+    assert result.stdout.count("checked") == 14 and "checked 70 256 4 32 11 16" in result.stdout
 
 
-def _compile_for(kernel, target, pointers: set[str], warps: int = kernels.NUM_WARPS, **constants):
+def _compile_for(kernel, target, pointers: set[str], warps: int, **constants):
     """``kernel`` compiled ahead of time (Triton's front end, LLVM and ptxas, which ship with Triton): no GPU needed."""
     import triton
     from triton.compiler import ASTSource
@@ -306,31 +311,45 @@ def _compile_for(kernel, target, pointers: set[str], warps: int = kernels.NUM_WA
     return triton.compile(source, target=target, options={"num_warps": warps})
 
 
+def _row_constants(tile, keys: int = 256) -> dict:
+    block_keys = keys if tile.keys <= 0 else min(tile.keys, keys)
+    return dict(BLOCK_N=tile.points, BLOCK_KEYS=block_keys, KEY_BLOCKS=-(-keys // block_keys))
+
+
 @pytest.mark.parametrize("capability, shared_memory", [(90, 227 * 1024), (80, 163 * 1024)], ids=["sm90", "sm80"])
 def test_kernels_compile_for_hopper_and_ampere_at_the_training_shape(capability, shared_memory):
-    """Every kernel and variant the ops launch, at the geometry head's shape (256 keys, heads of 32), compiles for
-    the GPU and fits its shared memory (H100: 227 KiB a block; A100: 163 KiB). CPU tests otherwise run the kernels
-    only in the interpreter, which checks their arithmetic, not that Triton can build them."""
+    """Every kernel and variant the ops launch, at the geometry head's shape (256 keys, heads of 32) and with the
+    shipped tiles, compiles for the GPU and fits its shared memory (H100: 227 KiB a block; A100: 163 KiB); so do
+    the row passes with all keys in one step and looping over blocks of 64 keys, whichever is not shipped. CPU
+    tests otherwise run the kernels only in the interpreter, which checks their arithmetic, not that Triton can
+    build them."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", capability, 32)
     shapes = dict(D=32, BLOCK_D=32, PRECISION="tf32")
-    rows = dict(shapes, BLOCK_N=kernels.ROWS_PER_PROGRAM, BLOCK_M=256)
     tensors = {"q_ptr", "k_ptr", "v_ptr", "g_ptr", "f_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr"}
     tensors |= {"lse_ptr", "delta_ptr", "c_ptr", "e_ptr"}
-    builds = [_compile_for(kernels._attend_kernel, target, tensors, **rows)]
-    for write_dq, write_stats in [(True, False), (False, True), (True, True)]:
-        flags = dict(WRITE_DQ=write_dq, WRITE_STATS=write_stats)
-        builds.append(_compile_for(kernels._grad_q_kernel, target, tensors, **rows, **flags))
-    builds.append(_compile_for(kernels._grad_q_backward_rows_kernel, target, tensors, **rows))
+    builds = []
+    for tiles in (kernels.ROW_TILES, {"": kernels.RowTile(16, 0, 4)}, {"": kernels.RowTile(64, 64, 4)}):
+        for name, tile in tiles.items():
+            rows = dict(shapes, **_row_constants(tile))
+            if name in ("attend", ""):
+                builds.append(_compile_for(kernels._attend_kernel, target, tensors, tile.warps, **rows))
+            if name in ("grad_q", ""):
+                for write_dq, write_stats in [(True, False), (False, True), (True, True)]:
+                    flags = dict(WRITE_DQ=write_dq, WRITE_STATS=write_stats)
+                    builds.append(_compile_for(kernels._grad_q_kernel, target, tensors, tile.warps, **rows, **flags))
+            if name in ("grad_q_backward", ""):
+                kernel = kernels._grad_q_backward_rows_kernel
+                builds.append(_compile_for(kernel, target, tensors, tile.warps, **rows))
     for second_order in (False, True):
         keys = dict(shapes, BLOCK_N=kernels.REDUCTION_ROWS, BLOCK_KEYS=kernels.KEYS_PER_PROGRAM)
         build = _compile_for(
             kernels._keys_kernel, target, tensors, kernels.REDUCTION_WARPS, **keys, SECOND_ORDER=second_order
         )
         builds.append(build)
-    assert len(builds) == 7
+    assert len(builds) == 3 * 5 + 2
     for build in builds:
         assert "mma" in build.asm["ptx"]  # the products run on tensor cores
         assert 0 < build.metadata.shared <= shared_memory
@@ -341,10 +360,14 @@ def test_kernels_compile_for_hopper_and_ampere_at_the_training_shape(capability,
     "shape", [(99328, 256, 4, 32), (1000, 20, 2, 12), (5, 100, 1, 16)], ids=["training", "ragged", "few"]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_on_gpu_match_the_formulas_in_float64(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("row_tile", [None, kernels.RowTile(16, 0, 4), kernels.RowTile(64, 64, 8)])
+def test_triton_kernels_on_gpu_match_the_formulas_in_float64(row_tile, dtype, shape, monkeypatch):
     """The training shape, and key counts, widths and point counts that mask lanes (the interpreter test checks
-    those too, but only on Triton 3.8 and later)."""
+    those too, but only on Triton 3.8 and later); with the shipped tiles, all keys in one step, and looping over
+    blocks of keys."""
     monkeypatch.setattr(pa, "_kernel_failure", [])
+    if row_tile is not None:
+        monkeypatch.setattr(kernels, "ROW_TILES", {name: row_tile for name in kernels.ROW_TILES})
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # IEEE products in the kernels
     try:
