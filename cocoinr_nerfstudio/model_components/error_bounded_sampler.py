@@ -20,6 +20,7 @@ from torch import Tensor
 
 from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
+from cocoinr_nerfstudio.model_components.mask_split import split_mask
 from cocoinr_nerfstudio.model_components.volume_rendering import jitter_within_intervals, volume_weights
 
 SDFCallable = Callable[[Float[Tensor, "num_points 3"]], Float[Tensor, "num_points 1"]]
@@ -399,13 +400,13 @@ class ErrorBoundedSampler(Sampler):
         for round_index in range(1, self.max_total_iters + 1):
             rounds[active] = round_index
             beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index)
-            if bool(done.any()):
-                rays = active[done]
-                final[rays] = self._final_samples(z[done], sdf[done], beta[done], density)
-                final_beta[rays], final_bound[rays] = beta[done], bound[done].max(-1).values
-            if bool(done.all()):
+            finished, keep = split_mask(done)  # the round's one host read
+            if finished.numel():
+                rays = active[finished]
+                final[rays] = self._final_samples(z[finished], sdf[finished], beta[finished], density)
+                final_beta[rays], final_bound[rays] = beta[finished], bound[finished].max(-1).values
+            if not keep.numel():
                 break
-            keep = ~done
             active, z, sdf, beta = active[keep], z[keep], sdf[keep], beta[keep]
             z, sdf, spent = self._upsample(sdf_fn, origins[active], directions[active], z, sdf, bound[keep])
             num_queries += spent

@@ -40,6 +40,7 @@ from cocoinr_nerfstudio.model_components.background import (
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, batch_psnr, masked_psnr
+from cocoinr_nerfstudio.model_components.mask_split import split_mask
 from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe, surface_bf16_error
@@ -162,12 +163,15 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Weight of the eikonal loss."""
     fg_mask_loss_mult: float = 0.0
     """Weight of a BCE loss between foreground opacity and the object mask (needs masks; off as in the paper)."""
-    eval_num_rays_per_chunk: int = 16384
-    """Rays per chunk when rendering whole images (volume mode). Large chunks mean few kernel launches per frame:
-    a 512x512 ``coco-inr-fast`` frame with a sharp surface (beta 0.005) took 0.88 s at 16384 and 0.68 s at 32768 on
-    an H200 (docs/benchmarks.md). Memory grows with it, most early in training when most samples are visible (at
-    the initialisation: 5.3 GiB at 8192, 20.7 at 32768). A render that runs out of GPU memory halves it and
-    retries, and says so."""
+    eval_num_rays_per_chunk: int = 65536
+    """Rays per chunk when rendering whole images (volume mode). Large chunks mean fewer, larger kernel launches and
+    fewer waits for the GPU per frame; the fields' memory is bounded by ``render_points_per_pass`` instead, the
+    sampler's grows with the chunk (docs/benchmarks.md, rounds fourteen and fifteen). A render that runs out of GPU
+    memory halves it and retries, and says so."""
+    render_points_per_pass: int = 1 << 19
+    """Points per field pass in whole-image renders: the SDF at every final sample, its gradient and the colour at
+    the visible ones, and the background field's samples. It bounds those passes' memory whatever the ray chunk
+    (the gradient pass keeps its activations for the backward). Training passes are never split."""
     # SurfaceModel/Model options this model does not use (or that would be wrong here: its depth prior compares
     # z-depth while our depth is ray distance): kept for nerfstudio, hidden from the command line
     far_plane: tyro.conf.Suppress[float] = 4.0
@@ -481,17 +485,30 @@ class CocoInrModel(SurfaceModel):
         """SDF everywhere (first-order only), SDF gradient and colour only where the weights matter."""
         points = ray_samples.frustums.get_start_positions()
         fused = self.field.config.coordinate_attention.use_fused(torch.is_grad_enabled())
-        sdf = self.field.forward_geonetwork(points, fused=fused)[..., :1]
+        flat = points.reshape(-1, 3)
+        sdf = torch.cat(  # the SDF column alone: the features' columns are freed with each pass
+            [self.field.forward_geonetwork(piece, fused=fused)[:, :1].clone() for piece in self._passes(flat)]
+        ).reshape(*points.shape[:-1], 1)
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
-        visible = weights.detach() > threshold
+        visible, _ = split_mask(weights.detach() > threshold)
         outputs = {FieldHeadNames.SDF: sdf}
         for name in (FieldHeadNames.RGB, FieldHeadNames.NORMALS, FieldHeadNames.GRADIENT):
             outputs[name] = sdf.new_zeros(*sdf.shape[:-1], 3)
-        if bool(visible.any()):
-            for name, value in self.field(ray_samples[visible]).items():
+        samples = ray_samples.flatten()
+        for piece in self._passes(visible):
+            for name, value in self.field(samples[piece]).items():
                 if name != FieldHeadNames.SDF:
-                    outputs[name][visible] = value
+                    outputs[name].view(-1, 3)[piece] = value
         return outputs, weights, bg_transmittance
+
+    def _passes(self, rows: Tensor) -> tuple[Tensor, ...]:
+        """``rows`` (points, or indices of points) split into a render's field passes (``render_points_per_pass``);
+        whole in training; no pass at all when there are no rows."""
+        if not len(rows):
+            return ()
+        if self.training:
+            return (rows,)
+        return rows.split(max(1, self.config.render_points_per_pass))
 
     def _background_term(self, ray_bundle: RayBundle, bg_transmittance: Tensor) -> Tensor:
         """The background's colour times the light that reaches it, ``[rays, 3]``. Renders skip the rays whose
@@ -499,19 +516,36 @@ class CocoInrModel(SurfaceModel):
         most that much."""
         transmittance = bg_transmittance.reshape(-1, 1)
         threshold = self.config.eval_weight_threshold
-        seen = None if self.training or threshold <= 0 else transmittance[:, 0] > threshold
-        if seen is None or bool(seen.all()):
+        if self.training or threshold <= 0:
+            return transmittance * self._render_background(ray_bundle)
+        seen, hidden = split_mask(transmittance[:, 0] > threshold)
+        if not hidden.numel():
             return transmittance * self._render_background(ray_bundle)
         term = transmittance.new_zeros(transmittance.shape[0], 3)
-        if bool(seen.any()):
+        if seen.numel():
             term[seen] = transmittance[seen] * self._render_background(ray_bundle.flatten()[seen])
         return term
 
     def _render_background(self, ray_bundle: RayBundle, num_samples: int | None = None) -> Tensor:
+        """The background's colour along each ray, ``[rays, 3]``; renders go in passes of at most
+        ``render_points_per_pass`` samples."""
+        num_samples = num_samples or self.config.num_samples_outside
+        rays_per_pass = max(1, self.config.render_points_per_pass // num_samples)
+        if self.training or len(ray_bundle) <= rays_per_pass:
+            return self._render_background_pass(ray_bundle, num_samples)
+        bundle = ray_bundle.flatten()
+        return torch.cat(
+            [
+                self._render_background_pass(bundle[start : start + rays_per_pass], num_samples)
+                for start in range(0, len(bundle), rays_per_pass)
+            ]
+        )
+
+    def _render_background_pass(self, ray_bundle: RayBundle, num_samples: int) -> Tensor:
         assert self.field_background is not None
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
         inverse_radii = inverted_sphere_samples(
-            num_samples or self.config.num_samples_outside,
+            num_samples,
             origins.shape[0],
             self.scene_radius,
             stratified=self.training,
@@ -681,15 +715,16 @@ class CocoInrModel(SurfaceModel):
         assert bundle.nears is not None and bundle.fars is not None
         hit, nears, fars = grid.ray_bounds(bundle.origins, bundle.directions, bundle.nears, bundle.fars)
         bundle.nears, bundle.fars = nears, fars
-        if bool(hit.all()):
+        hit, missed = split_mask(hit)
+        if not missed.numel():
             outputs = self._render_volume(bundle)
         else:
-            outputs = self._render_empty(bundle[~hit])
-            if bool(hit.any()):
+            outputs = self._render_empty(bundle[missed])
+            if hit.numel():
                 seen = self._render_volume(bundle[hit])
                 for name, value in outputs.items():
                     merged = value.new_empty(len(bundle), *value.shape[1:])
-                    merged[~hit], merged[hit] = value, seen[name]
+                    merged[missed], merged[hit] = value, seen[name]
                     outputs[name] = merged
         return {name: value.reshape(*ray_bundle.shape, -1) for name, value in outputs.items()}
 

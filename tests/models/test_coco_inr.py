@@ -221,6 +221,70 @@ def test_renders_skip_the_background_where_the_object_hides_it():
     torch.testing.assert_close(shortcut["rgb"][~hidden], full["rgb"][~hidden], atol=0, rtol=0)
 
 
+def test_renders_split_their_field_passes_without_changing_the_image():
+    """render_points_per_pass bounds every field pass of a render (the SDF at the final samples, the gradient and
+    colour at the visible ones, the background's samples): memory, not the image. Training passes stay whole."""
+    model = build(tiny_config())
+    bundle = rays(24)
+    passes = {"sdf": [], "gradient and colour": [], "background": []}
+    recorded = {
+        "sdf": (model.field, "forward_geonetwork"),
+        "gradient and colour": (model.field, "get_outputs"),
+        "background": (model.field_background, "forward"),
+    }
+    for kind, (module, name) in recorded.items():
+        original = getattr(module, name)
+
+        def record(points, *args, _original=original, _kind=kind, **kwargs):
+            # the sampler's own SDF queries go in its chunks (sampler_chunk_size); a pass's inner calls are its own
+            if not sampling and not inside:
+                size = points.frustums.shape.numel() if _kind == "gradient and colour" else points.shape[0]
+                passes[_kind].append(size)
+            inside.append(_kind)
+            try:
+                return _original(points, *args, **kwargs)
+            finally:
+                inside.pop()
+
+        setattr(module, name, record)
+    sampling, inside = [], []
+    generate = model.sampler.generate_ray_samples
+
+    def sample(*args, **kwargs):
+        sampling.append(True)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            sampling.clear()
+
+    model.sampler.generate_ray_samples = sample
+
+    def render(points_per_pass: int) -> dict:
+        for sizes in passes.values():
+            sizes.clear()
+        model.config.render_points_per_pass = points_per_pass
+        with torch.no_grad():
+            return model(bundle)
+
+    model.eval()
+    whole = render(1 << 19)
+    assert [len(sizes) for sizes in passes.values()] == [1, 1, 1]
+    total = {kind: sum(sizes) for kind, sizes in passes.items()}
+    split = render(7)
+    assert all(max(sizes) <= 7 for sizes in passes.values())
+    assert {kind: sum(sizes) for kind, sizes in passes.items()} == total  # every point, once
+    assert len(passes["sdf"]) == -(-total["sdf"] // 7)
+    assert len(passes["background"]) == total["background"] // 4  # one ray (4 samples) a pass
+    for name in ("rgb", "depth", "accumulation", "normal"):
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=0)
+    model.train()
+    model.config.render_points_per_pass = 7
+    for sizes in passes.values():
+        sizes.clear()
+    model(bundle)
+    assert passes["background"] == [24 * 4]  # training: whole passes
+
+
 def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
     """The original put near-surface points at dir + z*dir; ours are origin + z*dir."""
     model = build(tiny_config())
