@@ -7,6 +7,7 @@ at its initialisation, which skips the minutes the training step's compilation t
 ``--frame-size`` square frame at the pose of a held-out view, as the viewer does.
 
     python scripts/profile_frame.py --device cuda --train-steps 0 --chunks 8192 32768 --grids 0 128
+    python scripts/profile_frame.py --device cuda --train-steps 1500 --chunks 16384 65536 --points-per-pass 524288
     python scripts/profile_frame.py --device cpu --frame-size 24 --frames 1   # smoke (host times)
 
 Options this script does not know are passed on to benchmark_speed.py's parser (``--beta-init``, ``--seed``, ...).
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         help="render-occupancy-resolution values to time (0: no grid; default: the model's); later ones are "
         "compared with the first one's image",
     )
+    parser.add_argument(
+        "--points-per-pass",
+        type=int,
+        nargs="+",
+        default=None,
+        help="render-points-per-pass values to time (points per field pass; default: the model's)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed frames per chunk size (the median is shown)")
     parser.add_argument("--frames", type=int, default=2, help="frames profiled by part (0: none)")
     parser.add_argument("--top-kernels", type=int, default=20, help="largest kernels listed (CUDA; 0: none)")
@@ -61,8 +69,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     for name in ("train_steps", "frames", "top_kernels"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.repeats < 1 or args.frame_size < 1 or any(chunk < 1 for chunk in args.chunks or ()):
-        parser.error("--repeats, --frame-size and --chunks must be at least 1")
+    counts = [*(args.chunks or ()), *(args.points_per_pass or ())]
+    if args.repeats < 1 or args.frame_size < 1 or any(count < 1 for count in counts):
+        parser.error("--repeats, --frame-size, --chunks and --points-per-pass must be at least 1")
     if args.beta is not None and not args.beta > 0:
         parser.error(f"--beta must be positive, got {args.beta}")
     if any(grid != 0 and grid < MIN_GRID_RESOLUTION for grid in args.grids or ()):
@@ -131,22 +140,29 @@ def main(argv: list[str] | None = None) -> str:
         )
         report += [
             "",
-            "| occupancy grid | rays per chunk | first frame s | frame s (median) | peak GiB "
+            "| occupancy grid | points per pass | rays per chunk | first frame s | frame s (median) | peak GiB "
             "| image against the first row's |",
-            "|---:|---:|---:|---:|---:|---|",
+            "|---:|---:|---:|---:|---:|---:|---|",
         ]
         reference = None
-        for grid in args.grids or [model.config.render_occupancy_resolution]:
+        settings = [
+            (grid, points, chunk)
+            for grid in args.grids or [model.config.render_occupancy_resolution]
+            for points in args.points_per_pass or [model.config.render_points_per_pass]
+            for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]
+        ]
+        for grid, points, chunk in settings:
             model.config.render_occupancy_resolution = grid
-            for chunk in args.chunks or [model.config.eval_num_rays_per_chunk]:
-                first, median, peak, rgb = time_frames(model, camera, chunk, args.repeats, sync)
-                reference = rgb if reference is None else reference
-                used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
-                size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
-                cells = f"{grid}^3" if grid else "none"
-                difference = image_difference(rgb, reference)
-                report.append(f"| {cells} | {size} | {first:.2f} | {median:.3f} | {peak:.2f} | {difference} |")
-                print(report[-1], flush=True)
+            model.config.render_points_per_pass = points
+            first, median, peak, rgb = time_frames(model, camera, chunk, args.repeats, sync)
+            reference = rgb if reference is None else reference
+            used = model._render_chunks.get("eval-num-rays-per-chunk", chunk)
+            size = str(chunk) if used == chunk else f"{chunk} (out of memory: ran at {used})"
+            cells = f"{grid}^3" if grid else "none"
+            difference = image_difference(rgb, reference)
+            row = f"| {cells} | {points} | {size} | {first:.2f} | {median:.3f} | {peak:.2f} | {difference} |"
+            report.append(row)
+            print(row, flush=True)
         report.append("")
         report.append("Work per frame (the last occupancy grid):")
         work = frame_work(model, camera)

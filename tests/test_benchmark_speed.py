@@ -639,13 +639,19 @@ def test_frame_profile_on_cpu(monkeypatch):
     CPU, nested parts within their parents)."""
     module = load_script("profile_frame", monkeypatch)
     argv = ["--device", "cpu", "--config", "default", "--frame-size", "16", "--chunks", "64", "256", "--grids", "0"]
-    lines = run_main(module, [*argv, "10", "--beta", "0.08", "--repeats", "1", "--frames", "1"]).splitlines()
+    argv += ["10", "--points-per-pass", "100", "--beta", "0.08", "--repeats", "1", "--frames", "1"]
+    lines = run_main(module, argv).splitlines()
     assert lines[0] == "Device: CPU; config default; a 16x16 volume-rendered frame after 0 training steps (beta 0.08)"
     rows = [line.strip("| ").split(" | ") for line in lines[4:8]]
-    assert [row[:2] for row in rows] == [["none", "64"], ["none", "256"], ["10^3", "64"], ["10^3", "256"]]
-    assert all(math.isnan(float(row[4])) for row in rows)  # no GPU memory
-    assert rows[0][5] == "inf dB, max 0.000"  # the first row is the reference
-    assert all(float(row[5].split(" dB")[0]) > 30 for row in rows[1:])  # the grid only skips what is not seen
+    assert [row[:3] for row in rows] == [
+        ["none", "100", "64"],
+        ["none", "100", "256"],
+        ["10^3", "100", "64"],
+        ["10^3", "100", "256"],
+    ]
+    assert all(math.isnan(float(row[5])) for row in rows)  # no GPU memory
+    assert rows[0][6] == "inf dB, max 0.000"  # the first row is the reference
+    assert all(float(row[6].split(" dB")[0]) > 30 for row in rows[1:])  # the grid only skips what is not seen
     assert lines[10].startswith("256 of 256 rays sampled, in 1 chunks; ")  # beta 0.08 keeps a wide band: no ray cut
     table = lines[lines.index("By part (1 frames profiled at 256 rays a chunk):") + 4 :]
     rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in table)}

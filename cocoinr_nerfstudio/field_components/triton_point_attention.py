@@ -49,7 +49,7 @@ ROW_TILES = {
 statistics of the keys' pass), and the rows of the gradient's backward. The fastest of a sweep on an H200
 (``scripts/benchmark_point_attention.py --tile-sweep``, docs/benchmarks.md, round fifteen): against 16 points with
 all keys at once, the forward took 0.20 ms instead of 0.49 at 99,328 points; the backward passes, which loop over
-the keys twice, gained 10-20%."""
+the keys twice, gained 11-12%. A training step measured no faster; renders a few percent."""
 KEYS_PER_PROGRAM = 64
 """Keys per program in the passes that sum over the points (the keys' and values' cotangents)."""
 REDUCTION_ROWS = 64
