@@ -596,13 +596,14 @@ class CocoInrModel(SurfaceModel):
             self.field.get_sdf_values, origins, directions, bundle.nears, bundle.fars, self.config.preview_trace_steps
         )
         rgb, normal = torch.zeros_like(origins), torch.zeros_like(origins)
-        if bool(hit.any()):
-            points = (origins + t * directions)[hit]
+        hits, missed = split_mask(hit)
+        if hits.numel():
+            points = (origins + t * directions)[hits]
             _, features, gradients = self.field.sdf_and_gradient(points, create_graph=False)
-            rgb[hit] = self.field.get_colors(points, directions[hit], gradients, features)
-            normal[hit] = F.normalize(gradients, dim=-1)
-        if self.field_background is not None and not bool(hit.all()):
-            rgb[~hit] = self._render_background(bundle[~hit], self.config.preview_background_samples)
+            rgb[hits] = self.field.get_colors(points, directions[hits], gradients, features)
+            normal[hits] = F.normalize(gradients, dim=-1)
+        if self.field_background is not None and missed.numel():
+            rgb[missed] = self._render_background(bundle[missed], self.config.preview_background_samples)
         shape = (*ray_bundle.shape, -1)
         return {
             "rgb": rgb.reshape(shape),
