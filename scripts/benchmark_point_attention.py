@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> str:
         training = _time_ms(functools.partial(_training_pass, training_fn, q, k, v, args.heads), device, args.repeats)
         lines.append(f"| {label} | {forward:.3f} | {training:.3f} |")
         print(lines[-1], flush=True)
-    if args.tile_sweep:
+    if args.tile_sweep and not point_attention_ops.kernels_run(q):
+        print("--tile-sweep: the point kernels do not run here (they need CUDA and Triton): no sweep", flush=True)
+    elif args.tile_sweep:
         _tile_sweep(q, k, v, args, device)
     torch.set_float32_matmul_precision("highest")  # TF32 is process-wide
     return "\n".join(lines)

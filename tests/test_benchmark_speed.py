@@ -162,6 +162,15 @@ def test_point_attention_benchmark_on_cpu(monkeypatch):
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
 
 
+def test_point_attention_tile_sweep_refuses_where_the_kernels_do_not_run(monkeypatch, capsys):
+    """On a CPU the ops run their torch formulas: a sweep would time those as if they were the kernels' tiles."""
+    module = load_script("benchmark_point_attention", monkeypatch)
+    argv = ["--device", "cpu", "--points", "40", "--prototypes", "16", "--repeats", "1", "--no-explicit"]
+    run_main(module, [*argv, "--tile-sweep"])
+    printed = capsys.readouterr().out
+    assert "--tile-sweep: the point kernels do not run here" in printed and "| pass |" not in printed
+
+
 def test_matmul_padding_benchmark_on_cpu(monkeypatch):
     """scripts/benchmark_matmul_padding.py's smoke run: every product in both dtypes, and the padded product
     equal to the plain one up to float rounding (zeros add nothing)."""
@@ -639,20 +648,19 @@ def test_frame_profile_on_cpu(monkeypatch):
     CPU, nested parts within their parents)."""
     module = load_script("profile_frame", monkeypatch)
     argv = ["--device", "cpu", "--config", "default", "--frame-size", "16", "--chunks", "64", "256", "--grids", "0"]
-    argv += ["10", "--points-per-pass", "100", "--beta", "0.08", "--repeats", "1", "--frames", "1"]
+    argv += ["10", "--points-per-pass", "100", "1000000", "--beta", "0.08", "--repeats", "1", "--frames", "1"]
     lines = run_main(module, argv).splitlines()
     assert lines[0] == "Device: CPU; config default; a 16x16 volume-rendered frame after 0 training steps (beta 0.08)"
-    rows = [line.strip("| ").split(" | ") for line in lines[4:8]]
+    rows = [line.strip("| ").split(" | ") for line in lines[4:12]]
     assert [row[:3] for row in rows] == [
-        ["none", "100", "64"],
-        ["none", "100", "256"],
-        ["10^3", "100", "64"],
-        ["10^3", "100", "256"],
+        [grid, points, chunk] for grid in ("none", "10^3") for points in ("100", "1000000") for chunk in ("64", "256")
     ]
     assert all(math.isnan(float(row[5])) for row in rows)  # no GPU memory
     assert rows[0][6] == "inf dB, max 0.000"  # the first row is the reference
-    assert all(float(row[6].split(" dB")[0]) > 30 for row in rows[1:])  # the grid only skips what is not seen
-    assert lines[10].startswith("256 of 256 rays sampled, in 1 chunks; ")  # beta 0.08 keeps a wide band: no ray cut
+    # without a grid, chunks and passes change nothing but float rounding; the grid only skips what is not seen
+    assert all(row[6] == "inf dB, max 0.000" or float(row[6].split(" dB")[0]) > 100 for row in rows[1:4])
+    assert all(float(row[6].split(" dB")[0]) > 30 for row in rows[4:])
+    assert lines[14].startswith("256 of 256 rays sampled, in 1 chunks; ")  # beta 0.08 keeps a wide band: no ray cut
     table = lines[lines.index("By part (1 frames profiled at 256 rays a chunk):") + 4 :]
     rows = {row[0]: float(row[1]) for row in (line.strip("| ").split(" | ") for line in table)}
     assert list(rows) == [

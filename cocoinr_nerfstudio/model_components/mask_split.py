@@ -15,6 +15,6 @@ def split_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     """The flat indices where ``mask`` is true and where it is false, each in increasing order (what boolean
     indexing would gather), reading the GPU once."""
     flat = mask.reshape(-1)
-    count = int(flat.sum())
     order = torch.sort((~flat).to(torch.uint8), stable=True).indices  # the true entries first, in order
+    count = int(flat.sum())  # the wait, after the sort is launched
     return order[:count], order[count:]

@@ -458,7 +458,7 @@ class CocoInrModel(SurfaceModel):
         ray_samples, info = self.sampler(ray_bundle, sdf_fn=self._sampler_sdf, density=self.density)
         threshold = self.config.train_weight_threshold if self.training else self.config.eval_weight_threshold
         if threshold <= 0:
-            field_outputs = self.field(ray_samples)
+            field_outputs = self._field_in_passes(ray_samples)
             sdf = field_outputs[FieldHeadNames.SDF]
             weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
         else:
@@ -491,7 +491,7 @@ class CocoInrModel(SurfaceModel):
             [self.field.forward_geonetwork(piece, fused=fused)[:, :1].clone() for piece in self._passes(flat)]
         ).reshape(*points.shape[:-1], 1)
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
-        visible, _ = split_mask(weights.detach() > threshold)
+        visible = (weights.detach() > threshold).reshape(-1).nonzero().squeeze(1)  # one wait for the GPU
         outputs = {FieldHeadNames.SDF: sdf}
         for name in (FieldHeadNames.RGB, FieldHeadNames.NORMALS, FieldHeadNames.GRADIENT):
             outputs[name] = sdf.new_zeros(*sdf.shape[:-1], 3)
@@ -501,6 +501,17 @@ class CocoInrModel(SurfaceModel):
                 if name != FieldHeadNames.SDF:
                     outputs[name].view(-1, 3)[piece] = value
         return outputs, weights, bg_transmittance
+
+    def _field_in_passes(self, ray_samples: RaySamples) -> dict[FieldHeadNames, Tensor]:
+        """The field at every sample: whole in training, in passes of ``render_points_per_pass`` in renders."""
+        if self.training:
+            return self.field(ray_samples)
+        samples = ray_samples.flatten()
+        step = max(1, self.config.render_points_per_pass)
+        pieces = [self.field(samples[start : start + step]) for start in range(0, len(samples), step)]
+        return {
+            name: torch.cat([piece[name] for piece in pieces]).reshape(*ray_samples.shape, -1) for name in pieces[0]
+        }
 
     def _passes(self, rows: Tensor) -> tuple[Tensor, ...]:
         """``rows`` (points, or indices of points) split into a render's field passes (``render_points_per_pass``);
@@ -532,7 +543,7 @@ class CocoInrModel(SurfaceModel):
         ``render_points_per_pass`` samples."""
         num_samples = num_samples or self.config.num_samples_outside
         rays_per_pass = max(1, self.config.render_points_per_pass // num_samples)
-        if self.training or len(ray_bundle) <= rays_per_pass:
+        if self.training or ray_bundle.shape.numel() <= rays_per_pass:
             return self._render_background_pass(ray_bundle, num_samples)
         bundle = ray_bundle.flatten()
         return torch.cat(
@@ -664,6 +675,8 @@ class CocoInrModel(SurfaceModel):
     def _render_whole_image(
         self, camera_ray_bundle: RayBundle, mode: str, option: str, compiles: bool, start: float
     ) -> dict[str, Tensor]:
+        # a field pass keeps its size until a chunk holds fewer samples than it: name it too
+        passes_hint = "; or lower --pipeline.model.render-points-per-pass" if mode == "volume" else ""
         while True:
             configured = getattr(self.config, option.replace("-", "_"))
             chunk = min(self._render_chunks.get(option, configured), configured)
@@ -679,12 +692,13 @@ class CocoInrModel(SurfaceModel):
             if chunk <= MIN_RENDER_CHUNK:
                 raise OutOfMemoryError(
                     f"Rendering ran out of GPU memory even at {chunk} rays per chunk "
-                    f"(--pipeline.model.{option}); free GPU memory or render on a larger GPU."
+                    f"(--pipeline.model.{option}){passes_hint}; free GPU memory or render on a larger GPU."
                 )
             self._render_chunks[option] = max(chunk // 2, MIN_RENDER_CHUNK)
             CONSOLE.print(
                 f"[bold yellow]Rendering ran out of GPU memory at {chunk} rays per chunk; retrying with "
-                f"{self._render_chunks[option]} (--pipeline.model.{option} {self._render_chunks[option]} starts there)."
+                f"{self._render_chunks[option]} (--pipeline.model.{option} {self._render_chunks[option]} starts there"
+                f"{passes_hint})."
             )
 
     def _render_in_chunks(self, camera_ray_bundle: RayBundle, chunk: int) -> dict[str, Tensor] | None:

@@ -252,10 +252,10 @@ INTERPRETER_CHECK = textwrap.dedent(
     # keys than the smallest tile of keys; one key past a power of two, with more points than a tile
     cases = [(70, 256, 4, 32, 1), (45, 20, 2, 12, 1), (3, 100, 1, 16, 1), (0, 8, 2, 16, 1), (40, 100, 2, 16, 6)]
     cases += [(5, 7, 1, 12, 1), (65, 33, 1, 16, 8)]
-    # every pass over whole rows with all keys in one step (the shipped tiles), then looping over blocks of 16 keys
+    # the shipped tiles; every pass over whole rows with all keys in one step; then looping over blocks of 16 keys
     # (one to sixteen blocks here, ragged last blocks) with 32-point tiles
-    looped = kernels.RowTile(points=32, keys=16, warps=4)
-    tile_sets = [dict(kernels.ROW_TILES), {name: looped for name in kernels.ROW_TILES}]
+    one_step, looped = kernels.RowTile(points=16, keys=0, warps=4), kernels.RowTile(points=32, keys=16, warps=4)
+    tile_sets = [dict(kernels.ROW_TILES)] + [{name: tile for name in kernels.ROW_TILES} for tile in (one_step, looped)]
     for tiles, (n, m, heads, d, spread) in [(tiles, case) for tiles in tile_sets for case in cases]:
         kernels.ROW_TILES.update(tiles)
         q, g, f = (torch.randn(n, heads * d) for _ in range(3))
@@ -289,7 +289,8 @@ def test_triton_kernels_match_the_formulas_in_the_interpreter():
         [sys.executable, "-c", INTERPRETER_CHECK], env=environment, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked") == 14 and "checked 70 256 4 32 11 16" in result.stdout
+    assert result.stdout.count("checked") == 21 and "checked 70 256 4 32 11 16" in result.stdout
+    assert "checked 70 256 4 32 11 0" in result.stdout  # all 256 keys in one step
 
 
 def _compile_for(kernel, target, pointers: set[str], warps: int, **constants):

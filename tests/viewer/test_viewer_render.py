@@ -78,7 +78,8 @@ def test_a_frame_that_runs_out_of_gpu_memory_is_rendered_in_smaller_chunks(tiny_
     printed = " ".join(capsys.readouterr().out.split())
     assert printed.count("Rendering ran out of GPU memory") == 2
     assert (
-        "at 40 rays per chunk; retrying with 20 (--pipeline.model.eval-num-rays-per-chunk 20 starts there)" in printed
+        "at 40 rays per chunk; retrying with 20 (--pipeline.model.eval-num-rays-per-chunk 20 starts there; or lower "
+        "--pipeline.model.render-points-per-pass)" in printed
     )
     assert tiny_model.config.eval_num_rays_per_chunk == 80
 
