@@ -155,6 +155,14 @@ def _graph_fields_bf16_sdpa_points(model: CocoInrModelConfig) -> None:
     model.background_field.coordinate_attention.point_kernels = True
 
 
+def _graph_fields_bf16_sdpa_points_flash(model: CocoInrModelConfig) -> None:
+    """coco-inr-fast with the bf16 heads' attention (differentiated once) through torch's flash kernels, as
+    sequences of points (flash-first-order)."""
+    _graph_fields_bf16_sdpa_points(model)
+    model.sdf_field.coordinate_attention.flash_first_order = True
+    model.background_field.coordinate_attention.flash_first_order = True
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -202,6 +210,7 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+unpadded": _graph_fields_bf16_unpadded,
     "graph+fields+bf16+sdpa": _graph_fields_bf16_sdpa,
     "graph+fields+bf16+sdpa+points": _graph_fields_bf16_sdpa_points,
+    "graph+fields+bf16+sdpa+points+flash": _graph_fields_bf16_sdpa_points_flash,
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,
     "graph+sdpa": _graph_sdpa,

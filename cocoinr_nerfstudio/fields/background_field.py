@@ -10,7 +10,7 @@ from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
-from cocoinr_nerfstudio.field_components.attention import FeedForwardActivation
+from cocoinr_nerfstudio.field_components.attention import FeedForwardActivation, half_precision_autocast
 from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
@@ -115,7 +115,8 @@ class CocoBackgroundField(nn.Module):
         self, points: Tensor, directions: Tensor, density_prototypes: Tensor | None, color_prototypes: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` as a function of tensors alone (the prototypes are arguments), so that it compiles."""
-        fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled())
+        half = half_precision_autocast(points.device.type)  # the model's bf16-color-heads
+        fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled(), half_precision=half)
         encoded = self.position_encoding(points)
         if self.density_attention is not None:
             assert density_prototypes is not None

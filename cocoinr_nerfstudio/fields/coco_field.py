@@ -64,12 +64,22 @@ class CoordinateAttentionConfig:
     pay on a CPU. Takes precedence over ``block_diagonal``. Measured on an H100 in ``coco-inr-fast`` (which turns it
     on): +9% a training step and 2.6 GiB less peak memory."""
 
-    def use_fused(self, grad: bool, second_derivative: bool = False) -> bool:
+    flash_first_order: bool = False
+    """Attention differentiated once in half precision (the colour heads and the background field in training,
+    with ``bf16-color-heads``) takes torch's fused (flash) kernels, the points cut into sequences of
+    ``flash-sequence-length`` so that their backward pass spreads over the GPU, instead of the point kernels' or
+    the explicit path's float32 products. The geometry head, differentiated twice, is unaffected. Not yet timed on
+    a GPU (docs/benchmarks.md, round fifteen, says what is expected); CPU tests check it against the explicit path."""
+    flash_sequence_length: int = 2048
+    """Points per sequence of ``flash-first-order``."""
+
+    def use_fused(self, grad: bool, second_derivative: bool = False, half_precision: bool = False) -> bool:
         """Whether a pass takes the fused kernels: never under a second derivative (they have none); with
-        ``fused`` otherwise; with ``fused_without_grad`` where no gradient is taken (``grad`` False)."""
+        ``fused`` otherwise; with ``fused_without_grad`` where no gradient is taken (``grad`` False); with
+        ``flash_first_order`` where it runs in half precision."""
         if second_derivative:
             return False
-        return self.fused or (self.fused_without_grad and not grad)
+        return self.fused or (self.fused_without_grad and not grad) or (self.flash_first_order and half_precision)
 
     def setup(
         self, query_dim: int, prototype_dim: int, depth: int, activation: FeedForwardActivation
@@ -84,6 +94,7 @@ class CoordinateAttentionConfig:
             activation,
             block_diagonal=self.block_diagonal,
             point_kernels=self.point_kernels,
+            sequence_length=self.flash_sequence_length if self.flash_first_order else 0,
         )
 
 
@@ -318,7 +329,8 @@ class CocoField(Field):
         with autocast:
             if self.color_attention is not None:
                 assert prototypes is not None
-                fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled())
+                half = dtype in (torch.bfloat16, torch.float16)
+                fused = self.config.coordinate_attention.use_fused(torch.is_grad_enabled(), half_precision=half)
                 x = self.color_attention(x, prototypes, fused=fused)
             return torch.sigmoid(self.color_mlp(x)).float()
 

@@ -10,6 +10,7 @@ from cocoinr_nerfstudio.field_components.attention import (
     MultiHeadAttention,
     attend,
     attend_block_diagonal,
+    attend_in_sequences,
     layer_norm_var_mean,
 )
 
@@ -65,6 +66,48 @@ def test_coordinate_attention_gives_the_fused_kernels_4d_inputs(monkeypatch):
         fused, explicit = block(points, prototypes, fused=True), block(points, prototypes, fused=False)
         assert shapes == [((1, 4, 50, 32), (1, 4, 256, 32))] * 2  # two blocks; the explicit pass calls none
         torch.testing.assert_close(fused, explicit, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("n, length", [(10, 4), (8, 4), (3, 8), (1, 1)], ids=["ragged", "exact", "short", "one"])
+def test_attention_in_sequences_has_one_sequences_values_and_gradients(n, length):
+    """Cutting the points into sequences (the last padded) changes which kernel blocks sum the keys' gradients, not
+    the values or any gradient."""
+    q, k, v = (torch.randn(2, size, 8, dtype=torch.float64, requires_grad=True) for size in (n, 5, 5))
+    split = attend_in_sequences(q, k, v, length)
+    whole = attend(q[None], k[None], v[None], fused=True)[0]
+    assert split.shape == (2, n, 8)
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(split)
+    ours = torch.autograd.grad(split, (q, k, v), cotangent)
+    theirs = torch.autograd.grad(whole, (q, k, v), cotangent)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_coordinate_attention_cuts_differentiated_fused_passes_into_sequences(monkeypatch):
+    """With a sequence length, the fused path takes sequences where gradients are taken (the training backward is
+    what they are for) and one sequence where none are; both match the explicit path."""
+    from cocoinr_nerfstudio.field_components import attention as module
+
+    shapes = []
+    sdpa = module.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", recording_sdpa)
+    block = CoordinateAttention(query_dim=39, prototype_dim=128, depth=1, point_kernels=True, sequence_length=16)
+    points, prototypes = torch.randn(50, 39, requires_grad=True), torch.randn(256, 128)
+    fused = block(points, prototypes, fused=True)
+    assert shapes == [(4, 4, 16, 32)]  # 50 points: four sequences of 16, the last padded
+    explicit = block(points, prototypes, fused=False)
+    torch.testing.assert_close(fused, explicit, atol=TOLERANCE, rtol=TOLERANCE)
+    gradients = [torch.autograd.grad(out.square().sum(), points)[0] for out in (fused, explicit)]
+    torch.testing.assert_close(*gradients, atol=TOLERANCE, rtol=TOLERANCE)
+    with torch.no_grad():
+        block(points, prototypes, fused=True)
+    assert shapes[-1] == (1, 4, 50, 32)
 
 
 def test_codebook_attention_output_and_parameter_count():
