@@ -117,6 +117,20 @@ if AVAILABLE:
         return tl.where(key_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
 
     @triton.jit
+    def _block_weights_and_u(
+        q, g, lse, k_ptr, v_ptr, block, cols, dim_ok, m, width, scale, BLOCK_KEYS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """A block of keys in a backward pass: its keys, values, attention weights (from the points' log-sum-exp;
+        ``lse`` None: all keys are in this block, and the softmax gives it) and ``u = g v^T``."""
+        k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
+        if lse is None:
+            p, lse = _softmax(q, k, key_ok, scale, PRECISION)
+        else:
+            p = _weights(q, k, key_ok, lse, scale, PRECISION)
+        return k, v, p, lse, tl.dot(g, tl.trans(v), input_precision=PRECISION)
+
+    @triton.jit
     def _online_softmax(
         q, g, f, k_ptr, v_ptr, cols, dim_ok, m, width, scale,
         BLOCK_N: tl.constexpr, BLOCK_KEYS: tl.constexpr, KEY_BLOCKS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -188,9 +202,9 @@ if AVAILABLE:
         q = _load_rows(q_ptr, rows, cols, row_ok, dim_ok, width)
         g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
         if KEY_BLOCKS == 1:
-            k, v, key_ok = _key_block(k_ptr, v_ptr, 0, cols, dim_ok, m, width, BLOCK_KEYS)
-            p, lse = _softmax(q, k, key_ok, scale, PRECISION)
-            u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            k, _, p, lse, u = _block_weights_and_u(
+                q, g, None, k_ptr, v_ptr, 0, cols, dim_ok, m, width, scale, BLOCK_KEYS, PRECISION
+            )
             delta = tl.sum(p * u, axis=1)
             if WRITE_DQ:
                 dq = tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION)
@@ -203,9 +217,9 @@ if AVAILABLE:
             if WRITE_DQ:
                 dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
                 for block in range(KEY_BLOCKS):
-                    k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
-                    p = _weights(q, k, key_ok, lse, scale, PRECISION)
-                    u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+                    k, _, p, _, u = _block_weights_and_u(
+                        q, g, lse, k_ptr, v_ptr, block, cols, dim_ok, m, width, scale, BLOCK_KEYS, PRECISION
+                    )
                     dq += tl.dot(p * (u - delta[:, None]), k, input_precision=PRECISION)
         if WRITE_DQ:
             _store_rows(dq_ptr, dq * scale, rows, cols, row_ok, dim_ok, width)
@@ -236,9 +250,9 @@ if AVAILABLE:
         g = _load_rows(g_ptr, rows, cols, row_ok, dim_ok, width)
         f = _load_rows(f_ptr, rows, cols, row_ok, dim_ok, width)
         if KEY_BLOCKS == 1:
-            k, v, key_ok = _key_block(k_ptr, v_ptr, 0, cols, dim_ok, m, width, BLOCK_KEYS)
-            p, lse = _softmax(q, k, key_ok, scale, PRECISION)
-            u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            k, v, p, lse, u = _block_weights_and_u(
+                q, g, None, k_ptr, v_ptr, 0, cols, dim_ok, m, width, scale, BLOCK_KEYS, PRECISION
+            )
             pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
             delta_row = tl.sum(p * u, axis=1)
             c_row = tl.sum(pdds, axis=1)
@@ -256,9 +270,9 @@ if AVAILABLE:
             dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             dg = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             for block in range(KEY_BLOCKS):
-                k, v, key_ok = _key_block(k_ptr, v_ptr, block, cols, dim_ok, m, width, BLOCK_KEYS)
-                p = _weights(q, k, key_ok, lse, scale, PRECISION)
-                u = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+                k, v, p, _, u = _block_weights_and_u(
+                    q, g, lse, k_ptr, v_ptr, block, cols, dim_ok, m, width, scale, BLOCK_KEYS, PRECISION
+                )
                 pdds = p * tl.dot(f, tl.trans(k), input_precision=PRECISION) * scale
                 dq_block, dg_block = _second_order_products(
                     p, u, pdds, delta_row[:, None], c_row[:, None], e_row[:, None], k, v, PRECISION
