@@ -330,6 +330,18 @@ class CocoInrModel(SurfaceModel):
                 f"--pipeline.model.render-occupancy-resolution must be 0 (off) or at least {MIN_GRID_RESOLUTION} cells "
                 f"a side, got {self.config.render_occupancy_resolution}"
             )
+        counts = {
+            "render-points-per-pass": self.config.render_points_per_pass,
+            "sdf-field.coordinate-attention.flash-sequence-length": (
+                self.config.sdf_field.coordinate_attention.flash_sequence_length
+            ),
+            "background-field.coordinate-attention.flash-sequence-length": (
+                self.config.background_field.coordinate_attention.flash_sequence_length
+            ),
+        }
+        for option, count in counts.items():
+            if count < 1:
+                raise ValueError(f"--pipeline.model.{option} must be at least 1, got {count}")
         if self.config.num_samples_extra > self.config.num_samples_eval:
             raise ValueError(
                 f"--pipeline.model.num-samples-extra ({self.config.num_samples_extra}) must not exceed "
@@ -507,7 +519,7 @@ class CocoInrModel(SurfaceModel):
         if self.training:
             return self.field(ray_samples)
         samples = ray_samples.flatten()
-        step = max(1, self.config.render_points_per_pass)
+        step = self.config.render_points_per_pass
         pieces = [self.field(samples[start : start + step]) for start in range(0, len(samples), step)]
         return {
             name: torch.cat([piece[name] for piece in pieces]).reshape(*ray_samples.shape, -1) for name in pieces[0]
@@ -520,7 +532,7 @@ class CocoInrModel(SurfaceModel):
             return ()
         if self.training:
             return (rows,)
-        return rows.split(max(1, self.config.render_points_per_pass))
+        return rows.split(self.config.render_points_per_pass)
 
     def _background_term(self, ray_bundle: RayBundle, bg_transmittance: Tensor) -> Tensor:
         """The background's colour times the light that reaches it, ``[rays, 3]``. Renders skip the rays whose
@@ -542,7 +554,7 @@ class CocoInrModel(SurfaceModel):
         """The background's colour along each ray, ``[rays, 3]``; renders go in passes of at most
         ``render_points_per_pass`` samples."""
         num_samples = num_samples or self.config.num_samples_outside
-        rays_per_pass = max(1, self.config.render_points_per_pass // num_samples)
+        rays_per_pass = max(1, self.config.render_points_per_pass // num_samples)  # at least one ray a pass
         if self.training or ray_bundle.shape.numel() <= rays_per_pass:
             return self._render_background_pass(ray_bundle, num_samples)
         bundle = ray_bundle.flatten()

@@ -293,6 +293,17 @@ def test_renders_split_their_field_passes_without_changing_the_image():
     assert len(passes["gradient and colour"]) == 1 and passes["gradient and colour"][0] > 7
 
 
+@pytest.mark.parametrize("option", ["render-points-per-pass", "sdf-field.coordinate-attention.flash-sequence-length"])
+def test_pass_and_sequence_sizes_below_one_are_refused_naming_the_option(option):
+    config = tiny_config()
+    if option == "render-points-per-pass":
+        config.render_points_per_pass = 0
+    else:
+        config.sdf_field.coordinate_attention.flash_sequence_length = -4
+    with pytest.raises(ValueError, match=f"--pipeline.model.{option} must be at least 1, got"):
+        build(config)
+
+
 def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
     """The original put near-surface points at dir + z*dir; ours are origin + z*dir."""
     model = build(tiny_config())
