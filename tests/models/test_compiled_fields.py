@@ -153,6 +153,14 @@ def _point_kernels_background() -> CocoBackgroundFieldConfig:
     return config
 
 
+def _flash_first_order() -> dict:
+    """bf16 heads whose attention takes the fused kernels as sequences (shorter than the tiny model's batches)."""
+    sdf_field, background_field = _point_kernels(), _point_kernels_background()
+    for attention in (sdf_field.coordinate_attention, background_field.coordinate_attention):
+        attention.flash_first_order, attention.flash_sequence_length = True, 16
+    return {"bf16_color_heads": True, "sdf_field": sdf_field, "background_field": background_field}
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -160,8 +168,9 @@ def _point_kernels_background() -> CocoBackgroundFieldConfig:
         {"bf16_color_heads": True, "sampler_autocast": "bfloat16"},
         {"sdf_field": _sdpa_without_grad()},
         {"sdf_field": _point_kernels(), "background_field": _point_kernels_background()},
+        _flash_first_order(),
     ],
-    ids=["fp32", "bf16-options", "sdpa-without-grad", "point-kernels"],
+    ids=["fp32", "bf16-options", "sdpa-without-grad", "point-kernels", "flash-first-order"],
 )
 def test_model_training_step_matches_the_eager_model(overrides):
     """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
