@@ -8,6 +8,7 @@ at its initialisation, which skips the minutes the training step's compilation t
 
     python scripts/profile_frame.py --device cuda --train-steps 0 --chunks 8192 32768 --grids 0 128
     python scripts/profile_frame.py --device cuda --train-steps 1500 --chunks 16384 65536 --points-per-pass 524288
+    python scripts/profile_frame.py --device cuda --chunks 16384 --beta 0.04 --frames 1 --gaps
     python scripts/profile_frame.py --device cpu --frame-size 24 --frames 1   # smoke (host times)
 
 Options this script does not know are passed on to benchmark_speed.py's parser (``--beta-init``, ``--seed``, ...).
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
 from cocoinr_nerfstudio.benchmarks.frame_phases import FRAME, FRAME_ROWS, REST, frame_work, profile_frames
+from cocoinr_nerfstudio.benchmarks.gpu_gaps import format_gaps, profile_gaps
 from cocoinr_nerfstudio.benchmarks.step_phases import format_kernels, format_phases
 from cocoinr_nerfstudio.models.coco_inr import MIN_GRID_RESOLUTION
 
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser.add_argument("--repeats", type=int, default=3, help="timed frames per chunk size (the median is shown)")
     parser.add_argument("--frames", type=int, default=2, help="frames profiled by part (0: none)")
     parser.add_argument("--top-kernels", type=int, default=20, help="largest kernels listed (CUDA; 0: none)")
+    parser.add_argument(
+        "--gaps",
+        action="store_true",
+        help="also profile one frame with Python stacks: where the GPU idles, by the code that launched the next "
+        "kernel (CUDA; the profiler slows the host, so the gaps are overstated)",
+    )
     args, passed_on = parser.parse_known_args(argv)
     if args.frame_size is None:
         args.frame_size = 512 if args.device == "cuda" else 32
@@ -186,6 +194,12 @@ def main(argv: list[str] | None = None) -> str:
                     "",
                     format_kernels(times.kernels, args.top_kernels, unit_of_work="frame"),
                 ]
+        if args.gaps and args.device != "cuda":
+            report += ["", "--gaps: needs a GPU (on a CPU nothing runs asynchronously, so nothing waits)"]
+        elif args.gaps:
+            with torch.no_grad():
+                gaps = profile_gaps(lambda: model.get_outputs_for_camera(camera))
+            report += ["", "Where the GPU idles (one frame, profiled with Python stacks):", "", format_gaps(gaps)]
     text = "\n".join(report)
     print(text)
     return text

@@ -740,3 +740,49 @@ def test_frame_profile_without_the_weight_threshold_counts_the_field_once():
     times = profile_frames(model, viewer_camera(6, 6), num_frames=1, warmup=0).milliseconds
     assert FOREGROUND not in times and times[VISIBLE] > 0
     assert 0 <= times[REST] < times[VISIBLE] and times[REST] < 0.2 * times[FRAME]
+
+
+def _trace_event(category: str, name: str, ts: float, dur: float, **args) -> dict:
+    return {"cat": category, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+
+def test_idle_gaps_are_charged_to_the_code_that_launched_the_next_kernel():
+    """A hand-made trace: three kernels with gaps of 10 and 2 us (below the 3-us floor), the first gap's kernel
+    launched inside the sampler's _refine, called from generate_ray_samples; one wait for the GPU."""
+    from cocoinr_nerfstudio.benchmarks.gpu_gaps import format_gaps, idle_gaps
+
+    sampler = "cocoinr_nerfstudio/model_components/error_bounded_sampler.py"
+    events = [
+        _trace_event("kernel", "a", 100, 20, correlation=1),
+        _trace_event("kernel", "b", 130, 5, correlation=2),  # 10 us after a
+        _trace_event("kernel", "c", 137, 1, correlation=3),  # 2 us after b: not a gap
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 50, 1, correlation=1),
+        _trace_event("cuda_driver", "cuLaunchKernel", 125, 1, correlation=2),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 126, 1, correlation=3),
+        _trace_event("cuda_runtime", "cudaStreamSynchronize", 110, 10),
+        _trace_event("python_function", f"{sampler}(532): generate_ray_samples", 40, 100),
+        _trace_event("python_function", f"{sampler}(376): _refine", 120, 10),
+        _trace_event("python_function", "torch/nn/modules/module.py(1): _call_impl", 124, 2),  # not the project's
+        _trace_event("python_function", f"{sampler}(99): finished_before", 60, 5),  # ended before the launch
+    ]
+    report = idle_gaps(events)
+    assert (report.kernels, report.span_us, report.busy_us, report.idle_us, report.waits) == (3, 38, 26, 10, 1)
+    where = "model_components/error_bounded_sampler.py(376): _refine <- " + (
+        "model_components/error_bounded_sampler.py(532): generate_ray_samples"
+    )
+    assert dict(report.by_launcher) == {where: 10} and dict(report.gaps_by_launcher) == {where: 1}
+    table = format_gaps(report).splitlines()
+    assert table[0] == (
+        "GPU work from first to last kernel 0.0 ms: busy 0.0 ms, idle 0.0 ms in gaps; 3 kernels; 1 host waits for "
+        "the GPU."
+    )
+    assert table[4] == f"| 0.0 | 1 | {where} |"
+    assert idle_gaps([]).kernels == 0 and idle_gaps(events, min_gap_us=20).idle_us == 0
+
+
+def test_frame_gaps_need_a_gpu(monkeypatch):
+    module = load_script("profile_frame", monkeypatch)
+    argv = ["--device", "cpu", "--config", "default", "--frame-size", "8", "--repeats", "1", "--frames", "0"]
+    assert run_main(module, [*argv, "--gaps"]).endswith(
+        "--gaps: needs a GPU (on a CPU nothing runs asynchronously, so nothing waits)"
+    )
