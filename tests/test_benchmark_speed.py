@@ -778,6 +778,16 @@ def test_idle_gaps_are_charged_to_the_code_that_launched_the_next_kernel():
     )
     assert table[4] == f"| 0.0 | 1 | {where} |"
     assert idle_gaps([]).kernels == 0 and idle_gaps(events, min_gap_us=20).idle_us == 0
+    # a later kernel, 12 us after c, launched after _refine returned: charged to the frame still open
+    later = [
+        _trace_event("kernel", "d", 150, 2, correlation=4),
+        _trace_event("cuda_runtime", "x", 135, 1, correlation=4),
+    ]
+    report = idle_gaps(events + later)
+    assert dict(report.by_launcher) == {
+        where: 10,
+        "model_components/error_bounded_sampler.py(532): generate_ray_samples": 12,
+    }
 
 
 def test_frame_gaps_need_a_gpu(monkeypatch):

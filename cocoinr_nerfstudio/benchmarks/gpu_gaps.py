@@ -8,7 +8,6 @@ which is where the host was busy while the GPU waited.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import json
 import tempfile
@@ -49,14 +48,6 @@ def idle_gaps(events: list[dict[str, Any]], min_gap_us: float = 3.0) -> GapRepor
     launches = {
         e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
     }
-    frames: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "python_function" and PROJECT in e.get("name", ""):
-            frames[e["tid"]].append(e)
-    starts = {}
-    for tid, stack in frames.items():
-        stack.sort(key=lambda e: e["ts"])
-        starts[tid] = [e["ts"] for e in stack]
     waits = sum(1 for e in events if e.get("cat") in LAUNCHES and e.get("name") in WAITS)
     report = GapReport(
         kernels=len(work),
@@ -65,25 +56,46 @@ def idle_gaps(events: list[dict[str, Any]], min_gap_us: float = 3.0) -> GapRepor
         idle_us=0.0,
         waits=waits,
     )
+    gaps = []
     for before, after in itertools.pairwise(work):
         gap = after["ts"] - (before["ts"] + before["dur"])
-        if gap <= min_gap_us:
-            continue
+        if gap > min_gap_us:
+            gaps.append((gap, launches.get(after.get("args", {}).get("correlation"))))
+    launchers = _launchers([launch for _, launch in gaps if launch is not None], events)
+    for gap, launch in gaps:
+        where = "launch not in the trace" if launch is None else launchers[id(launch)]
         report.idle_us += gap
-        launch = launches.get(after.get("args", {}).get("correlation"))
-        where = "launch not in the trace" if launch is None else _launcher(launch, frames, starts)
         report.by_launcher[where] += gap
         report.gaps_by_launcher[where] += 1
     return report
 
 
-def _launcher(launch: dict[str, Any], frames: dict[Any, list], starts: dict[Any, list]) -> str:
-    """The innermost two project frames enclosing ``launch`` on its thread (innermost first)."""
-    stack, ts = frames.get(launch["tid"], []), launch["ts"]
-    last = bisect.bisect_right(starts.get(launch["tid"], []), ts)
-    enclosing = [e for e in stack[:last] if e["ts"] + e["dur"] >= ts]
-    names = [e["name"].split(f"{PROJECT}/")[-1] for e in enclosing[::-1][:2]]
-    return " <- ".join(names) or "outside the project"
+def _launchers(launches: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[int, str]:
+    """For each launch (by ``id``), the innermost two project frames enclosing it on its thread, innermost first.
+    One sweep per thread in time order: Python frames nest, so the frames still open at a launch form a stack."""
+    frames: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "python_function" and PROJECT in e.get("name", ""):
+            frames[e["tid"]].append(e)
+    names: dict[int, str] = {}
+    for tid in {launch["tid"] for launch in launches}:
+        pending = sorted(frames.get(tid, []), key=lambda e: e["ts"])
+        queries = sorted((launch for launch in launches if launch["tid"] == tid), key=lambda e: e["ts"])
+        open_frames: list[dict[str, Any]] = []
+        next_frame = 0
+        for launch in queries:
+            ts = launch["ts"]
+            while next_frame < len(pending) and pending[next_frame]["ts"] <= ts:
+                frame = pending[next_frame]
+                while open_frames and open_frames[-1]["ts"] + open_frames[-1]["dur"] < frame["ts"]:
+                    open_frames.pop()
+                open_frames.append(frame)
+                next_frame += 1
+            while open_frames and open_frames[-1]["ts"] + open_frames[-1]["dur"] < ts:
+                open_frames.pop()
+            innermost = [e["name"].split(f"{PROJECT}/")[-1] for e in open_frames[::-1][:2]]
+            names[id(launch)] = " <- ".join(innermost) or "outside the project"
+    return names
 
 
 def profile_gaps(work: Callable[[], Any]) -> GapReport:
