@@ -763,8 +763,8 @@ class CocoInrModel(SurfaceModel):
         num_rays = len(ray_bundle)
         no_samples = ray_bundle.origins.new_zeros(num_rays, 1, 1)
         rgb = self.renderer_rgb(rgb=no_samples.expand(num_rays, 1, 3), weights=no_samples)
-        if self.field_background is not None:
-            rgb = rgb + self._background_term(ray_bundle, no_samples[:, 0] + 1.0)
+        if self.field_background is not None:  # all the light reaches it: no ray to skip, no mask to count
+            rgb = rgb + self._render_background(ray_bundle)
         normal = torch.zeros_like(rgb)
         return {
             "rgb": rgb,
