@@ -64,10 +64,11 @@ def _step_report(args: argparse.Namespace, speed_args: argparse.Namespace, train
     """The phase table, then (on CUDA) the largest kernels with the share of the step they cover."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = trainer.pipeline.model
-    budget = model.sampler.static_refine_budget if model.sampler.static_shapes else 1.0
+    budgets = model.sampler.refine_budgets if model.sampler.static_shapes else (1.0,)
+    shares = " / ".join(f"{100 * share:.0f}" for share in budgets)
     title = (
         f"Device: {device}; config {args.config}; {speed_args.rays} rays/step; {args.steps} eager steps profiled "
-        f"after {args.warmup} trainer steps; sampler rounds 2.. on {100 * budget:.0f}% of the rays"
+        f"after {args.warmup} trainer steps; sampler rounds 2.. on {shares}% of the rays"
     )
     report = [format_phases(times, title)]
     if times.kernels and args.top_kernels > 0:

@@ -8,6 +8,7 @@ that does is used to place the final samples.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class ErrorBoundInfo:
     num_queries: int
     """SDF evaluations spent, all rays together."""
     num_truncated: Tensor | int = 0
-    """Rays cut off by ``static_refine_budget``: they needed another round and kept their first round's samples."""
+    """Rays cut off by the refine budgets: they needed another round and kept the samples of their last one."""
+    round_demand: Float[Tensor, " later_rounds"] | None = None
+    """Rays that needed each round after the first (ran it, or were cut off by a refine budget before it)."""
 
 
 def sample_pdf(
@@ -185,7 +188,8 @@ class ErrorBoundedSampler(Sampler):
             fixed count): the rays still refining after round 1 first, then done ones. 1 runs every ray (exact).
             Below that the later rounds cost proportionally less; a ray that needs refining but finds no place keeps
             its first-round samples at the larger beta that meets the bound (what every ray gets when the rounds
-            run out), and is counted in ``ErrorBoundInfo.num_truncated``.
+            run out), and is counted in ``ErrorBoundInfo.num_truncated``. ``refine_budgets`` sets each round's
+            share apart.
     """
 
     CANDIDATES_PER_LEVEL = 15
@@ -212,10 +216,6 @@ class ErrorBoundedSampler(Sampler):
         super().__init__(num_samples=num_samples)
         if max_total_iters < 1:
             raise ValueError(f"max_total_iters (rounds of Algorithm 1) must be at least 1, got {max_total_iters}")
-        if not 0.0 < static_refine_budget <= 1.0:
-            raise ValueError(
-                f"static_refine_budget (share of rays refined) must be in (0, 1], got {static_refine_budget}"
-            )
         if num_samples_extra > num_samples_eval:
             raise ValueError(
                 f"num_samples_extra ({num_samples_extra}) must not exceed num_samples_eval ({num_samples_eval}): "
@@ -226,12 +226,12 @@ class ErrorBoundedSampler(Sampler):
                 "static_refine_budget below 1 needs per_ray_convergence: with batch-level convergence every ray "
                 "refines while any ray does, so there is no 'still refining' ray to put first"
             )
+        self.max_total_iters = max_total_iters
         self.static_refine_budget = static_refine_budget
         self.num_samples_eval = num_samples_eval
         self.num_samples_extra = num_samples_extra
         self.eps = eps
         self.beta_iters = beta_iters
-        self.max_total_iters = max_total_iters
         self.add_tiny = add_tiny
         self.chunk_size = chunk_size
         self.per_ray_convergence = per_ray_convergence
@@ -244,7 +244,6 @@ class ErrorBoundedSampler(Sampler):
                 grid_search_beta, compile_backend, "the sampler's beta search", option, dynamic=True
             )
         self._round: Callable[..., tuple[RayState, Tensor, Tensor, Tensor | None]] = self._static_round
-        self._budget_round: Callable[..., tuple] = self._budget_first_round
         self._volume_weights = volume_weights
         if compile and static_shapes:
             # inductor (torch 2.11, Triton) fails to generate the kernel that fuses these weights' scan into the
@@ -256,9 +255,44 @@ class ErrorBoundedSampler(Sampler):
             self._round = CompiledOrEager(
                 self._static_round, compile_backend, "the sampler's rounds", option, recompile_limit=limit
             )
-            self._budget_round = CompiledOrEager(
-                self._budget_first_round, compile_backend, "the sampler's first round", option, recompile_limit=limit
+
+    @property
+    def refine_budgets(self) -> tuple[float, ...]:
+        """With ``static_shapes``, the share of all rays that each round 2.. runs on (never more than the round
+        before: a round's rays are picked from the previous round's, those still refining first). The later
+        rounds need far fewer rays (training on the generated scene at beta 0.005: 26%, 25%, 7% and 4% of rays
+        needed rounds 2 to 5; early in training, at beta 0.1, 82% then none), so shares of their own make those
+        rounds cheaper at the same cut."""
+        return self._refine_budgets
+
+    @refine_budgets.setter
+    def refine_budgets(self, shares: tuple[float, ...]) -> None:
+        shares = tuple(float(share) for share in shares)
+        if len(shares) != self.max_total_iters - 1:
+            raise ValueError(
+                f"refine_budgets needs one share per round after the first ({self.max_total_iters - 1} with "
+                f"max_total_iters {self.max_total_iters}), got {len(shares)}: {shares}"
             )
+        if not all(0.0 < share <= 1.0 for share in shares):
+            raise ValueError(f"static_refine_budget (share of rays refined) must be in (0, 1], got {shares}")
+        if any(later > earlier for earlier, later in itertools.pairwise(shares)):
+            raise ValueError(
+                f"refine_budgets must not grow from one round to the next (a round's rays come from the round "
+                f"before), got {shares}"
+            )
+        self._refine_budgets = shares
+
+    @property
+    def static_refine_budget(self) -> float:
+        """The share of rays round 2 runs on (later rounds run on at most as many); setting it runs every round
+        2.. on that share."""
+        return self._refine_budgets[0] if self._refine_budgets else 1.0
+
+    @static_refine_budget.setter
+    def static_refine_budget(self, share: float) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"static_refine_budget (share of rays refined) must be in (0, 1], got {share}")
+        self.refine_budgets = (share,) * (self.max_total_iters - 1)
 
     def _query(self, sdf_fn: SDFCallable, origins: Tensor, directions: Tensor, z: Tensor) -> Tensor:
         points = (origins[:, None, :] + z[..., None] * directions[:, None, :]).reshape(-1, 3)
@@ -422,88 +456,42 @@ class ErrorBoundedSampler(Sampler):
         beta: Tensor,
         beta0: Tensor,
         density: LaplaceDensity,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor | int]:
-        """The same rounds on every ray, with masks instead of subsets (see ``static_shapes``); with a
-        ``static_refine_budget`` below 1, rounds 2.. on a fixed number of rays, those still refining first."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor | None]:
+        """The same rounds on every ray, with masks instead of subsets (see ``static_shapes``). Where a round's
+        share in ``refine_budgets`` is below the previous round's, the round before it picks that many rays (those
+        still refining first) and the later rounds run on them alone; their results are merged back at the end.
+
+        Returns what :meth:`_refine` does, and the rays cut off before each round 2.. (None if no round picked)."""
         num_rays = origins.shape[0]
-        budget = min(num_rays, math.ceil(self.static_refine_budget * num_rays))
-        if budget == num_rays or self.max_total_iters == 1:
-            num_final = self.num_samples + max(self.num_samples_extra, 0)
-            unset = (z.new_zeros(num_rays, num_final), *(z.new_zeros(num_rays) for _ in range(3)))
-            finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
-            return (
-                *self._static_rounds(sdf_fn, origins, directions, z, sdf, beta, beta0, density, 1, finished, unset),
-                0,
-            )
-        state, picked, num_truncated, picked_rays = self._budget_round(
-            density, beta0, *_static_widths(z, sdf), beta, self._draw_final(z), budget
-        )
-        z, sdf, beta, done, new_z = picked_rays
-        origins, directions = origins[picked], directions[picked]
-        z, sdf = self._add_samples(sdf_fn, origins, directions, z, sdf, new_z)
-        refined = self._static_rounds(
-            sdf_fn, origins, directions, z, sdf, beta, beta0, density, 2, done, tuple(value[picked] for value in state)
-        )
-        merged = tuple(value.index_copy(0, picked, part) for value, part in zip(state, refined[:4], strict=True))
-        return (*merged, num_rays * self.num_samples_eval + new_z.numel() + refined[4], num_truncated)
-
-    def _budget_first_round(
-        self,
-        density: LaplaceDensity,
-        beta0: Tensor,
-        z: Tensor,
-        sdf: Tensor,
-        beta: Tensor,
-        draws: FinalDraws,
-        budget: int,
-    ) -> tuple[RayState, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        """Round 1 of a refine budget: every ray's state (its round-1 samples, which refined rays overwrite), the
-        ``budget`` rays picked for rounds 2.. (those still refining first), how many that leaves out, and the picked
-        rays' distances, SDF, beta, done flag and upsampling distances. Tensor operations only (see ``compile``)."""
-        beta, bound, done = self._search_round(density, beta0, beta, z, sdf, 1, in_round=True)
-        final = self._final_samples(z, sdf, beta, density, draws)
-        state = (final, beta, bound.max(-1).values, torch.ones_like(beta))
-        picked = torch.argsort(done.to(torch.uint8), stable=True)[:budget]  # still refining first
-        num_truncated = (~done).sum() - (~done[picked]).sum()
-        z, bound = z[picked], bound[picked]
-        new_z = self._upsampling_distances(z, bound)
-        return state, picked, num_truncated, (z, sdf[picked], beta[picked], done[picked], new_z)
-
-    def _static_rounds(
-        self,
-        sdf_fn: SDFCallable,
-        origins: Tensor,
-        directions: Tensor,
-        z: Tensor,
-        sdf: Tensor,
-        beta: Tensor,
-        beta0: Tensor,
-        density: LaplaceDensity,
-        first_round: int,
-        finished: Tensor,
-        state: RayState,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """Rounds ``first_round``.. on every given ray: final samples, beta, bound and round count of each ray
-        (updated in ``state`` from the round it is done), and the queries spent from ``z`` on."""
-        num_queries = z.numel() if first_round == 1 else 0
-        for round_index in range(first_round, self.max_total_iters + 1):
+        num_final = self.num_samples + max(self.num_samples_extra, 0)
+        state: RayState = (z.new_zeros(num_rays, num_final), *(z.new_zeros(num_rays) for _ in range(3)))
+        finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
+        counts = [min(num_rays, math.ceil(share * num_rays)) for share in self.refine_budgets]
+        picks: list[tuple[Tensor, RayState]] = []  # each pick's ray indices and the state of the rays it chose from
+        cut = [z.new_zeros((), dtype=torch.long) for _ in counts]
+        num_queries, active = z.numel(), num_rays
+        for round_index in range(1, self.max_total_iters + 1):
             last = round_index == self.max_total_iters
+            widths = _static_widths(z, sdf)
             state, finished, beta, new_z = self._round(
-                density,
-                beta0,
-                *_static_widths(z, sdf),
-                beta,
-                finished,
-                state,
-                round_index,
-                self._draw_final(z),
-                not last,
+                density, beta0, *widths, beta, finished, state, round_index, self._draw_final(z), not last
             )
             if new_z is None:
                 break
+            if counts[round_index - 1] < active:  # the next round runs on fewer rays: pick them
+                active = counts[round_index - 1]
+                # still refining first; a ray left out keeps the state this round gave it
+                picked = torch.argsort(finished.to(torch.uint8), stable=True)[:active]
+                cut[round_index - 1] = (~finished).sum() - (~finished[picked]).sum()
+                picks.append((picked, state))
+                state = tuple(value[picked] for value in state)  # type: ignore[assignment]
+                z, sdf, beta, finished, new_z = z[picked], sdf[picked], beta[picked], finished[picked], new_z[picked]
+                origins, directions = origins[picked], directions[picked]
             z, sdf = self._add_samples(sdf_fn, origins, directions, z, sdf, new_z)
             num_queries += new_z.numel()
-        return (*state, num_queries)
+        for picked, chosen_from in reversed(picks):
+            state = tuple(value.index_copy(0, picked, part) for value, part in zip(chosen_from, state, strict=True))
+        return (*state, num_queries, torch.stack(cut) if picks else None)
 
     def _static_round(
         self,
@@ -518,15 +506,17 @@ class ErrorBoundedSampler(Sampler):
         draws: FinalDraws,
         upsample: bool,
     ) -> tuple[RayState, Tensor, Tensor, Tensor | None]:
-        """One round on every given ray, tensor operations only (see ``compile``): the state updated where a ray is
-        done in this round, which rays are finished, each ray's beta, and (``upsample``) the next round's distances."""
+        """One round on every given ray, tensor operations only (see ``compile``): the state updated for every ray
+        not finished before (a ray still refining overwrites it in a later round; one that a refine budget leaves
+        out keeps it: samples at the larger beta that meets the bound), which rays are finished, each ray's beta,
+        and (``upsample``) the next round's distances."""
         final, final_beta, final_bound, rounds = state
         rounds = torch.where(finished, rounds, torch.full_like(rounds, round_index))
         beta, bound, done = self._search_round(density, beta0, beta, z, sdf, round_index, in_round=True)
-        newly = done & ~finished
-        final = torch.where(newly[:, None], self._final_samples(z, sdf, beta, density, draws), final)
-        final_beta = torch.where(newly, beta, final_beta)
-        final_bound = torch.where(newly, bound.max(-1).values, final_bound)
+        open_ = ~finished
+        final = torch.where(open_[:, None], self._final_samples(z, sdf, beta, density, draws), final)
+        final_beta = torch.where(open_, beta, final_beta)
+        final_bound = torch.where(open_, bound.max(-1).values, final_bound)
         new_z = self._upsampling_distances(z, bound) if upsample else None
         return (final, final_beta, final_bound, rounds), finished | done, beta, new_z
 
@@ -548,15 +538,17 @@ class ErrorBoundedSampler(Sampler):
         beta = torch.sqrt((z[:, 1:] - z[:, :-1]).pow(2).sum(-1) / (4.0 * math.log(1.0 + self.eps)))
         sdf = self._query(sdf_fn, origins, directions, z)
 
-        num_truncated: Tensor | int = 0
+        cut: Tensor | None = None
         if self.static_shapes and self.training:  # renders are not captured: they keep the cheaper variant
-            final, final_beta, final_bound, rounds, num_queries, num_truncated = self._refine_static(
+            final, final_beta, final_bound, rounds, num_queries, cut = self._refine_static(
                 sdf_fn, origins, directions, z, sdf, beta, beta0, density
             )
         else:
             final, final_beta, final_bound, rounds, num_queries = self._refine(
                 sdf_fn, origins, directions, z, sdf, beta, beta0, density
             )
+        later = torch.arange(2, self.max_total_iters + 1, device=device, dtype=rounds.dtype)
+        round_demand = (rounds[:, None] >= later).sum(0)  # rays that ran each round after the first
         final_z, _ = torch.sort(torch.cat([final, nears, fars], -1), -1)
         pick = torch.randint(final_z.shape[1], (num_rays, 1), device=device)
         info = ErrorBoundInfo(
@@ -565,7 +557,8 @@ class ErrorBoundedSampler(Sampler):
             error_bound=final_bound,
             num_rounds=rounds,
             num_queries=num_queries,
-            num_truncated=num_truncated,
+            num_truncated=0 if cut is None else cut.sum(),
+            round_demand=round_demand if cut is None else round_demand + cut,
         )
         # the last distance closes the final interval (VolSDF's z_max)
         ray_samples = ray_bundle.get_ray_samples(

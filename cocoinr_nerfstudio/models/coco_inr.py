@@ -233,11 +233,12 @@ class CocoInrModelConfig(SurfaceModelConfig):
     count), rays still refining first. 1 = every ray, exact. Where the object covers a fifth of the image, about a
     fifth of the rays need a second round, so 0.25 makes those rounds 4x cheaper; a ray that needs one and finds no
     place keeps its first-round samples (drawn at the larger beta that meets the error bound). ``auto`` starts at 1
-    and every 50 steps sets the budget to the highest share seen + 25% + 1/32 (the graph is captured again when it
-    changes). It applies whenever cuda_graph is set, also when training falls back to eager steps. Training logs
-    the share of rays that got more than one round (``sampler_refined``), that needed one but were cut off
-    (``sampler_truncated``; their sum is the demand) and the budget (``sampler_budget``). Needs
-    per_ray_convergence."""
+    and every 50 steps sets each round's own budget to the highest share of rays that needed that round + 25% +
+    1/32 (the graph is captured again when they change): far fewer rays need rounds 4 and 5 than round 2, and a
+    ray cut off before a later round keeps the samples of its last one. It applies whenever cuda_graph is set,
+    also when training falls back to eager steps. Training logs the share of rays that got more than one round
+    (``sampler_refined``), that needed a round but were cut off (``sampler_truncated``) and round 2's budget
+    (``sampler_budget``). Needs per_ray_convergence."""
 
 
 def _capturing() -> bool:
@@ -813,6 +814,7 @@ class CocoInrModel(SurfaceModel):
             truncated = info.num_truncated
             # a fill kernel, not a host-to-device copy: nothing blocks, and CUDA-graph capture allows it
             outputs["sampler_truncated"] = truncated if isinstance(truncated, Tensor) else info.beta.new_zeros(())
+            outputs["sampler_round_demand"] = info.round_demand
         return outputs
 
     def get_metrics_dict(self, outputs, batch) -> dict[str, Tensor]:
@@ -827,7 +829,7 @@ class CocoInrModel(SurfaceModel):
             metrics["sampler_truncated"] = outputs["sampler_truncated"].float() / rounds.numel()
             metrics["sampler_budget"] = self.sampler.static_refine_budget if self.sampler.static_shapes else 1.0
             if self.refine_budget is not None:
-                self.refine_budget.observe(metrics["sampler_refined"] + metrics["sampler_truncated"])
+                self.refine_budget.observe(outputs["sampler_round_demand"].float() / rounds.numel())
         self.viewer_panel.record_metrics(metrics)
         return metrics
 
@@ -856,10 +858,12 @@ class CocoInrModel(SurfaceModel):
     def _adapt_refine_budget(self, step: int) -> None:
         assert self.refine_budget is not None
         if self.refine_budget.adapt(step):
-            _, demand, budget = self.refine_budget.history[-1]
+            _, demand, budgets = self.refine_budget.history[-1]
+            shares = " / ".join
             CONSOLE.print(
-                f"Sampler: {100 * demand:.1f}% of rays needed a second round (most in the last "
-                f"{REFINE_BUDGET_INTERVAL} steps): rounds 2.. now run on {100 * budget:.1f}% of them."
+                f"Sampler: {shares(f'{100 * share:.1f}' for share in demand)}% of rays needed rounds "
+                f"2-{len(demand) + 1} (most in the last {REFINE_BUDGET_INTERVAL} steps): they now run on "
+                f"{shares(f'{100 * share:.1f}' for share in budgets)}% of them."
             )
 
     def sampler_bf16_error(self, quantiles: tuple[float, ...] = (0.99,)) -> tuple[float, ...]:
@@ -899,7 +903,7 @@ class CocoInrModel(SurfaceModel):
 
     def cuda_graph_key(self) -> tuple:
         """What a captured training step bakes in besides tensors: a new value means capturing again."""
-        return (self.sampler.static_refine_budget, self._sampler_bf16)
+        return (self.sampler.refine_budgets, self._sampler_bf16)
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

@@ -276,6 +276,61 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
         ErrorBoundedSampler(num_samples_extra=129)
 
 
+def test_refine_budgets_per_round_pick_from_the_round_before(constant_randomness):
+    """Each round 2.. on its own share of the rays: exact while every round's demand fits; a ray left out of a later
+    round keeps the samples of its last round (what ``max_total_iters`` at that round gives it), and each round's
+    demand (rays that ran it + rays cut off before it) is reported."""
+    density = LaplaceDensity(beta_init=0.0005, beta_min=0.0)
+    hit_then_miss = hit_and_miss_rays()
+    order = torch.cat([torch.arange(8, 16), torch.arange(8)])  # rays 0-7 miss, 8-15 hit
+    bundle = RayBundle(
+        origins=hit_then_miss.origins[order],
+        directions=hit_then_miss.directions[order],
+        pixel_area=torch.ones(16, 1),
+        nears=torch.zeros(16, 1),
+        fars=torch.full((16, 1), 5.0),
+    )
+
+    def run(budgets: tuple[float, ...] | None = None, rounds: int = 5):
+        sampler = ErrorBoundedSampler(static_shapes=True, max_total_iters=rounds)
+        if budgets is not None:
+            sampler.refine_budgets = budgets
+        sampler.train()
+        samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
+        return samples.frustums.starts[..., 0], info
+
+    full_starts, full = run()
+    assert full.num_rounds.tolist() == [1.0] * 8 + [4.0] * 8
+    assert full.round_demand.tolist() == [8, 8, 8, 0] and full.num_truncated == 0
+    three_starts, three = run(rounds=3)
+
+    starts, info = run((0.5, 0.5, 0.5, 1 / 16))  # 8, 8, 8 and 1 places: every demand fits
+    torch.testing.assert_close(starts, full_starts, atol=0, rtol=0)
+    torch.testing.assert_close(info.beta, full.beta, atol=0, rtol=0)
+    torch.testing.assert_close(info.num_rounds, full.num_rounds)
+    assert info.num_queries == 128 * (16 + 8 + 8 + 8 + 1) and int(info.num_truncated) == 0
+    assert info.round_demand.tolist() == [8, 8, 8, 0]
+
+    starts, info = run((0.5, 0.5, 0.25, 1 / 16))  # 4 places in round 4 for rays 8-15: 8-11 get them
+    assert info.num_queries == 128 * (16 + 8 + 8 + 4 + 1) and int(info.num_truncated) == 4
+    assert info.round_demand.tolist() == [8, 8, 8, 0]  # 4 ran round 4, 4 were cut off before it
+    kept, cut = [*range(12)], [12, 13, 14, 15]
+    torch.testing.assert_close(starts[kept], full_starts[kept], atol=0, rtol=0)
+    torch.testing.assert_close(starts[cut], three_starts[cut], atol=0, rtol=0)
+    torch.testing.assert_close(info.beta[cut], three.beta[cut], atol=0, rtol=0)
+    assert info.num_rounds[cut].tolist() == [3] * 4 and (info.beta[cut] > 0.0005).all()
+
+    sampler = ErrorBoundedSampler(static_shapes=True)
+    sampler.static_refine_budget = 0.25  # one share for every round
+    assert sampler.refine_budgets == (0.25,) * 4 and sampler.static_refine_budget == 0.25
+    with pytest.raises(ValueError, match=r"must not grow from one round to the next.*\(0.25, 0.5, 0.5, 0.5\)"):
+        sampler.refine_budgets = (0.25, 0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"one share per round after the first \(4 with max_total_iters 5\), got 2"):
+        sampler.refine_budgets = (0.5, 0.25)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\], got \(0.5, 0.0, 0.0, 0.0\)"):
+        sampler.refine_budgets = (0.5, 0.0, 0.0, 0.0)
+
+
 def test_static_shapes_trace_without_host_synchronisation():
     """No data-dependent branch or shape: the whole sampler traces as one graph (what CUDA-graph capture needs);
     the shrinking variant must break the trace."""
@@ -311,7 +366,7 @@ def test_static_shapes_trace_without_host_synchronisation():
 def test_compiled_rounds_give_the_eager_samples():
     """``compile`` with static shapes: each round but its SDF queries is one compiled function (random numbers
     drawn outside it). Traced without kernel generation here, it must give the eager path's samples bit for bit,
-    also at four refine budgets in turn (what ``auto`` does: the ray count of rounds 2.. changes), and run without
+    also at five refine budgets in turn (what ``auto`` does: the ray counts of rounds 2.. change), and run without
     falling back."""
     import torch._dynamo
     from torch._dynamo.backends.common import aot_autograd
@@ -325,7 +380,7 @@ def test_compiled_rounds_give_the_eager_samples():
 
     density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
     bundle = hit_and_miss_rays()
-    budgets = (1.0, 0.5, 0.25, 0.75)
+    budgets = (1.0, 0.5, 0.25, 0.75, (0.5, 0.5, 0.25, 0.125))  # the last: a pick before round 4 and 5 too
     results = {}
     for compile in (False, True):
         torch._dynamo.reset()
@@ -334,13 +389,13 @@ def test_compiled_rounds_give_the_eager_samples():
         sampler.train()
         torch.manual_seed(0)
         for budget in budgets:
-            sampler.static_refine_budget = budget
+            sampler.refine_budgets = budget if isinstance(budget, tuple) else (budget,) * 4
             samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
             results[compile, budget] = samples.frustums.starts, info
             if compile and budget == 1.0:  # every round's inverse-CDF sampling (final and upsampling) was compiled
                 assert sum("aten.searchsorted.Tensor" in ops for ops in graphs) >= 2 * sampler.max_total_iters - 1
         if compile:
-            assert not sampler._round.failed and not sampler._budget_round.failed
+            assert not sampler._round.failed
             assert not any("rand" in op for ops in graphs for op in ops)  # training's draws stay outside
             compiled_frames = len(graphs)  # a step at a budget seen before compiles nothing new
             sampler.static_refine_budget = 0.5
@@ -355,6 +410,7 @@ def test_compiled_rounds_give_the_eager_samples():
             torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), atol=0, rtol=0)
         assert compiled.num_queries == eager.num_queries
         assert int(compiled.num_truncated) == int(eager.num_truncated)
+        assert compiled.round_demand.tolist() == eager.round_demand.tolist()
     assert int(results[False, 0.25][1].num_truncated) > 0  # the cut-off path ran too
 
 
@@ -380,7 +436,7 @@ def test_compiled_rounds_fall_back_to_eager_and_say_so(capsys):
     for eager, fallback in [*zip(*results, strict=True), *zip(*renders, strict=True)]:
         torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
     printed = " ".join(capsys.readouterr().out.split())
-    for part in ("the sampler's rounds", "the sampler's first round", "the sampler's beta search"):  # once each
+    for part in ("the sampler's rounds", "the sampler's beta search"):  # once each
         message = f"--pipeline.model.compile-sampler: torch.compile could not compile {part} (RuntimeError: no C++"
         assert printed.count(message) == 1, printed
 
@@ -411,12 +467,12 @@ def test_inductor_rounds_match_eager_rounds(device):
         sampler.train()
         torch.manual_seed(0)
         runs.append([])
-        for budget in (1.0, 0.5):
-            sampler.static_refine_budget = budget
+        for budgets in ((1.0,) * 4, (0.5,) * 4, (0.5, 0.5, 0.25, 0.125)):  # the last: fewer rays in rounds 4, 5
+            sampler.refine_budgets = budgets
             samples, info = sampler(bundle, sdf_fn=sphere_sdf, density=density)
             runs[-1].append((samples.frustums.starts, info))
         if compile:
-            assert not sampler._round.failed and not sampler._budget_round.failed
+            assert not sampler._round.failed
     for (eager_starts, eager), (compiled_starts, compiled) in zip(*runs, strict=True):
         # inverse-CDF sampling is discontinuous where the CDF is flat: a rounding difference there moves a sample
         # to a neighbouring bin (seen once on an H200: 1 of 1552 samples, by 0.008). Such moves stay rare and

@@ -1,4 +1,5 @@
-"""The sampler's refine budget under ``auto``: sized from observed demand, grown at once, shrunk with hysteresis."""
+"""The sampler's refine budgets under ``auto``: each round sized from its observed demand, grown at once, shrunk
+with hysteresis."""
 
 import pytest
 import torch
@@ -7,34 +8,44 @@ from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBound
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 
 
-def test_target_adds_headroom_and_rounds_up_to_a_quantum():
+def test_target_adds_headroom_rounds_up_to_a_quantum_and_never_grows_with_the_round():
     budget = AdaptiveRefineBudget(ErrorBoundedSampler(static_shapes=True))
-    assert budget.target(0.2) == pytest.approx(9 / 32)  # 0.2 * 1.25 + 1/32 = 0.28125 = 9/32 exactly
-    assert budget.target(0.21) == pytest.approx(10 / 32)
-    assert budget.target(0.0) == pytest.approx(1 / 32)
-    assert budget.target(0.9) == 1.0
+    assert budget.target_share(0.2) == pytest.approx(9 / 32)  # 0.2 * 1.25 + 1/32 = 0.28125 = 9/32 exactly
+    assert budget.target_share(0.21) == pytest.approx(10 / 32)
+    assert budget.target_share(0.0) == pytest.approx(1 / 32)
+    assert budget.target_share(0.9) == 1.0
+    assert budget.target((0.9, 0.2, 0.0, 0.0)) == pytest.approx((1.0, 9 / 32, 1 / 32, 1 / 32))
+    # a later round's demand above an earlier one's (not possible in one step, but maxima of different steps)
+    assert budget.target((0.2, 0.3, 0.0, 0.0)) == pytest.approx((9 / 32, 9 / 32, 1 / 32, 1 / 32))
 
 
-def test_adapts_to_the_highest_demand_since_the_last_check():
+def demand(*shares: float) -> torch.Tensor:
+    return torch.tensor(shares)
+
+
+def test_adapts_each_round_to_its_highest_demand_since_the_last_check():
     sampler = ErrorBoundedSampler(static_shapes=True, static_refine_budget=0.5)
     budget = AdaptiveRefineBudget(sampler, min_observations=3)
-    assert sampler.static_refine_budget == 1.0  # starts exact
+    assert sampler.refine_budgets == (1.0,) * 4  # starts exact
     assert not budget.adapt(step=0)  # nothing observed yet
-    budget.observe(torch.tensor(0.10))
+    budget.observe(demand(0.10, 0.10, 0.0, 0.0))
     assert not budget.adapt(step=1)  # too few steps seen: keeps observing
-    for demand in (0.20, 0.15):
-        budget.observe(torch.tensor(demand))
-    assert budget.adapt(step=50) and sampler.static_refine_budget == pytest.approx(9 / 32)
+    budget.observe(demand(0.20, 0.05, 0.02, 0.0))
+    budget.observe(demand(0.15, 0.15, 0.0, 0.0))  # round 3's highest demand is another step's
+    assert budget.adapt(step=50)
+    assert sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
     # a little less demand: within the hysteresis, no new graph
     for _ in range(3):
-        budget.observe(torch.tensor(0.12))
-    assert not budget.adapt(step=100) and sampler.static_refine_budget == pytest.approx(9 / 32)
-    # more demand: grows at once
-    for demand in (0.3, 0.0, 0.0):
-        budget.observe(torch.tensor(demand))
-    assert budget.adapt(step=150) and sampler.static_refine_budget == pytest.approx(13 / 32)
+        budget.observe(demand(0.12, 0.10, 0.0, 0.0))
+    assert not budget.adapt(step=100) and sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
+    # more demand in one round: every round takes its new target
+    for shares in ((0.2, 0.1, 0.1, 0.0), (0.0,) * 4, (0.0,) * 4):
+        budget.observe(demand(*shares))
+    assert budget.adapt(step=150)
+    assert sampler.refine_budgets == pytest.approx((9 / 32, 5 / 32, 5 / 32, 1 / 32))
     # far less: shrinks
     for _ in range(3):
-        budget.observe(torch.tensor(0.0))
-    assert budget.adapt(step=200) and sampler.static_refine_budget == pytest.approx(1 / 32)
+        budget.observe(demand(0.0, 0.0, 0.0, 0.0))
+    assert budget.adapt(step=200) and sampler.refine_budgets == pytest.approx((1 / 32,) * 4)
     assert [step for step, _, _ in budget.history] == [50, 150, 200]
+    assert budget.history[0][1] == pytest.approx((0.20, 0.15, 0.02, 0.0))

@@ -359,12 +359,18 @@ def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
     for seed in range(model.refine_budget.min_observations):  # fewer steps than that: the check keeps observing
         bundle = rays(seed=seed)  # 8 rays at the initial sphere (a second round each), 24 past it (done at once)
         bundle.directions[8:] = torch.nn.functional.normalize(torch.tensor([1.0, 0.0, -0.2]), dim=-1)
-        metrics = model.get_metrics_dict(model(bundle), {"image": torch.rand(32, 3)})
+        outputs = model(bundle)
+        metrics = model.get_metrics_dict(outputs, {"image": torch.rand(32, 3)})
         assert metrics["sampler_truncated"] == 0.0 and metrics["sampler_budget"] == 1.0
-        demands.append(float(metrics["sampler_refined"]))
-    assert max(demands) == 0.25
+        rounds = outputs["sampler_rounds"]  # the demand of each round 2.. is the rays that ran it (none cut)
+        later = torch.arange(2, model.sampler.max_total_iters + 1)
+        assert outputs["sampler_round_demand"].tolist() == [int((rounds >= k).sum()) for k in later]
+        demands.append(outputs["sampler_round_demand"].float() / 32)
+    highest = torch.stack(demands).max(0).values.tolist()
+    assert highest[0] == 0.25 == float(metrics["sampler_refined"])
     adapting[0].run_callback(step=50)
-    assert model.sampler.static_refine_budget == model.refine_budget.target(max(demands)) < 1.0
+    assert model.sampler.refine_budgets == model.refine_budget.target(tuple(highest))
+    assert model.sampler.static_refine_budget < 1.0
     assert model.cuda_graph_key() != key  # a captured step sees the change and captures again
     with pytest.raises(ValueError, match="static-refine-budget must be in"):
         build(tiny_config(static_refine_budget=1.5))
