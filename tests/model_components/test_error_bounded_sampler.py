@@ -119,6 +119,19 @@ def hit_and_miss_rays():
     )
 
 
+def miss_then_hit_rays():
+    """The same rays, misses first: the rays still refining come last, so a budget must pick them out."""
+    hit_then_miss = hit_and_miss_rays()
+    order = torch.cat([torch.arange(8, 16), torch.arange(8)])
+    return RayBundle(
+        origins=hit_then_miss.origins[order],
+        directions=hit_then_miss.directions[order],
+        pixel_area=torch.ones(16, 1),
+        nears=torch.zeros(16, 1),
+        fars=torch.full((16, 1), 5.0),
+    )
+
+
 def test_per_ray_convergence_spends_fewer_queries_for_the_same_bound():
     """Rays that miss the sphere converge at once; the original keeps upsampling them with the rest."""
     density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
@@ -235,15 +248,7 @@ def test_static_refine_budget_refines_rays_still_refining_first(constant_randomn
     """Rounds 2.. on a fixed share of the rays: exact while the rays still refining fit, and past that the rays
     left out keep their first-round samples (what ``max_total_iters=1`` gives them) and are counted."""
     density = LaplaceDensity(beta_init=0.005, beta_min=0.0)
-    hit_then_miss = hit_and_miss_rays()
-    order = torch.cat([torch.arange(8, 16), torch.arange(8)])  # rays 0-7 miss (done at once), 8-15 hit the sphere
-    bundle = RayBundle(
-        origins=hit_then_miss.origins[order],
-        directions=hit_then_miss.directions[order],
-        pixel_area=torch.ones(16, 1),
-        nears=torch.zeros(16, 1),
-        fars=torch.full((16, 1), 5.0),
-    )
+    bundle = miss_then_hit_rays()
 
     def run(budget: float = 1.0, rounds: int = 5):
         sampler = ErrorBoundedSampler(static_shapes=True, static_refine_budget=budget, max_total_iters=rounds)
@@ -281,15 +286,7 @@ def test_refine_budgets_per_round_pick_from_the_round_before(constant_randomness
     round keeps the samples of its last round (what ``max_total_iters`` at that round gives it), and each round's
     demand (rays that ran it + rays cut off before it) is reported."""
     density = LaplaceDensity(beta_init=0.0005, beta_min=0.0)
-    hit_then_miss = hit_and_miss_rays()
-    order = torch.cat([torch.arange(8, 16), torch.arange(8)])  # rays 0-7 miss, 8-15 hit
-    bundle = RayBundle(
-        origins=hit_then_miss.origins[order],
-        directions=hit_then_miss.directions[order],
-        pixel_area=torch.ones(16, 1),
-        nears=torch.zeros(16, 1),
-        fars=torch.full((16, 1), 5.0),
-    )
+    bundle = miss_then_hit_rays()
 
     def run(budgets: tuple[float, ...] | None = None, rounds: int = 5):
         sampler = ErrorBoundedSampler(static_shapes=True, max_total_iters=rounds)
