@@ -57,7 +57,9 @@ class ErrorBoundInfo:
     num_truncated: Tensor | int = 0
     """Rays cut off by the refine budgets: they needed another round and kept the samples of their last one."""
     round_demand: Float[Tensor, " later_rounds"] | None = None
-    """Rays that needed each round after the first (ran it, or were cut off by a refine budget before it)."""
+    """Rays that needed each round after the first: those that ran it, and those a refine budget cut off before it
+    or before an earlier round (counted in every later round: an upper bound where rays were cut, so that ``auto``
+    sizes the later rounds up at once rather than cutting rays again)."""
 
 
 def sample_pdf(
@@ -176,7 +178,8 @@ class ErrorBoundedSampler(Sampler):
         compile: ``torch.compile`` the batched search (dynamic shapes): far fewer kernel launches on GPU. With
             ``static_shapes`` also each round but its SDF queries (the beta search, the final and the upsampling
             distances, the per-ray bookkeeping) as one compiled function: far fewer kernel launches a round. The
-            random draws, the final samples' weights and the merge of new samples stay outside it.
+            random draws, the final samples' weights, the merge of new samples and the picks of ``refine_budgets``
+            stay outside it.
         compile_backend: the ``torch.compile`` backend of the rounds (``aot_eager`` traces without generating
             kernels; a backend that cannot compile falls back to the same functions run eagerly, and says so).
         static_shapes: in training, run every round on every ray and freeze each ray's final samples at the
@@ -221,12 +224,8 @@ class ErrorBoundedSampler(Sampler):
                 f"num_samples_extra ({num_samples_extra}) must not exceed num_samples_eval ({num_samples_eval}): "
                 "the extra samples are a subset of the first round's dense samples"
             )
-        if static_refine_budget < 1.0 and not per_ray_convergence:
-            raise ValueError(
-                "static_refine_budget below 1 needs per_ray_convergence: with batch-level convergence every ray "
-                "refines while any ray does, so there is no 'still refining' ray to put first"
-            )
         self.max_total_iters = max_total_iters
+        self.per_ray_convergence = per_ray_convergence
         self.static_refine_budget = static_refine_budget
         self.num_samples_eval = num_samples_eval
         self.num_samples_extra = num_samples_extra
@@ -234,7 +233,6 @@ class ErrorBoundedSampler(Sampler):
         self.beta_iters = beta_iters
         self.add_tiny = add_tiny
         self.chunk_size = chunk_size
-        self.per_ray_convergence = per_ray_convergence
         self.batched_bisection = batched_bisection
         self.static_shapes = static_shapes
         option = "--pipeline.model.compile-sampler"
@@ -250,7 +248,7 @@ class ErrorBoundedSampler(Sampler):
             # compiled rounds from the second round on; run eagerly, they cost a handful of kernels a round
             self._volume_weights = torch._dynamo.disable(volume_weights)
             # one specialisation per round (its sample count stays static, see _static_widths), each compiled again
-            # once with a dynamic ray count when the refine budget changes
+            # once with a dynamic ray count when the refine budgets change
             limit = 4 * max_total_iters
             self._round = CompiledOrEager(
                 self._static_round, compile_backend, "the sampler's rounds", option, recompile_limit=limit
@@ -274,11 +272,16 @@ class ErrorBoundedSampler(Sampler):
                 f"max_total_iters {self.max_total_iters}), got {len(shares)}: {shares}"
             )
         if not all(0.0 < share <= 1.0 for share in shares):
-            raise ValueError(f"static_refine_budget (share of rays refined) must be in (0, 1], got {shares}")
+            raise ValueError(f"refine_budgets (share of rays each round 2.. runs on) must be in (0, 1], got {shares}")
         if any(later > earlier for earlier, later in itertools.pairwise(shares)):
             raise ValueError(
                 f"refine_budgets must not grow from one round to the next (a round's rays come from the round "
                 f"before), got {shares}"
+            )
+        if any(share < 1.0 for share in shares) and not self.per_ray_convergence:
+            raise ValueError(
+                "static_refine_budget below 1 needs per_ray_convergence: with batch-level convergence every ray "
+                "refines while any ray does, so there is no 'still refining' ray to put first"
             )
         self._refine_budgets = shares
 
@@ -558,7 +561,7 @@ class ErrorBoundedSampler(Sampler):
             num_rounds=rounds,
             num_queries=num_queries,
             num_truncated=0 if cut is None else cut.sum(),
-            round_demand=round_demand if cut is None else round_demand + cut,
+            round_demand=round_demand if cut is None else round_demand + cut.cumsum(0),
         )
         # the last distance closes the final interval (VolSDF's z_max)
         ray_samples = ray_bundle.get_ray_samples(

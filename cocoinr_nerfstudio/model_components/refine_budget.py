@@ -5,8 +5,8 @@ The share of rays that need those rounds depends on the scene (how much of each 
 the stage of training and on the round: far fewer rays need round 4 than round 2. So ``auto`` measures it:
 each step's demand per round (rays that ran the round + rays cut off before it) is folded into a running
 maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is set to that
-maximum plus headroom. The budgets grow at the first check where a round's demand plus headroom exceeds its
-budget and shrink only by a clear step (each change means a new graph capture).
+maximum plus headroom. The budgets change at the first check where a round's demand plus headroom exceeds its
+budget, or where one falls clearly below it (each change means a new graph capture).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class AdaptiveRefineBudget:
         margin: relative headroom above the highest demand seen since the last check.
         floor: headroom added in absolute terms (a view the last interval did not draw may need more).
         quantum: budgets are multiples of this (fewer distinct graphs).
-        shrink_hysteresis: shrink only when some round's new budget is at least this much lower.
+        shrink_hysteresis: the budgets change on a shrink only when some round's target is at least this much lower.
+            A change (a new capture) sets every round to its target, also rounds whose target moved less: the
+            capture is paid once for all of them.
         min_observations: a check with fewer steps observed since the previous check that read them keeps observing (the first
             step, whose initial sphere fills much of the image, does not set the budget alone).
     """
@@ -84,10 +86,11 @@ class AdaptiveRefineBudget:
         demand = tuple(float(value) for value in self._demand.reshape(-1).tolist())
         self._demand, self._observed = None, 0
         new = self.target(demand)
-        grows = any(wanted > held for wanted, held in zip(new, self.budgets, strict=True))
-        shrinks = any(wanted <= held - self.shrink_hysteresis for wanted, held in zip(new, self.budgets, strict=True))
-        if grows or shrinks:
-            self.sampler.refine_budgets = new
-            self.history.append((step, demand, new))
-            return True
-        return False
+        pairs = list(zip(new, self.budgets, strict=True))
+        grows = any(wanted > held for wanted, held in pairs)
+        shrinks = any(wanted <= held - self.shrink_hysteresis for wanted, held in pairs)
+        if not (grows or shrinks):
+            return False
+        self.sampler.refine_budgets = new
+        self.history.append((step, demand, new))
+        return True

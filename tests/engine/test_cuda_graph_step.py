@@ -117,4 +117,7 @@ def test_a_changed_baked_in_setting_is_seen_as_a_reason_to_capture_again():
     before = step._capture_state()
     assert before == step._capture_state()
     model.sampler.static_refine_budget = 0.5
-    assert step._capture_state() != before
+    changed = step._capture_state()
+    assert changed != before
+    model.sampler.refine_budgets = (0.5, 0.25)  # only the last round's
+    assert step._capture_state() != changed

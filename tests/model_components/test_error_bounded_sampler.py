@@ -310,12 +310,23 @@ def test_refine_budgets_per_round_pick_from_the_round_before(constant_randomness
 
     starts, info = run((0.5, 0.5, 0.25, 1 / 16))  # 4 places in round 4 for rays 8-15: 8-11 get them
     assert info.num_queries == 128 * (16 + 8 + 8 + 4 + 1) and int(info.num_truncated) == 4
-    assert info.round_demand.tolist() == [8, 8, 8, 0]  # 4 ran round 4, 4 were cut off before it
+    assert info.round_demand.tolist() == [8, 8, 8, 4]  # 4 ran round 4, 4 were cut off before it (and count for 5)
     kept, cut = [*range(12)], [12, 13, 14, 15]
     torch.testing.assert_close(starts[kept], full_starts[kept], atol=0, rtol=0)
     torch.testing.assert_close(starts[cut], three_starts[cut], atol=0, rtol=0)
     torch.testing.assert_close(info.beta[cut], three.beta[cut], atol=0, rtol=0)
     assert info.num_rounds[cut].tolist() == [3] * 4 and (info.beta[cut] > 0.0005).all()
+
+    one_starts, one = run(rounds=1)
+    starts, info = run((0.375, 0.375, 0.25, 1 / 16))  # 6 places in round 2 (14, 15 cut), 4 in round 4 (12, 13 cut)
+    assert info.num_queries == 128 * (16 + 6 + 6 + 4 + 1) and int(info.num_truncated) == 4
+    # a ray cut off before round 2 counts as needing every later round too (an upper bound: auto sizes up at once)
+    assert info.round_demand.tolist() == [6 + 2, 6 + 2, 4 + 4, 0 + 4]
+    for rays, alone, alone_starts, rounds in (([14, 15], one, one_starts, 1), ([12, 13], three, three_starts, 3)):
+        torch.testing.assert_close(starts[rays], alone_starts[rays], atol=0, rtol=0)
+        torch.testing.assert_close(info.beta[rays], alone.beta[rays], atol=0, rtol=0)
+        assert info.num_rounds[rays].tolist() == [rounds] * 2
+    torch.testing.assert_close(starts[:12], full_starts[:12], atol=0, rtol=0)
 
     sampler = ErrorBoundedSampler(static_shapes=True)
     sampler.static_refine_budget = 0.25  # one share for every round
@@ -324,8 +335,10 @@ def test_refine_budgets_per_round_pick_from_the_round_before(constant_randomness
         sampler.refine_budgets = (0.25, 0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match=r"one share per round after the first \(4 with max_total_iters 5\), got 2"):
         sampler.refine_budgets = (0.5, 0.25)
-    with pytest.raises(ValueError, match=r"must be in \(0, 1\], got \(0.5, 0.0, 0.0, 0.0\)"):
+    with pytest.raises(ValueError, match=r"refine_budgets .* must be in \(0, 1\], got \(0.5, 0.0, 0.0, 0.0\)"):
         sampler.refine_budgets = (0.5, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="needs per_ray_convergence"):
+        ErrorBoundedSampler(static_shapes=True, per_ray_convergence=False).refine_budgets = (1.0, 1.0, 1.0, 0.5)
 
 
 def test_static_shapes_trace_without_host_synchronisation():

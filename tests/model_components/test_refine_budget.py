@@ -38,7 +38,7 @@ def test_adapts_each_round_to_its_highest_demand_since_the_last_check():
     for _ in range(3):
         budget.observe(demand(0.12, 0.10, 0.0, 0.0))
     assert not budget.adapt(step=100) and sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
-    # more demand in one round: every round takes its new target
+    # more demand in round 4: a new capture, which also takes round 3's smaller target (5/32 for 7/32)
     for shares in ((0.2, 0.1, 0.1, 0.0), (0.0,) * 4, (0.0,) * 4):
         budget.observe(demand(*shares))
     assert budget.adapt(step=150)
