@@ -41,6 +41,11 @@ def constant_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
         kwargs.pop("generator", None)
         return torch.zeros(tuple(size), dtype=torch.long, **kwargs)
 
+    # dynamo maps torch's functions to its rules once per process, by name: built while these patches stand, the
+    # map would hold them, and a later torch.compile would find no rule for the real builtins
+    rule_map = getattr(getattr(torch._dynamo, "trace_rules", None), "get_torch_obj_rule_map", None)
+    if rule_map is not None:
+        rule_map()
     monkeypatch.setattr(torch, "rand", rand)
     monkeypatch.setattr(
         torch, "rand_like", lambda x, **kwargs: spread(x.shape, dtype=kwargs.get("dtype", x.dtype), device=x.device)
