@@ -72,12 +72,14 @@ coco_inr = MethodSpecification(
 
 
 def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
-    """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config ``graph+fields+bf16+sdpa+points``),
-    set on ``model`` and returned. Same method and hyperparameters; what changes is arithmetic (TF32 products; bf16
-    in the colour heads and where only samples are placed, there while its SDF error is small against beta; fused
-    attention where nothing is differentiated; the point-attention kernels where it is) and scheduling (one CUDA
-    graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager
-    training with a message; the other options still apply there (compilation included) but do not pay on a CPU."""
+    """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config
+    ``graph+fields+bf16+sdpa+points+flash``), set on ``model`` and returned. Same method and hyperparameters; what
+    changes is arithmetic (TF32 products; bf16 in the colour heads and where only samples are placed, there while
+    its SDF error is small against beta; fused attention where nothing is differentiated or, in the bf16 heads,
+    differentiated once; the point-attention kernels where the SDF's second derivative runs through it) and
+    scheduling (one CUDA graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays
+    that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
+    still apply there (compilation included) but do not pay on a CPU."""
     model.tf32_matmul = True
     model.cuda_graph = True
     model.compile_sampler = True
@@ -89,6 +91,8 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     model.background_field.coordinate_attention.fused_without_grad = True
     model.sdf_field.coordinate_attention.point_kernels = True
     model.background_field.coordinate_attention.point_kernels = True
+    model.sdf_field.coordinate_attention.flash_first_order = True
+    model.background_field.coordinate_attention.flash_first_order = True
     return model
 
 

@@ -37,7 +37,9 @@ from cocoinr_nerfstudio.models.coco_inr import MIN_GRID_RESOLUTION
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--config", default="graph+fields+bf16+sdpa+points", choices=list(benchmark_speed.CONFIGS))
+    parser.add_argument(
+        "--config", default="graph+fields+bf16+sdpa+points+flash", choices=list(benchmark_speed.CONFIGS)
+    )
     parser.add_argument("--train-steps", type=int, default=0, help="trainer steps before rendering (0: at init)")
     parser.add_argument(
         "--beta",
@@ -96,7 +98,7 @@ def set_beta(model, beta: float) -> None:
     with torch.no_grad():
         model.density.beta_param.fill_(beta - model.density.beta_min)
     if model._checks_sampler_precision:
-        model._sampler_bf16 = None
+        model._sampler_half = None
 
 
 def time_frames(model, camera, chunk: int, repeats: int, sync) -> tuple[float, float, float, Tensor]:

@@ -194,15 +194,15 @@ def test_aligned_widths(monkeypatch):
 
 
 def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
-    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points`` are those of ``ns-train
+    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points+flash`` are those of ``ns-train
     coco-inr-fast``."""
     from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast
 
     benchmark = load_script("benchmark_speed", monkeypatch)
     model = copy.deepcopy(coco_inr.config.pipeline.model)
-    benchmark.CONFIGS["graph+fields+bf16+sdpa+points"](model)
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash"](model)
     assert model == coco_inr_fast.config.pipeline.model
-    benchmark.CONFIGS["graph+fields+bf16+sdpa"](model := copy.deepcopy(coco_inr.config.pipeline.model))
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points"](model := copy.deepcopy(coco_inr.config.pipeline.model))
     assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
@@ -560,24 +560,31 @@ def test_step_profile_on_cpu(monkeypatch):
     assert sum(rows[part] for part in nested) <= rows["· foreground field at the samples"]
 
 
-def test_bf16_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
-    """scripts/measure_bf16_sdf_error.py at the paper's initialisation: bf16 errs by a few 1e-3 at the surface,
-    so the sampler keeps bf16 at beta 0.1 and would switch below about 0.01-0.02."""
-    module = load_script("measure_bf16_sdf_error", monkeypatch)
+HALF = ("bfloat16", "float16")  # the precisions measure_sampler_precision.py measures by default, in its order
+
+
+def test_half_precision_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
+    """scripts/measure_sampler_precision.py at the paper's initialisation: bf16 errs by a few 1e-3 at the surface,
+    so the sampler keeps bf16 at beta 0.1 and would switch below about 0.01-0.02; float16 by about a tenth."""
+    module = load_script("measure_sampler_precision", monkeypatch)
     lines = run_main(module, ["--device", "cpu", "--codebook-entries", "64"]).splitlines()
     assert lines[0].startswith("Device: CPU; 4096 probe points moved onto the surface")
-    row = lines[4].strip("| ").split(" | ")
-    assert row[0] == "initialisation, random 64x256 codebook" and row[1] == "0.1"
-    median, p90, p99 = (float(value) for value in row[2:5])
-    assert 5e-4 < median < p90 < p99 < 1e-2
-    assert row[6] == "bfloat16" and 0.002 < float(row[7]) < 0.04
+    rows = [line.strip("| ").split(" | ") for line in lines[4:6]]
+    assert [row[:3] for row in rows] == [["initialisation, random 64x256 codebook", "0.1", name] for name in HALF]
+    (bf16, fp16) = ([float(value) for value in row[3:6]] for row in rows)
+    assert 5e-4 < bf16[0] < bf16[1] < bf16[2] < 1e-2
+    assert 0 < fp16[0] < fp16[1] < fp16[2] < bf16[2] / 5
+    assert [row[7] for row in rows] == list(HALF) and 0.002 < float(rows[0][8]) < 0.04
+    assert float(rows[1][8]) < float(rows[0][8]) / 5
+    only = run_main(module, ["--device", "cpu", "--codebook-entries", "64", "--dtypes", "float16"]).splitlines()
+    assert only[4].split(" | ")[2] == "float16" and only[5:] == []
 
 
-def test_bf16_render_comparison_restores_the_model(monkeypatch):
-    """--render-betas: one row a beta; the model's beta and sampler precision are as they were afterwards."""
+def test_half_precision_render_comparison_restores_the_model(monkeypatch):
+    """--render-betas: one row a beta and precision; the model's beta and sampler precision are as they were."""
     import torch
 
-    module = load_script("measure_bf16_sdf_error", monkeypatch)
+    module = load_script("measure_sampler_precision", monkeypatch)
     argv = ["--device", "cpu", "--codebook-entries", "64", "--render-betas", "0.1", "0.001", "--rays", "64"]
     built = {}
     load_model = module.load_model
@@ -589,27 +596,30 @@ def test_bf16_render_comparison_restores_the_model(monkeypatch):
 
     monkeypatch.setattr(module, "load_model", keep)
     lines = run_main(module, argv).splitlines()
-    assert lines[6] == "Renders of 64 rays, samples placed by float32 against bf16 SDF queries (the field in float32):"
-    rows = [line.strip("| ").split(" | ") for line in lines[10:]]
-    assert [row[0] for row in rows] == ["0.1", "0.001"]
+    assert lines[7] == (
+        "Renders of 64 rays, samples placed by float32 against half-precision SDF queries (the field in float32):"
+    )
+    rows = [line.strip("| ").split(" | ") for line in lines[11:]]
+    assert [row[:2] for row in rows] == [[beta, name] for beta in ("0.1", "0.001") for name in HALF]
     for row in rows:
-        hits, total = (int(value) for value in row[1].split(" / "))
+        hits, total = (int(value) for value in row[2].split(" / "))
         assert 0 < hits <= total == 64
-        for cell in row[2:]:
+        for cell in row[3:]:
             mean_or_median, largest = (float(value) for value in cell.split(" / "))
             assert 0 <= mean_or_median <= largest < 0.5  # the same field: renders differ, but not by much
     model = built["model"]
-    assert torch.equal(model.density.beta_param, built["beta"]) and model._sampler_bf16 is False  # as built
+    assert torch.equal(model.density.beta_param, built["beta"])  # as built: float32 queries, beta 0.1
+    assert model._sampler_half is False and model._sampler_dtype is None
     with pytest.raises(SystemExit):
         module.parse_args(["--render-betas", "0.1", "0"])
 
 
-def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
+def test_half_precision_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
     """--load-config reads a run through nerfstudio's eval_setup; a sharp beta means float32 queries."""
     import torch
     from tiny_models import build, tiny_config
 
-    module = load_script("measure_bf16_sdf_error", monkeypatch)
+    module = load_script("measure_sampler_precision", monkeypatch)
     model = build(tiny_config(sampler_autocast="bfloat16"))
     with torch.no_grad():
         model.density.beta_param.fill_(1e-3)
@@ -618,8 +628,10 @@ def test_bf16_sdf_error_of_a_trained_model(monkeypatch, tmp_path):
     config.parent.mkdir()
     config.write_text("fake: true\n")
     monkeypatch.setattr(module, "eval_setup", lambda path, test_mode: (None, pipeline, None, 1234))
-    row = run_main(module, ["--device", "cpu", "--load-config", str(config)]).splitlines()[4].strip("| ").split(" | ")
-    assert row[0] == "run, step 1234" and row[1] == "0.0011" and row[6] == "float32"
+    lines = run_main(module, ["--device", "cpu", "--load-config", str(config)]).splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines[4:6]]
+    assert [row[:3] for row in rows] == [["run, step 1234", "0.0011", name] for name in HALF]
+    assert [row[7] for row in rows] == ["float32", "float32"]
     with pytest.raises(SystemExit, match=r"--load-config: .* is not a file"):
         run_main(module, ["--device", "cpu", "--load-config", str(tmp_path / "missing.yml")])
 

@@ -1,13 +1,14 @@
-"""Whether the error-bounded sampler's SDF queries may run in bfloat16: only while bf16's SDF error is small
-against the density's beta.
+"""Whether the error-bounded sampler's SDF queries may run in half precision (bfloat16 or float16): only while
+their SDF error is small against the density's beta.
 
 The sampler bounds the opacity error of its samples from the SDF and beta (the Laplace density's scale); an SDF
 off by delta changes the density there, and the terms of the bound, by up to a factor exp(delta / beta). At the
 geometric init, bf16 queries of the paper's field err by about 3e-3 at the surface in the normalised frame (99th
 percentile; median 1.7e-3; docs/benchmarks.md, round eleven): a few percent of beta at the start (0.1), but more
-than beta once training has sharpened the surface (VolSDF's beta falls toward 1e-3). So the check compares the two
-where the samples gather: fixed probe points are moved onto the current surface (Newton steps along the SDF's
-gradient), and the 99th percentile of |bf16 - float32| there is taken as a share of beta.
+than beta once training has sharpened the surface (VolSDF's beta falls toward 1e-3). float16 keeps 3 more mantissa
+bits and errs about 10x less (3.5e-4), at the same speed on tensor cores, but overflows above 65504. So the check
+compares the two where the samples gather: fixed probe points are moved onto the current surface (Newton steps
+along the SDF's gradient), and the 99th percentile of |half - float32| there is taken as a share of beta.
 
 The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
 between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
@@ -65,31 +66,46 @@ def on_surface(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, radius: float
     return points[sdf.abs() <= SURFACE_TOLERANCE]
 
 
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The sampler's query precisions by their option name (``--pipeline.model.sampler-autocast``)."""
+
+
 @torch.no_grad()
-def bf16_sdf_error(
-    sdf_fn: Callable[[Tensor], Tensor], points: Tensor, quantiles: Sequence[float] = (0.99,)
+def rounding_error(
+    sdf_fn: Callable[[Tensor], Tensor],
+    points: Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    quantiles: Sequence[float] = (0.99,),
 ) -> tuple[float, ...]:
-    """The ``quantiles`` of |SDF under bf16 autocast - SDF in float32| at ``points`` (one host synchronisation)."""
+    """The ``quantiles`` of |SDF under ``dtype`` autocast - SDF in float32| at ``points`` (one host
+    synchronisation). inf for every quantile where a query that is finite in float32 is not (float16 overflows),
+    however few: such a query would corrupt the sampler wherever it falls."""
     with _float32(points.device):
         exact = sdf_fn(points).float()
-    with torch.autocast(points.device.type, dtype=torch.bfloat16, cache_enabled=False):
+    with torch.autocast(points.device.type, dtype=dtype, cache_enabled=False):
         rounded = sdf_fn(points).float()
     levels = torch.tensor(list(quantiles), device=points.device)
-    return tuple(torch.quantile((rounded - exact).abs().flatten(), levels).tolist())
+    errors = torch.quantile((rounded - exact).abs().flatten(), levels)
+    overflowed = (exact.isfinite() & ~rounded.isfinite()).any()
+    return tuple(torch.where(overflowed, math.inf, errors).tolist())
 
 
-def surface_bf16_error(
-    sdf_fn: Callable[[Tensor], Tensor], radius: float, device: torch.device | str, quantiles: Sequence[float] = (0.99,)
+def surface_rounding_error(
+    sdf_fn: Callable[[Tensor], Tensor],
+    radius: float,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    quantiles: Sequence[float] = (0.99,),
 ) -> tuple[float, ...]:
-    """bf16's SDF error where the sampler's samples gather: at the probe points moved onto the surface. NaNs
+    """``dtype``'s SDF error where the sampler's samples gather: at the probe points moved onto the surface. NaNs
     where fewer than ``MIN_SURFACE_POINTS`` reach it (no surface in the ball, or an SDF far from a distance)."""
     surface = on_surface(sdf_fn, onto_surface(sdf_fn, probe_points(radius, device)), radius)
     if len(surface) < MIN_SURFACE_POINTS:
         return tuple(math.nan for _ in quantiles)
-    return bf16_sdf_error(sdf_fn, surface, quantiles)
+    return rounding_error(sdf_fn, surface, dtype, quantiles)
 
 
-def bf16_is_safe(error: float, beta: float, max_share: float) -> bool:
-    """bf16 queries keep the sampler's bound meaningful while their SDF error is at most ``max_share`` of beta
-    (an unmeasured error, NaN, is not safe)."""
+def rounding_is_safe(error: float, beta: float, max_share: float) -> bool:
+    """Half-precision queries keep the sampler's bound meaningful while their SDF error is at most ``max_share``
+    of beta (an unmeasured error, NaN, is not safe; nor is an overflow, inf)."""
     return error <= max_share * beta

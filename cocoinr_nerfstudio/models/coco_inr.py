@@ -43,7 +43,11 @@ from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, bat
 from cocoinr_nerfstudio.model_components.mask_split import split_mask
 from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
-from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe, surface_bf16_error
+from cocoinr_nerfstudio.model_components.sampler_precision import (
+    HALF_DTYPES,
+    rounding_is_safe,
+    surface_rounding_error,
+)
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
 from cocoinr_nerfstudio.torch_compat import OutOfMemoryError
@@ -52,7 +56,7 @@ from cocoinr_nerfstudio.viewer.panel import MethodPanel
 PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
-SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that bf16 sampler queries are still accurate enough
+SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that half-precision sampler queries are still accurate enough
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 GRID_COST_SHARE = 8  # a render's occupancy grid queries at most 1/8 of the points of the sampler's first round
 MIN_GRID_RESOLUTION = 8  # cells a side: a coarser grid would skip little, so small images go without one
@@ -88,19 +92,20 @@ class CocoInrModelConfig(SurfaceModelConfig):
     tf32_matmul: bool = False
     """Allow TensorFloat-32 matrix products on Ampere+ GPUs (sets torch's float32 matmul precision to 'high',
     process-wide)."""
-    sampler_autocast: Literal["none", "bfloat16"] = "none"
-    """Run the error-bounded sampler's SDF queries in bfloat16 (they only place samples; the rendered SDF,
-    its gradient and every loss stay float32) while ``sampler-autocast-max-error`` allows."""
+    sampler_autocast: Literal["none", "bfloat16", "float16"] = "none"
+    """Run the error-bounded sampler's SDF queries in half precision (they only place samples; the rendered SDF,
+    its gradient and every loss stay float32) while ``sampler-autocast-max-error`` allows. float16 errs about 10x
+    less than bfloat16 at the same speed, so it stays on to a 10x sharper surface; bfloat16 cannot overflow."""
     sampler_autocast_max_error: float = 0.25
-    """With sampler-autocast bfloat16: the largest SDF error of bf16 queries, as a share of the density's beta,
-    at which the sampler keeps them (an error of 0.25 beta scales the terms of its error bound by at most
+    """With sampler-autocast: the largest SDF error of the half-precision queries, as a share of the density's
+    beta, at which the sampler keeps them (an error of 0.25 beta scales the terms of its error bound by at most
     exp(0.25) = 1.28). The bound trusts the SDF, and beta shrinks as the surface sharpens (from 0.1 toward 1e-3)
-    while bf16's error does not (99th percentile about 3e-3 at the geometric init). Checked before a run's first
-    training step, every 50 steps and before a loaded model's first render: the 99th percentile of
-    |bf16 - float32| at 4096 fixed points moved onto the surface (the field run eagerly: compiled code, which does
-    not round between fused operations, should err no more). Once too large, or if the probe finds no surface,
-    the queries run in float32 for the rest of the process. inf: bf16 throughout, never checked (the behaviour
-    before this option)."""
+    while the rounding error does not (99th percentile at the geometric init: about 3e-3 in bfloat16, 3.5e-4 in
+    float16). Checked before a run's first training step, every 50 steps and before a loaded model's first
+    render: the 99th percentile of |half - float32| at 4096 fixed points moved onto the surface (the field run
+    eagerly: compiled code, which does not round between fused operations, should err no more). Once too large,
+    if any probe overflows, or if the probe finds no surface, the queries run in float32 for the rest of the
+    process. inf: half precision throughout, never checked."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -381,10 +386,12 @@ class CocoInrModel(SurfaceModel):
                 "--pipeline.model.sampler-autocast-max-error must be a share of beta >= 0 (inf: never checked), got "
                 f"{self.config.sampler_autocast_max_error}"
             )
-        bf16 = self.config.sampler_autocast == "bfloat16"
-        self._checks_sampler_precision = bf16 and self.config.sampler_autocast_max_error != math.inf
-        self._sampler_bf16: bool | None = None if self._checks_sampler_precision else bf16
-        """Whether the sampler's queries run in bfloat16 now; None until checked (_check_sampler_precision)."""
+        self._sampler_dtype = HALF_DTYPES.get(self.config.sampler_autocast)
+        """The sampler queries' half precision (``sampler_autocast``), None for float32 throughout."""
+        half = self._sampler_dtype is not None
+        self._checks_sampler_precision = half and self.config.sampler_autocast_max_error != math.inf
+        self._sampler_half: bool | None = None if self._checks_sampler_precision else half
+        """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
             if self.config.cuda_graph and self.config.static_refine_budget == "auto"
@@ -485,11 +492,11 @@ class CocoInrModel(SurfaceModel):
         }
 
     def _sampler_sdf(self, points: Tensor) -> Tensor:
-        """SDF queries that only place samples: in bfloat16 while it is safe (``sampler_autocast_max_error``)."""
-        if self._sampler_bf16 is None and not _capturing():  # not yet checked (a loaded model's first render)
+        """SDF queries that only place samples: in half precision while it is safe (``sampler_autocast_max_error``)."""
+        if self._sampler_half is None and not _capturing():  # not yet checked (a loaded model's first render)
             self._check_sampler_precision()
-        if self._sampler_bf16:  # unchecked during a CUDA-graph capture (no host reads there): float32
-            with torch.autocast(points.device.type, dtype=torch.bfloat16, cache_enabled=False):
+        if self._sampler_half:  # unchecked during a CUDA-graph capture (no host reads there): float32
+            with torch.autocast(points.device.type, dtype=self._sampler_dtype, cache_enabled=False):
                 return self.field.get_sdf_values(points).float()
         return self.field.get_sdf_values(points)
 
@@ -866,44 +873,51 @@ class CocoInrModel(SurfaceModel):
                 f"{shares(f'{100 * share:.1f}' for share in budgets)}% of them."
             )
 
-    def sampler_bf16_error(self, quantiles: tuple[float, ...] = (0.99,)) -> tuple[float, ...]:
-        """Quantiles of |bf16 - float32| of the SDF at the surface (see ``sampler_autocast_max_error``)."""
+    def sampler_rounding_error(
+        self, quantiles: tuple[float, ...] = (0.99,), dtype: torch.dtype | None = None
+    ) -> tuple[float, ...]:
+        """Quantiles of |``dtype`` - float32| of the SDF at the surface (see ``sampler_autocast_max_error``);
+        ``dtype`` defaults to the sampler's (bfloat16 where it has none)."""
 
         def sdf(points: Tensor) -> Tensor:  # eager: a probe of this shape and precision compiles nothing
             return self.field.get_sdf_values(points, compiled=False)
 
-        return surface_bf16_error(sdf, self.scene_radius, self.density.beta_param.device, quantiles)
+        dtype = dtype or self._sampler_dtype or torch.bfloat16
+        return surface_rounding_error(sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles)
 
     def _sampler_precision_callback(self, step: int) -> None:
         """Before the first step of a run (resumed runs start at any step) and every 50 steps."""
-        if self._sampler_bf16 is None or step % SAMPLER_PRECISION_INTERVAL == 0:
+        if self._sampler_half is None or step % SAMPLER_PRECISION_INTERVAL == 0:
             self._check_sampler_precision(step)
 
     def _check_sampler_precision(self, step: int | None = None) -> None:
-        """Sets whether the sampler's queries run in bfloat16 (see ``sampler_autocast_max_error``): one probe of
-        the SDF in both precisions and one read of beta (a host synchronisation). Once off, it stays off."""
-        if self._sampler_bf16 is False:
+        """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``): one probe
+        of the SDF in both precisions and one read of beta (a host synchronisation). Once off, it stays off."""
+        if self._sampler_half is False:
             return
-        (error,) = self.sampler_bf16_error()
+        (error,) = self.sampler_rounding_error()
         beta = float(self.density.get_beta().detach())
-        safe = bf16_is_safe(error, beta, self.config.sampler_autocast_max_error)
+        safe = rounding_is_safe(error, beta, self.config.sampler_autocast_max_error)
         if not safe:
             when = f"at step {step}" if step is not None else "before rendering"
-            measured = (
-                f"err by {error:.2e} (99th percentile at the surface), more than "
-                f"{self.config.sampler_autocast_max_error:g} x beta ({beta:.2e})"
-                if math.isfinite(error)
-                else "could not be checked (the probe found no surface)"
-            )
+            if math.isnan(error):
+                measured = "could not be checked (the probe found no surface)"
+            elif math.isinf(error):
+                measured = "overflow at the surface"
+            else:
+                measured = (
+                    f"err by {error:.2e} (99th percentile at the surface), more than "
+                    f"{self.config.sampler_autocast_max_error:g} x beta ({beta:.2e})"
+                )
             CONSOLE.print(
-                f"Sampler: bfloat16 SDF queries {measured} {when}: they run in float32 from now on "
-                "(--pipeline.model.sampler-autocast-max-error)."
+                f"Sampler: {self.config.sampler_autocast} SDF queries {measured} {when}: they run in float32 from "
+                "now on (--pipeline.model.sampler-autocast-max-error)."
             )
-        self._sampler_bf16 = safe
+        self._sampler_half = safe
 
     def cuda_graph_key(self) -> tuple:
         """What a captured training step bakes in besides tensors: a new value means capturing again."""
-        return (self.sampler.refine_budgets, self._sampler_bf16)
+        return (self.sampler.refine_budgets, self._sampler_half)
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

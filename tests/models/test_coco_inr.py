@@ -484,6 +484,8 @@ def test_fast_preset_changes_speed_options_only():
                 "background_field.coordinate_attention.fused_without_grad",
                 "sdf_field.coordinate_attention.point_kernels",
                 "background_field.coordinate_attention.point_kernels",
+                "sdf_field.coordinate_attention.flash_first_order",
+                "background_field.coordinate_attention.flash_first_order",
             )
         ),
     }
@@ -495,6 +497,8 @@ def test_fast_preset_changes_speed_options_only():
     assert model.background_field.coordinate_attention.fused_without_grad
     assert model.sdf_field.coordinate_attention.point_kernels
     assert model.background_field.coordinate_attention.point_kernels
+    assert model.sdf_field.coordinate_attention.flash_first_order
+    assert model.background_field.coordinate_attention.flash_first_order
     assert base.pipeline.model == CocoInrModelConfig()  # no nested config shared with the preset
     assert model.sdf_field is not base.pipeline.model.sdf_field
     assert model.background_field is not base.pipeline.model.background_field

@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""How far bfloat16 SDF queries are from float32 at the surface, against the density's beta: what
-``--pipeline.model.sampler-autocast-max-error`` checks during training with ``--pipeline.model.sampler-autocast
-bfloat16`` (on in ``coco-inr-fast``). The error bound of the sampler trusts the SDF, so its queries stay in bf16 only
-while this error is a small share of beta (docs/benchmarks.md, round eleven).
+"""How far half-precision (bfloat16, float16) SDF queries are from float32 at the surface, against the density's
+beta: what ``--pipeline.model.sampler-autocast-max-error`` checks during training with
+``--pipeline.model.sampler-autocast`` (on in ``coco-inr-fast``). The error bound of the sampler trusts the SDF, so
+its queries stay in half precision only while this error is a small share of beta (docs/benchmarks.md, round
+eleven). One row per precision.
 
-    python scripts/measure_bf16_sdf_error.py --device cuda           # the paper's model at its initialisation
-    python scripts/measure_bf16_sdf_error.py --load-config outputs/scan65/coco-inr/RUN/config.yml   # a trained one
+    python scripts/measure_sampler_precision.py --device cuda           # the paper's model at its initialisation
+    python scripts/measure_sampler_precision.py --load-config outputs/scan65/coco-inr/RUN/config.yml   # a trained one
 
-``--render-betas`` also renders rays with samples placed by bf16 and by float32 queries (the field itself in float32
-both times) at each given beta, and compares the renders: what the check guards against. The rays look at the
-origin from 2.5 units (the normalised frame's object sits there); the model's own beta is put back afterwards.
+``--render-betas`` also renders rays with samples placed by half-precision and by float32 queries (the field itself
+in float32 both times) at each given beta, and compares the renders: what the check guards against. The rays look at
+the origin from 2.5 units (the normalised frame's object sits there); the model's own beta and sampler precision are
+put back afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 
-from cocoinr_nerfstudio.model_components.sampler_precision import bf16_is_safe
+from cocoinr_nerfstudio.model_components.sampler_precision import HALF_DTYPES, rounding_is_safe
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
 from cocoinr_nerfstudio.scripts.extract_mesh import eval_setup
 
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--render-betas", type=float, nargs="*", default=[], help="compare renders at these betas")
     parser.add_argument("--rays", type=int, default=2048, help="rays of each render comparison")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=list(HALF_DTYPES), choices=list(HALF_DTYPES), help="half precisions measured"
+    )
     args = parser.parse_args(argv)
     if any(not beta > 0 for beta in args.render_betas) or args.rays < 1:
         parser.error(f"--render-betas must be > 0 and --rays >= 1, got {args.render_betas} and {args.rays}")
@@ -76,18 +81,26 @@ def beta_set_to(model: CocoInrModel, beta: float) -> Iterator[None]:
             parameter.copy_(kept)
 
 
-@torch.no_grad()
-def render_differences(model: CocoInrModel, rays: RayBundle, beta: float) -> list[str]:
-    """One table row: renders with samples placed by float32 against bf16 queries at ``beta``."""
-    renders = []
-    bf16_before = model._sampler_bf16
+@contextlib.contextmanager
+def sampler_queries_in(model: CocoInrModel, dtype: torch.dtype | None) -> Iterator[None]:
+    """The sampler's queries in ``dtype`` (None: float32), unchecked (the check would switch half precision off at
+    a small beta); the model's own setting is put back afterwards."""
+    kept = model._sampler_dtype, model._sampler_half
     try:
-        with beta_set_to(model, beta):
-            for bf16 in (False, True):
-                model._sampler_bf16 = bf16  # the check would switch bf16 off at small beta: set it directly
-                renders.append(model.get_outputs_for_camera_ray_bundle(rays))
+        model._sampler_dtype, model._sampler_half = dtype, dtype is not None
+        yield
     finally:
-        model._sampler_bf16 = bf16_before
+        model._sampler_dtype, model._sampler_half = kept
+
+
+@torch.no_grad()
+def render_differences(model: CocoInrModel, rays: RayBundle, beta: float, dtype: str) -> list[str]:
+    """One table row: renders with samples placed by float32 against ``dtype`` queries at ``beta``."""
+    renders = []
+    with beta_set_to(model, beta):
+        for precision in (None, HALF_DTYPES[dtype]):
+            with sampler_queries_in(model, precision):
+                renders.append(model.get_outputs_for_camera_ray_bundle(rays))
     exact, rounded = renders
     hit = exact["accumulation"].reshape(-1) > 0.5
     depth = (exact["depth"] - rounded["depth"]).abs().reshape(-1)[hit]
@@ -97,6 +110,7 @@ def render_differences(model: CocoInrModel, rays: RayBundle, beta: float) -> lis
     depth_median = float(depth.median()) if len(depth) else float("nan")
     return [
         f"{beta:g}",
+        dtype,
         f"{int(hit.sum())} / {len(hit)}",
         f"{depth_median:.2e} / {depth_p99:.2e}",
         f"{float(accumulation.mean()):.2e} / {float(accumulation.max()):.2e}",
@@ -127,35 +141,43 @@ def main(argv: list[str] | None = None) -> str:
         sys.exit("--device cuda: no CUDA device is visible")
     model, name = load_model(args)
     model.train()  # as the check runs in training (the prototypes are computed, not cached)
-    errors = model.sampler_bf16_error(QUANTILES)
     beta = float(model.density.get_beta().detach())
     share = model.config.sampler_autocast_max_error
-    keeps = "bfloat16" if bf16_is_safe(errors[-1], beta, share) else "float32"
+    rows = []
+    for dtype in args.dtypes:
+        errors = model.sampler_rounding_error(QUANTILES, HALF_DTYPES[dtype])
+        keeps = dtype if rounding_is_safe(errors[-1], beta, share) else "float32"
+        kept_while = errors[2] / share if share > 0 else float("inf")
+        rows.append(
+            f"| {name} | {beta:.3g} | {dtype} | {errors[0]:.2e} | {errors[1]:.2e} | {errors[2]:.2e} | "
+            f"{errors[2] / beta:.3f} | {keeps} | {kept_while:.3g} |"
+        )
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = "\n".join(
         [
-            f"Device: {device}; 4096 probe points moved onto the surface; |bf16 - float32| of the SDF (normalised frame)",
+            f"Device: {device}; 4096 probe points moved onto the surface; |half - float32| of the SDF (normalised "
+            "frame)",
             "",
-            "| model | beta | error median | 90% | 99% | 99% / beta | sampler queries (max share "
-            f"{share:g}) | bf16 kept while beta >= |",
-            "|---|---:|---:|---:|---:|---:|---|---:|",
-            f"| {name} | {beta:.3g} | {errors[0]:.2e} | {errors[1]:.2e} | {errors[2]:.2e} | {errors[2] / beta:.3f} | "
-            f"{keeps} | {errors[2] / share if share > 0 else float('inf'):.3g} |",
+            f"| model | beta | queries | error median | 90% | 99% | 99% / beta | sampler queries (max share {share:g}) "
+            "| half kept while beta >= |",
+            "|---|---:|---|---:|---:|---:|---:|---|---:|",
+            *rows,
         ]
     )
     if args.render_betas:
         model.eval()
         rays = probe_rays(args.rays, args.device)
-        rows = [render_differences(model, rays, beta) for beta in args.render_betas]
+        rows = [render_differences(model, rays, beta, dtype) for beta in args.render_betas for dtype in args.dtypes]
         table += "\n".join(
             [
                 "",
                 "",
-                f"Renders of {args.rays} rays, samples placed by float32 against bf16 SDF queries (the field in float32):",
+                f"Renders of {args.rays} rays, samples placed by float32 against half-precision SDF queries (the field "
+                "in float32):",
                 "",
-                "| beta | rays hitting | depth difference median / 99% (hits) | accumulation difference mean / max | "
-                "rgb difference mean / max |",
-                "|---:|---:|---:|---:|---:|",
+                "| beta | queries | rays hitting | depth difference median / 99% (hits) | accumulation difference mean "
+                "/ max | rgb difference mean / max |",
+                "|---:|---|---:|---:|---:|---:|",
                 *(f"| {' | '.join(row)} |" for row in rows),
             ]
         )

@@ -1,4 +1,5 @@
-"""bf16 sampler queries are used only while their SDF error is a small share of beta, then float32 for good."""
+"""Half-precision sampler queries are used only while their SDF error is a small share of beta, then float32 for
+good."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from tiny_models import build, tiny_config
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel
 
 
-def record_query_precision(model: CocoInrModel) -> list[bool]:
-    """Whether each of the sampler's SDF queries ran under bf16 autocast (the precision check's own eager probes,
-    ``compiled=False``, are not the sampler's queries)."""
-    seen: list[bool] = []
+def record_query_precision(model: CocoInrModel) -> list[torch.dtype | None]:
+    """The autocast precision each of the sampler's SDF queries ran under, None for none (the precision check's
+    own eager probes, ``compiled=False``, are not the sampler's queries)."""
+    seen: list[torch.dtype | None] = []
     sampler_sdf = model._sampler_sdf
 
     def recording(points):
@@ -24,7 +25,7 @@ def record_query_precision(model: CocoInrModel) -> list[bool]:
 
         def get_sdf_values(x, compiled=True):
             if compiled:
-                seen.append(torch.is_autocast_enabled("cpu"))
+                seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
             return original(x, compiled=compiled)
 
         model.field.get_sdf_values = get_sdf_values
@@ -42,21 +43,23 @@ def set_beta(model: CocoInrModel, beta: float) -> None:
         model.density.beta_param.fill_(beta - model.density.beta_min)
 
 
-def test_queries_switch_to_float32_once_beta_is_below_the_error(capsys):
-    model = build(tiny_config(sampler_autocast="bfloat16"))
-    assert model._sampler_bf16 is None  # not checked before the first step or render
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_queries_switch_to_float32_once_beta_is_below_the_error(capsys, name, dtype):
+    model = build(tiny_config(sampler_autocast=name))
+    assert model._sampler_half is None  # not checked before the first step or render
     model._check_sampler_precision(step=0)
-    assert model._sampler_bf16 is True  # beta 0.1: bf16's error (6e-3 here) is below a quarter of it
+    assert model._sampler_half is True  # beta 0.1: the error (bf16 6e-3 here, float16 10x less) is below 0.025
     key = model.cuda_graph_key()
     seen = record_query_precision(model)
     model.train()
     model(rays(16))
-    assert seen and all(seen)
+    assert seen and all(precision == dtype for precision in seen)
 
-    set_beta(model, 2e-4)  # late in training: bf16's error is no longer small against beta
+    set_beta(model, 2e-4)  # late in training: the rounding error is no longer small against beta
     model._check_sampler_precision(step=50)
-    assert model._sampler_bf16 is False and model.cuda_graph_key() != key  # a captured step is captured again
+    assert model._sampler_half is False and model.cuda_graph_key() != key  # a captured step is captured again
     printed = " ".join(capsys.readouterr().out.split())
+    assert f"Sampler: {name} SDF queries err by" in printed
     assert "at step 50: they run in float32 from now on (--pipeline.model.sampler-autocast-max-error)" in printed
     seen.clear()
     model(rays(16))
@@ -64,7 +67,7 @@ def test_queries_switch_to_float32_once_beta_is_below_the_error(capsys):
 
     set_beta(model, 0.1)
     model._check_sampler_precision(step=100)
-    assert model._sampler_bf16 is False  # once off, off: no capture to and fro
+    assert model._sampler_half is False  # once off, off: no capture to and fro
 
 
 def test_the_check_is_a_training_callback_only_where_it_can_change_anything():
@@ -78,8 +81,8 @@ def test_the_check_is_a_training_callback_only_where_it_can_change_anything():
     assert checks(sampler_autocast="bfloat16") == 1
     assert checks(sampler_autocast="bfloat16", sampler_autocast_max_error=math.inf) == 0
     assert checks() == 0
-    assert build(tiny_config(sampler_autocast="bfloat16", sampler_autocast_max_error=math.inf))._sampler_bf16 is True
-    assert build(tiny_config())._sampler_bf16 is False
+    assert build(tiny_config(sampler_autocast="bfloat16", sampler_autocast_max_error=math.inf))._sampler_half is True
+    assert build(tiny_config())._sampler_half is False
 
 
 def test_a_loaded_model_checks_before_its_first_render():
@@ -89,7 +92,7 @@ def test_a_loaded_model_checks_before_its_first_render():
     seen = record_query_precision(model)
     with torch.no_grad():
         model(rays(8))
-    assert model._sampler_bf16 is False and seen and not any(seen)
+    assert model._sampler_half is False and seen and not any(seen)
 
 
 def test_a_negative_share_is_refused():
@@ -109,7 +112,7 @@ def test_a_resumed_run_checks_before_its_first_step_then_every_50(monkeypatch):
     monkeypatch.setattr(model, "_check_sampler_precision", counting)
     for step in range(2001, 2102):  # resumed at a step that is no multiple of 50
         model._sampler_precision_callback(step)
-    assert checked == [2001, 2050, 2100] and model._sampler_bf16 is True
+    assert checked == [2001, 2050, 2100] and model._sampler_half is True
 
 
 def test_the_probe_leaves_the_model_as_it_was():
@@ -128,6 +131,34 @@ def test_no_surface_in_the_probe_means_float32(capsys):
     model = build(tiny_config(sampler_autocast="bfloat16"))
     model.field.get_sdf_values = lambda points, compiled=True: points.norm(dim=-1, keepdim=True) + 1.0
     model._check_sampler_precision(step=0)
-    assert model._sampler_bf16 is False
+    assert model._sampler_half is False
     printed = " ".join(capsys.readouterr().out.split())
     assert "could not be checked (the probe found no surface) at step 0: they run in float32" in printed
+
+
+def test_float16_stays_on_where_bfloat16_is_switched_off():
+    """At the init of the tiny model, bf16 errs by about 6e-3 and float16 by about a tenth of that: at beta 0.01
+    (0.25 x beta = 2.5e-3) only float16 is kept."""
+    errors = {}
+    for name in ("bfloat16", "float16"):
+        model = build(tiny_config(sampler_autocast=name))
+        set_beta(model, 0.01)
+        (errors[name],) = model.sampler_rounding_error()
+        model._check_sampler_precision(step=0)
+        assert model._sampler_half is (name == "float16")
+    assert errors["float16"] < errors["bfloat16"] / 4
+
+
+def test_an_overflow_in_the_probe_means_float32(capsys):
+    model = build(tiny_config(sampler_autocast="float16"))
+    sdf_values = model.field.get_sdf_values
+
+    def overflowing(points, compiled=True):  # finite in float32, past float16's range under its autocast
+        big = torch.nn.functional.linear(points.new_ones(len(points), 1), points.new_full((1, 1), 1e5))
+        return sdf_values(points, compiled=compiled) + big - 1e5
+
+    model.field.get_sdf_values = overflowing
+    model._check_sampler_precision(step=0)
+    assert model._sampler_half is False
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Sampler: float16 SDF queries overflow at the surface at step 0: they run in float32" in printed
