@@ -471,7 +471,7 @@ class ErrorBoundedSampler(Sampler):
         finished = torch.zeros(num_rays, dtype=torch.bool, device=z.device)
         counts = [min(num_rays, math.ceil(share * num_rays)) for share in self.refine_budgets]
         picks: list[tuple[Tensor, RayState]] = []  # each pick's ray indices and the state of the rays it chose from
-        cut = [z.new_zeros((), dtype=torch.long) for _ in counts]
+        cut: dict[int, Tensor] = {}  # rays cut off before round index + 2, for the rounds that picked
         num_queries, active = z.numel(), num_rays
         for round_index in range(1, self.max_total_iters + 1):
             last = round_index == self.max_total_iters
@@ -494,7 +494,10 @@ class ErrorBoundedSampler(Sampler):
             num_queries += new_z.numel()
         for picked, chosen_from in reversed(picks):
             state = tuple(value.index_copy(0, picked, part) for value, part in zip(chosen_from, state, strict=True))
-        return (*state, num_queries, torch.stack(cut) if picks else None)
+        if not picks:  # no round ran on fewer rays than the one before: no counts to make
+            return (*state, num_queries, None)
+        none = z.new_zeros((), dtype=torch.long)
+        return (*state, num_queries, torch.stack([cut.get(index, none) for index in range(len(counts))]))
 
     def _static_round(
         self,
