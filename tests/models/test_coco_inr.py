@@ -526,11 +526,11 @@ def test_entry_points_are_registered():
     assert "idr-data" in all_dataparsers
 
 
-def _train_outputs(model: CocoInrModel, seed: int = 3):
+def _train_outputs(model: CocoInrModel, seed: int = 3, device: str = "cpu"):
     torch.manual_seed(seed)
     model.train()
-    outputs = model(rays(32, seed=seed))
-    loss = sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3)}).values())
+    outputs = model(rays(32, seed=seed).to(device))
+    loss = sum(model.get_loss_dict(outputs, {"image": torch.rand(32, 3).to(device)}).values())
     loss.backward()
     return outputs
 
@@ -558,12 +558,16 @@ def test_bfloat16_colour_heads_stay_close_to_float32():
     torch.testing.assert_close(outputs["eik_grad"], reference["eik_grad"])  # the SDF path is untouched
 
 
-def test_flash_first_order_takes_sequences_in_the_bf16_heads_only(monkeypatch):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_flash_first_order_takes_sequences_in_the_bf16_heads_only(monkeypatch, device):
     """flash-first-order with bf16 colour heads: in a training step the colour head's attention blocks and the
     background field's two run the fused kernels as sequences, with gradients; the geometry head (differentiated
     twice) never does. rgb and every parameter's gradient stay near the float32 heads': within 6% of each
     gradient's largest entry (CPU: torch's math kernel computes the bf16 attention in bf16 throughout, 4.2% at
-    most here, where the explicit path's bf16 heads err by 1.3%). Without bf16 heads the option changes nothing."""
+    most here, where the explicit path's bf16 heads err by 1.3%; CUDA: torch's fused kernels, as in
+    ``coco-inr-fast``). Without bf16 heads the option changes nothing."""
     from cocoinr_nerfstudio.field_components import attention
 
     calls = []
@@ -580,9 +584,9 @@ def test_flash_first_order_takes_sequences_in_the_bf16_heads_only(monkeypatch):
         for field_config in (config.sdf_field, config.background_field):
             field_config.coordinate_attention.flash_first_order = flash
             field_config.coordinate_attention.flash_sequence_length = 16
-        model = build(config)
+        model = build(config).to(device)
         calls.clear()
-        outputs = _train_outputs(model)  # the forward pass and the loss's backward
+        outputs = _train_outputs(model, device=device)  # the forward pass and the loss's backward
         gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         return outputs, gradients, list(calls)
 
