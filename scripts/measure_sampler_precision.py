@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = "\n".join(
         [
-            f"Device: {device}; 4096 probe points moved onto the surface; |half - float32| of the SDF (normalised "
+            f"Device: {device}; where 1024 chords first cross the surface; |half - float32| of the SDF (normalised "
             "frame)",
             "",
             f"| model | beta | queries | error median | 90% | 99% | 99% / beta | sampler queries (max share {share:g}) "

@@ -568,7 +568,7 @@ def test_half_precision_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
     so the sampler keeps bf16 at beta 0.1 and would switch below about 0.01-0.02; float16 by about a tenth."""
     module = load_script("measure_sampler_precision", monkeypatch)
     lines = run_main(module, ["--device", "cpu", "--codebook-entries", "64"]).splitlines()
-    assert lines[0].startswith("Device: CPU; 4096 probe points moved onto the surface")
+    assert lines[0].startswith("Device: CPU; where 1024 chords first cross the surface")
     rows = [line.strip("| ").split(" | ") for line in lines[4:6]]
     assert [row[:3] for row in rows] == [["initialisation, random 64x256 codebook", "0.1", name] for name in HALF]
     (bf16, fp16) = ([float(value) for value in row[3:6]] for row in rows)

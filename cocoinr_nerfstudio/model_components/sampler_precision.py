@@ -7,8 +7,8 @@ geometric init, bf16 queries of the paper's field err by about 3e-3 at the surfa
 percentile; median 1.7e-3; docs/benchmarks.md, round eleven): a few percent of beta at the start (0.1), but more
 than beta once training has sharpened the surface (VolSDF's beta falls toward 1e-3). float16 keeps 3 more mantissa
 bits and errs about 10x less (3.5e-4), at the same speed on tensor cores, but overflows above 65504. So the check
-compares the two where the samples gather: fixed probe points are moved onto the current surface (Newton steps
-along the SDF's gradient), and the 99th percentile of |half - float32| there is taken as a share of beta.
+compares the two where the samples gather: where fixed chords through the ball first cross the surface, as the
+cameras' rays from outside do, and the 99th percentile of |half - float32| there is taken as a share of beta.
 
 The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
 between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
@@ -22,18 +22,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-PROBE_POINTS = 4096
-PROBE_SEED = 0  # the same points every check and on every rank (each rank then decides alike)
-SURFACE_TOLERANCE = 1e-2  # |SDF| (normalised frame) within which a probe point counts as on the surface
-MIN_SURFACE_POINTS = 64  # fewer probe points on the surface: no measurement
+PROBE_CHORDS = 1024
+PROBE_SEED = 0  # the same chords every check and on every rank (each rank then decides alike)
+PROBE_INTERVALS = 64  # a chord's coarse search for its first sign change: 65 queries, 0.094 apart in a ball of 3
+PROBE_REFINEMENTS = 3  # then that interval searched again in 16ths, three times: to 1/4096 of it
+MIN_SURFACE_POINTS = 64  # fewer chords crossing the surface: no measurement
 
 
-def probe_points(radius: float, device: torch.device | str, num: int = PROBE_POINTS) -> Tensor:
-    """Fixed points, uniform in the ball of ``radius`` (where the sampler queries)."""
+def probe_directions(device: torch.device | str, num: int = PROBE_CHORDS) -> Tensor:
+    """Fixed unit vectors, uniform on the sphere: each chord of the probe enters the ball at ``radius`` times one
+    and runs through the centre."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
-    directions = torch.nn.functional.normalize(torch.randn(num, 3, generator=generator), dim=-1)
-    radii = radius * torch.rand(num, 1, generator=generator).pow(1.0 / 3.0)
-    return (directions * radii).to(device)
+    return torch.nn.functional.normalize(torch.randn(num, 3, generator=generator), dim=-1).to(device)
 
 
 def _float32(device: torch.device | str) -> torch.autocast:
@@ -41,29 +41,43 @@ def _float32(device: torch.device | str) -> torch.autocast:
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
-def onto_surface(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, steps: int = 3) -> Tensor:
-    """``points`` moved toward the zero level set by ``steps`` Newton steps ``x - sdf(x) grad / |grad|^2`` (for a
-    true distance, one step lands on the surface), in float32. Points may end anywhere (or non-finite) where the
-    SDF is far from a distance: see :func:`on_surface`."""
-    for _ in range(steps):
-        with torch.enable_grad(), _float32(points.device):
-            x = points.detach().requires_grad_(True)
-            sdf = sdf_fn(x).float()
-            (gradient,) = torch.autograd.grad(sdf.sum(), x)
-        squared_norm = gradient.square().sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        points = (x - sdf.reshape(-1, 1) * gradient / squared_norm).detach()
-    return points
-
-
 @torch.no_grad()
-def on_surface(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, radius: float) -> Tensor:
-    """The ``points`` that are finite, inside the ball of ``radius`` and within ``SURFACE_TOLERANCE`` of the zero
-    level set (float32 SDF)."""
-    finite = points.isfinite().all(dim=-1) & (points.norm(dim=-1) <= radius)
-    points = points[finite]
-    with _float32(points.device):
-        sdf = sdf_fn(points).float().reshape(-1)
-    return points[sdf.abs() <= SURFACE_TOLERANCE]
+def first_crossings(
+    sdf_fn: Callable[[Tensor], Tensor],
+    radius: float,
+    device: torch.device | str,
+    num: int = PROBE_CHORDS,
+    intervals: int = PROBE_INTERVALS,
+    refinements: int = PROBE_REFINEMENTS,
+) -> Tensor:
+    """Where the probe's chords of the ball of ``radius`` first go from a positive to a non-positive SDF (float32):
+    the surface as seen from outside. Each chord is searched at ``intervals`` steps, then the first step with a
+    sign change is searched again in 16ths ``refinements`` times (one batch of queries each), so a point lies within
+    ``2 radius / intervals / 16^refinements`` of a zero of the SDF along its chord, however far the SDF is from a
+    distance (Newton steps toward the surface need one: once training has bent the SDF far from it, they left most
+    points off the surface). Chords that never cross, or cross only between two steps of the coarse search (a
+    structure thinner than a step), are left out."""
+    directions = probe_directions(device, num)
+
+    def first_entry(travelled: Tensor) -> tuple[Tensor, Tensor]:
+        """For [num, k] distances from each chord's entry: the index of the first step into the surface (0 where
+        none), and whether there is one."""
+        points = directions[:, None, :] * (radius - travelled)[..., None]
+        with _float32(device):
+            sdf = sdf_fn(points.reshape(-1, 3)).float().reshape(travelled.shape)
+        entering = (sdf[:, :-1] > 0) & (sdf[:, 1:] <= 0)
+        return entering.to(torch.uint8).argmax(dim=1), entering.any(dim=1)  # argmax: the first maximum
+
+    width = 2.0 * radius / intervals
+    travelled = (width * torch.arange(intervals + 1, device=device)).expand(num, -1)
+    first, crossed = first_entry(travelled)
+    outer = travelled[:, 0] + width * first
+    for _ in range(refinements):  # the bracket's ends are queried again: a sign lost to rounding keeps its start
+        width /= 16
+        travelled = outer[:, None] + width * torch.arange(17, device=device)
+        outer = outer + width * first_entry(travelled)[0]
+    points = directions * (radius - outer - width / 2)[:, None]
+    return points[crossed]
 
 
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,9 +111,9 @@ def surface_rounding_error(
     dtype: torch.dtype = torch.bfloat16,
     quantiles: Sequence[float] = (0.99,),
 ) -> tuple[float, ...]:
-    """``dtype``'s SDF error where the sampler's samples gather: at the probe points moved onto the surface. NaNs
-    where fewer than ``MIN_SURFACE_POINTS`` reach it (no surface in the ball, or an SDF far from a distance)."""
-    surface = on_surface(sdf_fn, onto_surface(sdf_fn, probe_points(radius, device)), radius)
+    """``dtype``'s SDF error where the sampler's samples gather: at the probe's chords' first crossings of the
+    surface. NaNs where fewer than ``MIN_SURFACE_POINTS`` chords cross it (no surface in the ball)."""
+    surface = first_crossings(sdf_fn, radius, device)
     if len(surface) < MIN_SURFACE_POINTS:
         return tuple(math.nan for _ in quantiles)
     return rounding_error(sdf_fn, surface, dtype, quantiles)

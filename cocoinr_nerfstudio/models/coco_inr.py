@@ -45,6 +45,7 @@ from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 from cocoinr_nerfstudio.model_components.sampler_precision import (
     HALF_DTYPES,
+    MIN_SURFACE_POINTS,
     rounding_is_safe,
     surface_rounding_error,
 )
@@ -102,10 +103,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     exp(0.25) = 1.28). The bound trusts the SDF, and beta shrinks as the surface sharpens (from 0.1 toward 1e-3)
     while the rounding error does not (99th percentile at the geometric init: about 3e-3 in bfloat16, 3.5e-4 in
     float16). Checked before a run's first training step, every 50 steps and before a loaded model's first
-    render: the 99th percentile of |half - float32| at 4096 fixed points moved onto the surface (the field run
-    eagerly: compiled code, which does not round between fused operations, should err no more). Once too large,
-    if any probe overflows, or if the probe finds no surface, the queries run in float32 for the rest of the
-    process. inf: half precision throughout, never checked."""
+    render: the 99th percentile of |half - float32| where 1024 fixed chords through the scene's ball first cross
+    the surface (the field run eagerly: compiled code, which does not round between fused operations, should err
+    no more). Once too large, if any probe overflows, or if fewer than 64 chords cross the surface, the queries run
+    in float32 for the rest of the process. inf: half precision throughout, never checked."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -901,7 +902,9 @@ class CocoInrModel(SurfaceModel):
         if not safe:
             when = f"at step {step}" if step is not None else "before rendering"
             if math.isnan(error):
-                measured = "could not be checked (the probe found no surface)"
+                measured = (
+                    f"could not be checked (fewer than {MIN_SURFACE_POINTS} of the probe's chords cross the surface)"
+                )
             elif math.isinf(error):
                 measured = "overflow at the surface"
             else:

@@ -9,23 +9,27 @@ import torch.nn.functional as F
 
 from cocoinr_nerfstudio.model_components.sampler_precision import (
     HALF_DTYPES,
-    on_surface,
-    onto_surface,
-    probe_points,
+    first_crossings,
+    probe_directions,
     rounding_error,
     rounding_is_safe,
     surface_rounding_error,
 )
 
 
-def test_probe_points_are_fixed_and_fill_the_ball():
-    points = probe_points(3.0, "cpu")
-    assert points.shape == (4096, 3) and torch.equal(points, probe_points(3.0, "cpu"))  # every check, every rank
-    radii = points.norm(dim=-1)
-    assert float(radii.max()) <= 3.0
-    # uniform in volume: the share inside half the radius is 1/8
-    assert abs(float((radii < 1.5).float().mean()) - 0.125) < 0.02
-    torch.testing.assert_close(probe_points(1.0, "cpu", num=16), probe_points(3.0, "cpu", num=16) / 3.0)
+def test_probe_directions_are_fixed_and_uniform():
+    directions = probe_directions("cpu")
+    assert directions.shape == (1024, 3) and torch.equal(directions, probe_directions("cpu"))  # every check, every rank
+    torch.testing.assert_close(directions.norm(dim=-1), torch.ones(1024))
+    assert float(directions.mean(dim=0).norm()) < 0.05  # uniform on the sphere: no side favoured
+    # a chord's share in the cap within 30 degrees of an axis: (1 - cos 30) / 2
+    assert abs(float((directions[:, 2] > math.cos(math.pi / 6)).float().mean()) - 0.067) < 0.015
+
+
+def _in_ball(radius: float, num: int = 4096) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    directions = F.normalize(torch.randn(num, 3, generator=generator), dim=-1)
+    return directions * radius * torch.rand(num, 1, generator=generator).pow(1.0 / 3.0)
 
 
 def test_the_error_is_the_quantile_of_what_autocast_rounds():
@@ -70,18 +74,41 @@ def test_half_precision_is_safe_up_to_the_share_of_beta():
     assert rounding_is_safe(1.0, beta=1e-4, max_share=math.inf)
 
 
-def test_probe_points_move_onto_the_surface():
-    def sphere(x):
-        return x.norm(dim=-1, keepdim=True) - 0.6
+def test_crossings_lie_on_the_surface_seen_from_outside():
+    """Every chord of the ball enters a centred sphere: its crossing is on the sphere, on the entry side, to within
+    a step of the coarse search (6 / 64) over 16^3."""
+    points = first_crossings(lambda x: x.norm(dim=-1, keepdim=True) - 0.6, 3.0, "cpu")
+    assert points.shape == (1024, 3)
+    torch.testing.assert_close(points.norm(dim=-1), torch.full((1024,), 0.6), atol=6 / 64 / 16**3, rtol=0)
+    assert torch.equal(points, first_crossings(lambda x: x.norm(dim=-1, keepdim=True) - 0.6, 3.0, "cpu"))
+    assert float((points * probe_directions("cpu")).sum(dim=-1).min()) > 0  # the near side of each chord
 
-    points = onto_surface(sphere, probe_points(3.0, "cpu"), steps=1)  # exact SDF: one Newton step lands on it
-    torch.testing.assert_close(points.norm(dim=-1), torch.full((4096,), 0.6), atol=1e-5, rtol=0)
 
-    def ellipsoid(x):  # not a distance: Newton steps converge instead
-        return (x / torch.tensor([1.0, 0.5, 0.5])).norm(dim=-1, keepdim=True) - 1.0
+def test_crossings_need_no_distance():
+    """SDFs far from a distance, where Newton steps toward the surface stall or overshoot: a cube of the distance
+    (a triple root: each Newton step removes only a third of the distance) and a stretched ellipsoid."""
+    points = first_crossings(lambda x: (x.norm(dim=-1, keepdim=True) - 0.6) ** 3, 3.0, "cpu")
+    assert len(points) == 1024
+    torch.testing.assert_close(points.norm(dim=-1), torch.full((1024,), 0.6), atol=6 / 64 / 16**3, rtol=0)
 
-    points = onto_surface(ellipsoid, probe_points(3.0, "cpu"), steps=6)
-    assert float(ellipsoid(points).abs().max()) < 1e-3
+    def ellipsoid(x):
+        return 100.0 * ((x / torch.tensor([1.0, 0.5, 0.5])).norm(dim=-1, keepdim=True) - 1.0)
+
+    points = first_crossings(ellipsoid, 3.0, "cpu")
+    assert len(points) == 1024 and float(ellipsoid(points).abs().max()) < 100.0 * 2 * 6 / 64 / 16**3
+
+
+def test_only_chords_that_cross_give_points():
+    """A sphere of radius 0.5 centred 2 from the centre: only the chords passing within 0.5 of its centre meet it,
+    each on the side it enters first."""
+    centre = torch.tensor([0.0, 0.0, 2.0])
+    points = first_crossings(lambda x: (x - centre).norm(dim=-1, keepdim=True) - 0.5, 3.0, "cpu")
+    directions = probe_directions("cpu")
+    meeting = torch.linalg.cross(directions, centre.expand_as(directions)).norm(dim=-1) < 0.5
+    assert 0 < len(points) == int(meeting.sum())  # 32 of the 1024 chords
+    torch.testing.assert_close((points - centre).norm(dim=-1), torch.full((len(points),), 0.5), atol=1e-4, rtol=0)
+    # a chord enters at radius x its direction and runs against it: it meets the side facing its entry
+    assert float(((points - centre) * directions[meeting]).sum(dim=-1).min()) > 0
 
 
 def test_surface_error_is_measured_on_the_surface():
@@ -93,18 +120,8 @@ def test_surface_error_is_measured_on_the_surface():
         return radius - 1.0 + 0.1 * (radius - 1.0) ** 2 * F.linear(x, weight)
 
     (at_surface,) = surface_rounding_error(sdf, 3.0, "cpu")
-    (everywhere,) = rounding_error(sdf, probe_points(3.0, "cpu"))
+    (everywhere,) = rounding_error(sdf, _in_ball(3.0))
     assert at_surface < 1e-6 and everywhere > 1e-4
-
-
-def test_only_points_on_the_surface_are_measured():
-    points = torch.tensor([[0.6, 0.0, 0.0], [0.0, 0.605, 0.0], [0.0, 0.0, 0.7], [9.0, 0.0, 0.0], [math.nan, 0.0, 0.0]])
-
-    def sdf(x):
-        return x.norm(dim=-1, keepdim=True) - 0.6 - (x.norm(dim=-1, keepdim=True) - 9.0).abs().lt(1e-3) * 8.4
-
-    # kept: on it, within 1e-2 of it; left out: 0.1 away, outside the ball (though its SDF is 0), not finite
-    assert torch.equal(on_surface(sdf, points, radius=3.0), points[:2])
 
 
 def test_no_surface_gives_no_measurement():

@@ -133,7 +133,10 @@ def test_no_surface_in_the_probe_means_float32(capsys):
     model._check_sampler_precision(step=0)
     assert model._sampler_half is False
     printed = " ".join(capsys.readouterr().out.split())
-    assert "could not be checked (the probe found no surface) at step 0: they run in float32" in printed
+    assert (
+        "could not be checked (fewer than 64 of the probe's chords cross the surface) at step 0: they run in "
+        in printed
+    )
 
 
 def test_float16_stays_on_where_bfloat16_is_switched_off():
