@@ -166,15 +166,16 @@ def _flash_first_order() -> dict:
     [
         {},
         {"bf16_color_heads": True, "sampler_autocast": "bfloat16"},
+        {"sampler_autocast": "float16"},
         {"sdf_field": _sdpa_without_grad()},
         {"sdf_field": _point_kernels(), "background_field": _point_kernels_background()},
         _flash_first_order(),
     ],
-    ids=["fp32", "bf16-options", "sdpa-without-grad", "point-kernels", "flash-first-order"],
+    ids=["fp32", "bf16-options", "fp16-sampler", "sdpa-without-grad", "point-kernels", "flash-first-order"],
 )
 def test_model_training_step_matches_the_eager_model(overrides):
     """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
-    gradient. With the bf16 options, autocast regions inside and around the compiled functions are kept."""
+    gradient. With the half-precision options, autocast regions inside and around the compiled functions are kept."""
     results = []
     for compile_fields in (False, True):
         config = tiny_config(compile_fields=compile_fields, compile_backend="aot_eager", **overrides)
@@ -182,6 +183,7 @@ def test_model_training_step_matches_the_eager_model(overrides):
         model.train()
         torch.manual_seed(5)  # stratified samples and eikonal points draw the same numbers
         outputs = model(rays())
+        assert model._sampler_half is ("sampler_autocast" in overrides)  # checked at the first query, then kept
         loss_dict = model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())})
         sum(loss_dict.values()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
