@@ -73,9 +73,9 @@ coco_inr = MethodSpecification(
 
 def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config
-    ``graph+fields+bf16+sdpa+points+flash``), set on ``model`` and returned. Same method and hyperparameters; what
-    changes is arithmetic (TF32 products; bf16 in the colour heads and where only samples are placed, there while
-    its SDF error is small against beta; fused attention where nothing is differentiated or, in the bf16 heads,
+    ``graph+fields+bf16+sdpa+points+flash+fp16``), set on ``model`` and returned. Same method and hyperparameters;
+    what changes is arithmetic (TF32 products; bf16 in the colour heads; float16 where only samples are placed,
+    while its SDF error is small against beta; fused attention where nothing is differentiated or, in the bf16 heads,
     differentiated once; the point-attention kernels where the SDF's second derivative runs through it) and
     scheduling (one CUDA graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays
     that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
@@ -85,7 +85,7 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     model.compile_sampler = True
     model.static_refine_budget = "auto"
     model.compile_fields = True
-    model.sampler_autocast = "bfloat16"
+    model.sampler_autocast = "float16"
     model.bf16_color_heads = True
     model.sdf_field.coordinate_attention.fused_without_grad = True
     model.background_field.coordinate_attention.fused_without_grad = True
@@ -98,7 +98,7 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
 
 coco_inr_fast = MethodSpecification(
     config=_trainer("coco-inr-fast", fast_recipe(CocoInrModelConfig())),
-    description="CoCo-INR with the fastest measured recipe (compiled fields, CUDA graph, bf16 where it is safe).",
+    description="CoCo-INR with the fastest measured recipe (compiled fields, CUDA graph, half precision where it is safe).",
 )
 
 volsdf = MethodSpecification(

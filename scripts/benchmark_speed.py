@@ -158,8 +158,7 @@ def _graph_fields_bf16_sdpa_points(model: CocoInrModelConfig) -> None:
 
 def _graph_fields_bf16_sdpa_points_flash(model: CocoInrModelConfig) -> None:
     """graph+fields+bf16+sdpa+points with the bf16 heads' attention (differentiated once) through torch's flash
-    kernels, as sequences of points (flash-first-order). The model of the ``coco-inr-fast`` method (a test checks
-    they agree)."""
+    kernels, as sequences of points (flash-first-order)."""
     _graph_fields_bf16_sdpa_points(model)
     model.sdf_field.coordinate_attention.flash_first_order = True
     model.background_field.coordinate_attention.flash_first_order = True
@@ -173,7 +172,8 @@ def _graph_fields_bf16_sdpa_points_fp16(model: CocoInrModelConfig) -> None:
 
 
 def _graph_fields_bf16_sdpa_points_flash_fp16(model: CocoInrModelConfig) -> None:
-    """graph+fields+bf16+sdpa+points+flash with the sampler's queries in float16."""
+    """graph+fields+bf16+sdpa+points+flash with the sampler's queries in float16 (kept to a 10x smaller beta than
+    bfloat16's). The model of the ``coco-inr-fast`` method (a test checks they agree)."""
     _graph_fields_bf16_sdpa_points_flash(model)
     model.sampler_autocast = "float16"
 
@@ -303,6 +303,8 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
             group["optimizer"].fused = False
     if args.beta_init is not None:
         model.beta_init = args.beta_init
+    if args.refine_budget is not None and model.cuda_graph:  # only graphs budget the sampler's rounds
+        model.static_refine_budget = args.refine_budget
     return config
 
 
@@ -539,6 +541,13 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument(
         "--beta-init", type=float, default=None, help="start from a sharper density, as late in training (0.1)"
     )
+    parser.add_argument(
+        "--refine-budget",
+        type=float,
+        default=None,
+        help="pin the sampler's rounds 2.. to this share of the rays in configs that budget them (CUDA graph ones; "
+        "the recipe's is auto): A/Bs at equal work, whatever each run's trajectory asks for",
+    )
     parser.add_argument("--eval-chunk", type=int, default=None, help="rays per chunk when rendering (model default)")
     parser.add_argument("--tiny", action="store_true", default=None, help="shrink the model (default on CPU)")
     parser.add_argument("--full-model", dest="tiny", action="store_false", help="the paper's model even on CPU")
@@ -560,6 +569,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and results (.json)")
     args = parser.parse_args(argv)
+    if args.refine_budget is not None and not 0.0 < args.refine_budget <= 1.0:
+        parser.error(f"--refine-budget must be a share of the rays in (0, 1], got {args.refine_budget}")
     gpu = args.device == "cuda"
     if args.warmup is None:
         args.warmup = 20 if gpu else 1

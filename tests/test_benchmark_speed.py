@@ -194,16 +194,33 @@ def test_aligned_widths(monkeypatch):
 
 
 def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
-    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points+flash`` are those of ``ns-train
-    coco-inr-fast``."""
+    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points+flash+fp16`` are those of
+    ``ns-train coco-inr-fast``."""
     from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast
 
     benchmark = load_script("benchmark_speed", monkeypatch)
     model = copy.deepcopy(coco_inr.config.pipeline.model)
-    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash"](model)
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash+fp16"](model)
     assert model == coco_inr_fast.config.pipeline.model
-    benchmark.CONFIGS["graph+fields+bf16+sdpa+points"](model := copy.deepcopy(coco_inr.config.pipeline.model))
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash"](model := copy.deepcopy(coco_inr.config.pipeline.model))
     assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
+
+
+def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
+    """``--refine-budget`` sets the budget of configs whose sampler has one (CUDA-graph configs) and leaves the
+    others, whose sampler refuses a budget without per-ray convergence, as they are."""
+    benchmark = load_script("benchmark_speed", monkeypatch)
+    args = benchmark.parse_args(["--device", "cpu", "--refine-budget", "0.5"])
+    recipe = benchmark._trainer_config(args, tmp_path, "graph+fields+bf16+sdpa+points+flash+fp16", tmp_path)
+    reference = benchmark._trainer_config(args, tmp_path, "reference", tmp_path)
+    assert recipe.pipeline.model.static_refine_budget == 0.5
+    assert reference.pipeline.model.static_refine_budget == 1.0
+    unpinned = benchmark._trainer_config(benchmark.parse_args(["--device", "cpu"]), tmp_path, "graph+auto", tmp_path)
+    assert unpinned.pipeline.model.static_refine_budget == "auto"
+    for share in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(["--device", "cpu", "--refine-budget", share])
+        assert f"--refine-budget must be a share of the rays in (0, 1], got {float(share)}" in capsys.readouterr().err
 
 
 def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):

@@ -51,8 +51,8 @@ class CoordinateAttentionConfig:
     viewer. Under half precision (``sampler-autocast``) that is the flash kernel, which spreads one sequence of
     every query point over the GPU; its backward would not (the 256 shared keys' gradients are reductions over all
     queries), so differentiated paths stay explicit unless ``fused`` is on. Measured on an H200: +4-8% a training
-    step with ``compile-fields`` and bf16 sampler queries (on in ``coco-inr-fast``), no gain in float32, hence off
-    by default."""
+    step with ``compile-fields`` and bf16 sampler queries (``coco-inr-fast`` now queries in float16), no gain in
+    float32, hence off by default."""
     block_diagonal: bool = True
     """Explicit attention as two plain matrix products against block-diagonal keys and values instead of one
     batched product per head: the same values, a faster backward pass (see ``attend_block_diagonal``)."""

@@ -492,7 +492,7 @@ def test_fast_preset_changes_speed_options_only():
     model = fast.pipeline.model
     assert fast.method_name == "coco-inr-fast"
     assert (model.tf32_matmul, model.cuda_graph, model.compile_sampler, model.compile_fields) == (True,) * 4
-    assert model.static_refine_budget == "auto" and model.sampler_autocast == "bfloat16" and model.bf16_color_heads
+    assert model.static_refine_budget == "auto" and model.sampler_autocast == "float16" and model.bf16_color_heads
     assert model.sdf_field.coordinate_attention.fused_without_grad
     assert model.background_field.coordinate_attention.fused_without_grad
     assert model.sdf_field.coordinate_attention.point_kernels
