@@ -94,14 +94,20 @@ def sampler_queries_in(model: CocoInrModel, dtype: torch.dtype | None) -> Iterat
 
 
 @torch.no_grad()
-def render_differences(model: CocoInrModel, rays: RayBundle, beta: float, dtype: str) -> list[str]:
-    """One table row: renders with samples placed by float32 against ``dtype`` queries at ``beta``."""
-    renders = []
+def render_differences(model: CocoInrModel, rays: RayBundle, beta: float, dtypes: list[str]) -> list[list[str]]:
+    """A table row for each of ``dtypes``: renders with samples placed by float32 against that precision's queries
+    at ``beta`` (the float32 render made once)."""
     with beta_set_to(model, beta):
-        for precision in (None, HALF_DTYPES[dtype]):
-            with sampler_queries_in(model, precision):
-                renders.append(model.get_outputs_for_camera_ray_bundle(rays))
-    exact, rounded = renders
+        with sampler_queries_in(model, None):
+            exact = model.get_outputs_for_camera_ray_bundle(rays)
+        rows = []
+        for dtype in dtypes:
+            with sampler_queries_in(model, HALF_DTYPES[dtype]):
+                rows.append(_difference_row(beta, dtype, exact, model.get_outputs_for_camera_ray_bundle(rays)))
+    return rows
+
+
+def _difference_row(beta: float, dtype: str, exact: dict, rounded: dict) -> list[str]:
     hit = exact["accumulation"].reshape(-1) > 0.5
     depth = (exact["depth"] - rounded["depth"]).abs().reshape(-1)[hit]
     accumulation = (exact["accumulation"] - rounded["accumulation"]).abs()
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.render_betas:
         model.eval()
         rays = probe_rays(args.rays, args.device)
-        rows = [render_differences(model, rays, beta, dtype) for beta in args.render_betas for dtype in args.dtypes]
+        rows = [row for beta in args.render_betas for row in render_differences(model, rays, beta, args.dtypes)]
         table += "\n".join(
             [
                 "",

@@ -598,17 +598,25 @@ def test_half_precision_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
 
 
 def test_half_precision_render_comparison_restores_the_model(monkeypatch):
-    """--render-betas: one row a beta and precision; the model's beta and sampler precision are as they were."""
+    """--render-betas: one row a beta and precision, the float32 render made once a beta; the model's beta and
+    sampler precision are as they were."""
     import torch
 
     module = load_script("measure_sampler_precision", monkeypatch)
     argv = ["--device", "cpu", "--codebook-entries", "64", "--render-betas", "0.1", "0.001", "--rays", "64"]
-    built = {}
+    built, renders = {}, []
     load_model = module.load_model
 
     def keep(args):
         built["model"], name = load_model(args)
         built["beta"] = built["model"].density.beta_param.detach().clone()
+        render = built["model"].get_outputs_for_camera_ray_bundle
+
+        def counted(rays):
+            renders.append(built["model"]._sampler_dtype)
+            return render(rays)
+
+        built["model"].get_outputs_for_camera_ray_bundle = counted
         return built["model"], name
 
     monkeypatch.setattr(module, "load_model", keep)
@@ -624,6 +632,7 @@ def test_half_precision_render_comparison_restores_the_model(monkeypatch):
         for cell in row[3:]:
             mean_or_median, largest = (float(value) for value in cell.split(" / "))
             assert 0 <= mean_or_median <= largest < 0.5  # the same field: renders differ, but not by much
+    assert renders == [None, torch.bfloat16, torch.float16] * 2  # per beta: float32, then each half precision
     model = built["model"]
     assert torch.equal(model.density.beta_param, built["beta"])  # as built: float32 queries, beta 0.1
     assert model._sampler_half is False and model._sampler_dtype is None
