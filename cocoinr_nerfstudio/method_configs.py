@@ -98,7 +98,7 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
 
 coco_inr_fast = MethodSpecification(
     config=_trainer("coco-inr-fast", fast_recipe(CocoInrModelConfig())),
-    description="CoCo-INR with the fastest measured recipe (compiled fields, CUDA graph, half precision where it is safe).",
+    description="CoCo-INR with the fastest measured recipe (compiled fields, CUDA graph, half precision where safe).",
 )
 
 volsdf = MethodSpecification(
