@@ -8,7 +8,9 @@ percentile; median 1.7e-3; docs/benchmarks.md, round eleven): a few percent of b
 than beta once training has sharpened the surface (VolSDF's beta falls toward 1e-3). float16 keeps 3 more mantissa
 bits and errs about 10x less (3.5e-4), at the same speed on tensor cores, but overflows above 65504. So the check
 compares the two where the samples gather: where fixed chords through the ball first cross the surface, as the
-cameras' rays from outside do, and the 99th percentile of |half - float32| there is taken as a share of beta.
+cameras' rays from outside do, and the 99th percentile of |half - float32| there is taken as a share of beta. The
+sampler queries the whole ball, so float16 is also run along the chords from end to end: one query that
+overflows anywhere is unsafe.
 
 The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
 between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
@@ -80,6 +82,15 @@ def first_crossings(
     return points[crossed]
 
 
+def probe_points(
+    radius: float, device: torch.device | str, num: int = PROBE_CHORDS, intervals: int = PROBE_INTERVALS
+) -> Tensor:
+    """The probe's coarse search points, ``intervals + 1`` evenly spaced along each chord from end to end: the
+    whole ball along ``num`` diameters, as [num * (intervals + 1), 3]."""
+    travelled = (2.0 * radius / intervals) * torch.arange(intervals + 1, device=device)
+    return (probe_directions(device, num)[:, None, :] * (radius - travelled)[None, :, None]).reshape(-1, 3)
+
+
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The sampler's query precisions by their option name (``--pipeline.model.sampler-autocast``)."""
 
@@ -104,6 +115,20 @@ def rounding_error(
     return tuple(torch.where(overflowed, math.inf, errors).tolist())
 
 
+@torch.no_grad()
+def overflows(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a query under ``dtype`` autocast is not finite where float32's is. False, without querying, for a
+    dtype with float32's range (bfloat16). float32 queries only the points that were not finite (usually none)."""
+    if torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
+        return False
+    with torch.autocast(points.device.type, dtype=dtype, cache_enabled=False):
+        not_finite = ~sdf_fn(points).float().isfinite().reshape(len(points), -1).all(dim=-1)
+    if not bool(not_finite.any()):  # one host synchronisation
+        return False
+    with _float32(points.device):
+        return bool(sdf_fn(points[not_finite]).float().isfinite().any())
+
+
 def surface_rounding_error(
     sdf_fn: Callable[[Tensor], Tensor],
     radius: float,
@@ -112,10 +137,13 @@ def surface_rounding_error(
     quantiles: Sequence[float] = (0.99,),
 ) -> tuple[float, ...]:
     """``dtype``'s SDF error where the sampler's samples gather: at the probe's chords' first crossings of the
-    surface. NaNs where fewer than ``MIN_SURFACE_POINTS`` chords cross it (no surface in the ball)."""
+    surface. NaNs where fewer than ``MIN_SURFACE_POINTS`` chords cross it (no surface in the ball); infs where a
+    query overflows there or anywhere along the chords (:func:`probe_points`)."""
     surface = first_crossings(sdf_fn, radius, device)
     if len(surface) < MIN_SURFACE_POINTS:
         return tuple(math.nan for _ in quantiles)
+    if overflows(sdf_fn, probe_points(radius, device), dtype):
+        return tuple(math.inf for _ in quantiles)
     return rounding_error(sdf_fn, surface, dtype, quantiles)
 
 

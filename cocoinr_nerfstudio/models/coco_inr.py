@@ -105,8 +105,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     float16). Checked before a run's first training step, every 50 steps and before a loaded model's first
     render: the 99th percentile of |half - float32| where 1024 fixed chords through the scene's ball first cross
     the surface (the field run eagerly: compiled code, which does not round between fused operations, should err
-    no more). Once too large, if any probe overflows, or if fewer than 64 chords cross the surface, the queries run
-    in float32 for the rest of the process. inf: half precision throughout, never checked."""
+    no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
+    fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
+    precision throughout, never checked."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -906,7 +907,7 @@ class CocoInrModel(SurfaceModel):
                     f"could not be checked (fewer than {MIN_SURFACE_POINTS} of the probe's chords cross the surface)"
                 )
             elif math.isinf(error):
-                measured = "overflow at the surface"
+                measured = "overflow in the scene's ball"
             else:
                 measured = (
                     f"err by {error:.2e} (99th percentile at the surface), more than "

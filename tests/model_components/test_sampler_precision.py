@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from cocoinr_nerfstudio.model_components.sampler_precision import (
     HALF_DTYPES,
     first_crossings,
+    overflows,
     probe_directions,
+    probe_points,
     rounding_error,
     rounding_is_safe,
     surface_rounding_error,
@@ -124,8 +126,39 @@ def test_surface_error_is_measured_on_the_surface():
     assert at_surface < 1e-6 and everywhere > 1e-4
 
 
+def test_probe_points_run_along_each_chord_from_end_to_end():
+    """65 points a chord, 6 / 64 apart, from radius x its direction through the centre to the opposite end."""
+    points = probe_points(3.0, "cpu").reshape(1024, 65, 3)
+    directions = probe_directions("cpu")
+    torch.testing.assert_close(points[:, 0], 3.0 * directions)
+    torch.testing.assert_close(points[:, 32], torch.zeros(1024, 3))
+    torch.testing.assert_close(points[:, -1], -3.0 * directions)
+    steps = (points[:, 1:] - points[:, :-1]).norm(dim=-1)
+    torch.testing.assert_close(steps, torch.full_like(steps, 6.0 / 64))
+
+
+def test_an_overflow_off_the_surface_is_an_infinite_error():
+    """float16 overflows only near the ball's edge (|x| > 2.5), far from the unit sphere the samples gather at:
+    the error there is 0, but the sampler queries the whole ball, so float16 is unsafe. bfloat16 cannot overflow."""
+
+    def sdf(x):
+        radius = x.norm(dim=-1, keepdim=True)
+        return radius - 1.0 + F.linear(100.0 * F.relu(radius - 2.5), torch.tensor([[6e4]])) * 1e-6  # up to 3e6
+
+    assert rounding_error(sdf, first_crossings(sdf, 3.0, "cpu"), torch.float16) == (0.0,)
+    assert overflows(sdf, probe_points(3.0, "cpu"), torch.float16)
+    assert surface_rounding_error(sdf, 3.0, "cpu", torch.float16, (0.5, 0.99)) == (math.inf, math.inf)
+    assert not overflows(sdf, probe_points(3.0, "cpu"), torch.bfloat16)
+    assert surface_rounding_error(sdf, 3.0, "cpu", torch.bfloat16) == (0.0,)
+    assert not overflows(lambda x: x.norm(dim=-1) - 1.0, probe_points(3.0, "cpu"), torch.float16)
+    # not finite in float32 either: not the precision's doing
+    broken = lambda x: torch.where(x.norm(dim=-1) > 2.5, math.nan, x.norm(dim=-1) - 1.0)  # noqa: E731
+    assert not overflows(broken, probe_points(3.0, "cpu"), torch.float16)
+
+
 def test_no_surface_gives_no_measurement():
-    assert all(math.isnan(e) for e in surface_rounding_error(lambda x: x.norm(dim=-1) + 1.0, 3.0, "cpu", (0.5, 0.99)))
+    errors = surface_rounding_error(lambda x: x.norm(dim=-1) + 1.0, 3.0, "cpu", quantiles=(0.5, 0.99))
+    assert len(errors) == 2 and all(math.isnan(e) for e in errors)
     assert not rounding_is_safe(math.nan, beta=0.1, max_share=0.25)
 
 

@@ -164,4 +164,4 @@ def test_an_overflow_in_the_probe_means_float32(capsys):
     model._check_sampler_precision(step=0)
     assert model._sampler_half is False
     printed = " ".join(capsys.readouterr().out.split())
-    assert "Sampler: float16 SDF queries overflow at the surface at step 0: they run in float32" in printed
+    assert "Sampler: float16 SDF queries overflow in the scene's ball at step 0: they run in float32" in printed
