@@ -156,6 +156,23 @@ def test_an_overflow_off_the_surface_is_an_infinite_error():
     assert not overflows(broken, probe_points(3.0, "cpu"), torch.float16)
 
 
+def test_float16_runs_at_the_crossings_and_on_the_smaller_overflow_probe_only():
+    """float16 costs 20x float32 on a CPU: the check runs it at the surface and at 256 x 33 points of the ball (not
+    the search's 1024 x 65); bfloat16 only at the surface."""
+    queries = []
+
+    def sdf(x):
+        if torch.is_autocast_enabled("cpu"):
+            queries.append((torch.get_autocast_dtype("cpu"), len(x)))
+        return x.norm(dim=-1, keepdim=True) - 1.0
+
+    surface_rounding_error(sdf, 3.0, "cpu", torch.float16)
+    assert queries == [(torch.float16, 256 * 33), (torch.float16, 1024)]
+    queries.clear()
+    surface_rounding_error(sdf, 3.0, "cpu", torch.bfloat16)
+    assert queries == [(torch.bfloat16, 1024)]
+
+
 def test_no_surface_gives_no_measurement():
     errors = surface_rounding_error(lambda x: x.norm(dim=-1) + 1.0, 3.0, "cpu", quantiles=(0.5, 0.99))
     assert len(errors) == 2 and all(math.isnan(e) for e in errors)
