@@ -54,6 +54,19 @@ def format_value(value: float) -> str:
     return f"{value:.4g}"
 
 
+def copy_to_host(values: Tensor) -> tuple[Tensor, Any]:
+    """``values`` on the host, and an event that completes when they have arrived (None: they already have). A CUDA
+    tensor is copied into pinned memory without waiting for the GPU; the copy is ordered after the work queued so
+    far, so it holds their values as of now."""
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 class _PanelControl(ViewerControl):
     """nerfstudio's handle on the viser server, with a hook for when the viewer has set it up."""
 
@@ -96,6 +109,8 @@ class MethodPanel(nn.Module):
         self._latest: dict[str, Tensor] = {}
         self._step: int | None = None
         self._last_push = -float("inf")
+        self._pending: tuple[Tensor, Any] | None = None
+        """The last read of the statistics and its copy's completion event (None: on the host already)."""
         self._trainer_lock: threading.Lock | None = None
         self._viewer: Viewer | None = None
         self._worker: threading.Thread | None = None
@@ -160,17 +175,41 @@ class MethodPanel(nn.Module):
         return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.publish)]
 
     def publish(self, step: int, force: bool = False) -> bool:
-        """Shows the current beta and the latest eikonal term; returns whether the display was refreshed."""
+        """Shows the current beta and the latest eikonal term, read at most every ``refresh_interval`` (at once
+        with ``force``); returns whether it read them. Without a viewer nobody would see them, and nothing is read.
+
+        A read on the GPU must not wait: ns-train keeps several steps queued ahead of the GPU, and a wait drains
+        that queue (the GPU then idles while the host prepares the next step). The values travel to the host in
+        the background and appear at the first later call that finds them there (``force`` waits for them)."""
         self._step = step
+        self._show_arrived(wait=False)
         now = time.monotonic()
-        if not force and now - self._last_push < self.refresh_interval:
+        if self._viewer is None or (not force and now - self._last_push < self.refresh_interval):
             return False
         self._last_push = now
-        self.beta.value = self._beta_text()
+        with torch.no_grad():
+            values = [self._model.density.get_beta().detach().float().reshape(())]
         eikonal = self._latest.get("eikonal")
         if eikonal is not None:
-            self.eikonal.value = format_value(float(eikonal))
+            values.append(eikonal.float().reshape(()))
+        self._pending = copy_to_host(torch.stack(values))
+        self._show_arrived(wait=force)
         return True
+
+    def _show_arrived(self, wait: bool) -> None:
+        """Shows the values of the last read once they are on the host (or waits for them)."""
+        if self._pending is None:
+            return
+        values, copied = self._pending
+        if copied is not None and not copied.query():
+            if not wait:
+                return
+            copied.synchronize()
+        self._pending = None
+        beta, *eikonal = values.tolist()
+        self.beta.value = format_value(beta)
+        if eikonal:
+            self.eikonal.value = format_value(eikonal[0])
 
     def _beta_text(self) -> str:
         with torch.no_grad():

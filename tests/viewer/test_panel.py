@@ -131,6 +131,75 @@ def test_panel_shows_beta_and_the_latest_eikonal_term_from_training(tiny_model, 
     assert panel.eikonal.gui_handle.value == format_value(float(metrics["eikonal"]))
 
 
+class CopyInFlight:
+    """A device-to-host copy's event that has not completed until the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def test_statistics_read_on_a_gpu_appear_once_copied_without_a_wait(tiny_model, server, monkeypatch):
+    copies: list[CopyInFlight] = []
+
+    def copy_in_flight(values):
+        copies.append(CopyInFlight())
+        return values.clone(), copies[-1]
+
+    monkeypatch.setattr("cocoinr_nerfstudio.viewer.panel.copy_to_host", copy_in_flight)
+    install_like_the_viewer(tiny_model, server, threading.Lock())
+    panel = tiny_model.viewer_panel
+    panel.refresh_interval = 0.0
+    before = panel.beta.value
+    metrics = training_metrics(tiny_model)
+    with torch.no_grad():
+        tiny_model.density.beta_param.fill_(0.03)
+    assert panel.publish(step=1)  # read, still in flight: nothing shown, nobody waited
+    assert panel.beta.value == before and panel.eikonal.value == "–" and not copies[0].waited
+    copies[0].done = True
+    panel.refresh_interval = 60.0
+    assert not panel.publish(step=2)  # no new read, but the one that has arrived is shown
+    assert panel.beta.value == format_value(0.03 + 1e-4)
+    assert panel.eikonal.value == format_value(float(metrics["eikonal"]))
+    with torch.no_grad():
+        tiny_model.density.beta_param.fill_(0.04)
+    assert panel.publish(step=3, force=True)  # force waits for its copy
+    assert copies[1].waited and panel.beta.value == format_value(0.04 + 1e-4)
+
+
+def test_without_a_viewer_the_statistics_are_not_read(tiny_model, monkeypatch):
+    def unreadable():
+        raise AssertionError("read without a viewer")
+
+    monkeypatch.setattr(tiny_model.density, "get_beta", unreadable)
+    panel = tiny_model.viewer_panel
+    assert not panel.publish(step=4, force=True)
+    assert panel._step == 4  # the preview still reports the step
+
+
+def test_copy_to_host_of_a_host_tensor_is_the_tensor():
+    from cocoinr_nerfstudio.viewer.panel import copy_to_host
+
+    values = torch.tensor([0.5, 2.0])
+    host, copied = copy_to_host(values)
+    assert host is values and copied is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_copy_to_host_of_a_cuda_tensor_arrives_in_pinned_memory():
+    from cocoinr_nerfstudio.viewer.panel import copy_to_host
+
+    host, copied = copy_to_host(torch.tensor([0.5, 2.0], device="cuda"))
+    copied.synchronize()
+    assert host.is_pinned() and host.tolist() == [0.5, 2.0]
+
+
 def test_preview_button_waits_for_the_train_lock_and_leaves_training_state_alone(tiny_model, server, monkeypatch):
     train_lock = threading.Lock()
     added = []
