@@ -58,6 +58,7 @@ PRIOR_HEADS = ("geometry", "color", "background_density", "background_color")
 DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
 SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that half-precision sampler queries are still accurate enough
+SAMPLER_PRECISION_RELAXED_INTERVAL = 200  # ... while the error was below half its limit (beta would have to halve)
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 GRID_COST_SHARE = 8  # a render's occupancy grid queries at most 1/8 of the points of the sampler's first round
 MIN_GRID_RESOLUTION = 8  # cells a side: a coarser grid would skip little, so small images go without one
@@ -102,8 +103,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     beta, at which the sampler keeps them (an error of 0.25 beta scales the terms of its error bound by at most
     exp(0.25) = 1.28). The bound trusts the SDF, and beta shrinks as the surface sharpens (from 0.1 toward 1e-3)
     while the rounding error does not (99th percentile at the geometric init: about 3e-3 in bfloat16, 3.5e-4 in
-    float16). Checked before a run's first training step, every 50 steps and before a loaded model's first
-    render: the 99th percentile of |half - float32| where 1024 fixed chords through the scene's ball first cross
+    float16). Checked before a run's first training step, then every 50 steps (every 200 while the error is below
+    half this limit: beta would have to halve to break it; a check costs about 50 ms on an H200) and before a
+    loaded model's first render: the 99th percentile of |half - float32| where 1024 fixed chords through the scene's ball first cross
     the surface (the field run eagerly: compiled code, which does not round between fused operations, should err
     no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
     fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
@@ -393,6 +395,8 @@ class CocoInrModel(SurfaceModel):
         half = self._sampler_dtype is not None
         self._checks_sampler_precision = half and self.config.sampler_autocast_max_error != math.inf
         self._sampler_half: bool | None = None if self._checks_sampler_precision else half
+        self._next_precision_check = 0
+        """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
         """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
@@ -855,9 +859,11 @@ class CocoInrModel(SurfaceModel):
                 )
             )
         if self.refine_budget is not None:
+            # before the step, as the precision check: their two reads of the GPU then come together, so the GPU
+            # idles once every 50 steps while the host prepares the next step, not twice
             callbacks.append(
                 TrainingCallback(
-                    [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                    [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                     update_every_num_iters=REFINE_BUDGET_INTERVAL,
                     func=self._adapt_refine_budget,
                 )
@@ -888,8 +894,8 @@ class CocoInrModel(SurfaceModel):
         return surface_rounding_error(sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles)
 
     def _sampler_precision_callback(self, step: int) -> None:
-        """Before the first step of a run (resumed runs start at any step) and every 50 steps."""
-        if self._sampler_half is None or step % SAMPLER_PRECISION_INTERVAL == 0:
+        """Before the first step of a run (resumed runs start at any step), then at the step the last check set."""
+        if self._sampler_half is None or step >= self._next_precision_check:
             self._check_sampler_precision(step)
 
     def _check_sampler_precision(self, step: int | None = None) -> None:
@@ -900,6 +906,11 @@ class CocoInrModel(SurfaceModel):
         (error,) = self.sampler_rounding_error()
         beta = float(self.density.get_beta().detach())
         safe = rounding_is_safe(error, beta, self.config.sampler_autocast_max_error)
+        if step is not None:
+            # on multiples of 50, where the refine budget reads the GPU too: one wait for both
+            relaxed = rounding_is_safe(error, beta, 0.5 * self.config.sampler_autocast_max_error)
+            interval = SAMPLER_PRECISION_RELAXED_INTERVAL if relaxed else SAMPLER_PRECISION_INTERVAL
+            self._next_precision_check = (step // SAMPLER_PRECISION_INTERVAL) * SAMPLER_PRECISION_INTERVAL + interval
         if not safe:
             when = f"at step {step}" if step is not None else "before rendering"
             if math.isnan(error):

@@ -346,7 +346,7 @@ def test_sampler_budget_reaches_the_sampler_and_its_metric():
 
 
 def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
-    from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
 
     model = build(tiny_config(cuda_graph=True, static_refine_budget="auto", num_samples_eval=128))
     model.train()
@@ -354,6 +354,8 @@ def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
     callbacks = model.get_training_callbacks(TrainingCallbackAttributes(None, None, None, None))
     adapting = [c for c in callbacks if getattr(c.func, "__name__", "") == "_adapt_refine_budget"]
     assert len(adapting) == 1 and adapting[0].update_every_num_iters == 50
+    # at the same point of the step as the precision check: the GPU drains for both at once
+    assert adapting[0].where_to_run == [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION]
     key = model.cuda_graph_key()
     demands = []
     for seed in range(model.refine_budget.min_observations):  # fewer steps than that: the check keeps observing

@@ -100,7 +100,14 @@ def test_a_negative_share_is_refused():
         build(tiny_config(sampler_autocast="bfloat16", sampler_autocast_max_error=-0.1))
 
 
-def test_a_resumed_run_checks_before_its_first_step_then_every_50(monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (0.012, [2001, 2200, 2400]),  # below half of 0.25 x beta (0.1001): every 200 steps
+        (0.013, [2001, 2050, 2100, 2150, 2200, 2250, 2300, 2350, 2400]),  # above it: every 50
+    ],
+)
+def test_a_resumed_run_checks_before_its_first_step_then_on_multiples_of_50(monkeypatch, error, expected):
     model = build(tiny_config(sampler_autocast="bfloat16"))
     checked = []
     check = model._check_sampler_precision
@@ -110,9 +117,10 @@ def test_a_resumed_run_checks_before_its_first_step_then_every_50(monkeypatch):
         check(step)
 
     monkeypatch.setattr(model, "_check_sampler_precision", counting)
-    for step in range(2001, 2102):  # resumed at a step that is no multiple of 50
+    monkeypatch.setattr(model, "sampler_rounding_error", lambda: (error,))
+    for step in range(2001, 2402):  # resumed at a step that is no multiple of 50
         model._sampler_precision_callback(step)
-    assert checked == [2001, 2050, 2100] and model._sampler_half is True
+    assert checked == expected and model._sampler_half is True
 
 
 def test_the_probe_leaves_the_model_as_it_was():
