@@ -427,8 +427,9 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         torch.cuda.reset_peak_memory_stats()
     peaks = [0]  # --trace-memory: the peak at the last step that raised it
     warmup_peak = 0
-    # the host synchronises once every sync_every steps, as ns-train (which never waits per step) lets the host
-    # prepare step n + 1 while the GPU runs step n; each step of a block counts as the block's mean
+    # the host synchronises once every sync_every steps, as ns-train (which never waits per step; with tensorboard
+    # it waits every 10) lets the host prepare step n + 1 while the GPU runs step n; each step of a block counts as
+    # the block's mean
     sync_every = 1 if args.trace_memory else max(1, args.sync_every)
     block_start, block_steps = 0.0, 0
     for step in range(args.warmup + args.steps):
@@ -559,7 +560,10 @@ def parse_args(argv: list[str] | None = None):
         "--sync-every",
         type=int,
         default=10,
-        help="timed steps between two host-GPU synchronisations (1: every step, as rounds one to six measured)",
+        help="timed steps between two host-GPU synchronisations: 10 as ns-train --vis tensorboard or wandb (their "
+        "loss logging reads the GPU every 10 steps; with the default viewer ns-train waits only for the sampler's "
+        "checks, every 50-200 steps: benchmark_training_loop.py times the real loop); 1: every step, as rounds one "
+        "to six measured",
     )
     parser.add_argument(
         "--host-batches",

@@ -834,3 +834,121 @@ def test_frame_gaps_need_a_gpu(monkeypatch):
     assert run_main(module, [*argv, "--gaps"]).endswith(
         "--gaps: needs a GPU (on a CPU nothing runs asynchronously, so nothing waits)"
     )
+
+
+def test_training_loop_benchmark_on_cpu(monkeypatch):
+    """scripts/benchmark_training_loop.py's smoke run: nerfstudio's own loop, timed; no CUDA, so no waits."""
+    module = load_script("benchmark_training_loop", monkeypatch)
+    argv = ["--device", "cpu", "--configs", "default", "--steps", "2", "--warmup", "1", "--rays", "64"]
+    lines = run_main(module, [*argv, "--vis", "tensorboard"]).splitlines()
+    assert lines[0] == "Device: CPU; 64 rays/step; 2 timed steps after 1"
+    (row,) = [line for line in lines if line.startswith("| default |")]
+    cells = row.strip("| ").split(" | ")
+    assert cells[1] == "tensorboard" and float(cells[2]) > 0
+    assert abs(1000.0 / float(cells[2]) - float(cells[3])) < 0.01 * float(cells[3])
+    assert cells[4:7] == ["nan", "nan", "0 (0)"]
+
+
+def test_training_loop_benchmark_refuses_a_span_it_cannot_time(monkeypatch, capsys):
+    module = load_script("benchmark_training_loop", monkeypatch)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--device", "cpu", "--steps", "1"])
+    assert "--steps must be at least 2 and --warmup at least 1, got 1 and 1" in capsys.readouterr().err
+
+
+def test_host_waits_are_charged_to_their_step_and_the_code_that_waited(monkeypatch):
+    import warnings
+
+    from cocoinr_nerfstudio.benchmarks.training_loop import SyncLog, recording_syncs
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+
+    def reads_the_gpu():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    log = SyncLog()
+    with recording_syncs(log):
+        log.step = 7
+        reads_the_gpu()
+        reads_the_gpu()  # every wait counts, not only the first of a place
+        log.step = 9
+        reads_the_gpu()
+        warnings.warn("something else", UserWarning, stacklevel=1)  # passed on, not recorded
+    assert log.steps == [7, 9] and len(log.seen) == 3
+    places = [place.split(" < ") for place in log.by_place()]  # three calls from three lines of the test
+    assert len(places) == 3 and len({inner for inner, *_ in places}) == 1
+    for inner, caller, *_ in places:
+        assert inner.startswith("test_benchmark_speed.py:") and inner.endswith(" reads_the_gpu")
+        assert caller.endswith(" test_host_waits_are_charged_to_their_step_and_the_code_that_waited")
+    assert shown == ["something else"]
+    assert warnings.showwarning is not None and torch_sync_mode() == 0  # restored
+
+
+def torch_sync_mode() -> int:
+    import torch
+
+    return torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+
+
+def test_waiting_code_skips_torch_and_the_warnings_module():
+    import traceback
+
+    from cocoinr_nerfstudio.benchmarks.training_loop import waiting_code
+
+    stack = [
+        traceback.FrameSummary("/x/nerfstudio/engine/trainer.py", 300, "train"),
+        traceback.FrameSummary("/x/cocoinr_nerfstudio/models/coco_inr.py", 900, "check"),
+        traceback.FrameSummary("/x/site-packages/torch/_tensor.py", 10, "item"),
+        traceback.FrameSummary("/usr/lib/python3.11/warnings.py", 110, "_showwarnmsg"),
+    ]
+    assert waiting_code(stack) == "coco_inr.py:900 check < trainer.py:300 train"
+    assert waiting_code(stack, depth=1) == "coco_inr.py:900 check"
+
+
+def test_training_loop_table_from_known_results():
+    from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, SyncLog, format_results
+
+    log = SyncLog(seen=[(50, "a.py:1 f"), (50, "b.py:2 g"), (100, "a.py:1 f")])
+    result = LoopResult("recipe", "viewer", "GPU", steps=400, seconds=9.2, syncs=log, replay_ms=22.0,
+                        replay_period_ms=22.65, peak_memory_gib=4.39)  # fmt: skip
+    lines = format_results([result]).splitlines()
+    assert lines[2] == "| recipe | viewer | 43.48 | 23.00 | 22.00 | 22.65 | 3 (2) | 4.39 |"
+    assert lines[4:] == [
+        "Waits of the host, recipe --vis viewer: at steps [50, 100]",
+        "      2  a.py:1 f",
+        "      1  b.py:2 g",
+    ]
+
+
+def test_replay_clock_times_each_replay_and_restores_replay(monkeypatch):
+    """The clock's bookkeeping with events faked (no GPU here): replay i runs from 25 i to 25 i + 22 ms."""
+    import torch
+
+    from cocoinr_nerfstudio.benchmarks.training_loop import ReplayClock
+
+    now = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.at = None
+
+        def record(self) -> None:
+            self.at = now[0]
+
+        def elapsed_time(self, other) -> float:
+            return other.at - self.at
+
+    def replay(graph) -> None:
+        now[0] += 22.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", replay)
+    with ReplayClock() as clock:
+        for _ in range(5):
+            torch.cuda.CUDAGraph.replay(None)
+            now[0] += 3.0  # the work between two replays
+    assert torch.cuda.CUDAGraph.replay is replay
+    assert clock.medians(last=4) == (22.0, 25.0) and len(clock.events) == 5
+    assert all(math.isnan(value) for value in ReplayClock().medians(last=4))
