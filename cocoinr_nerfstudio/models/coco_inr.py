@@ -105,9 +105,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     while the rounding error does not (99th percentile at the geometric init: about 3e-3 in bfloat16, 3.5e-4 in
     float16). Checked before a run's first training step, then every 50 steps (every 200 while the error is below
     half this limit: beta would have to halve to break it; a check costs about 50 ms on an H200) and before a
-    loaded model's first render: the 99th percentile of |half - float32| where 1024 fixed chords through the scene's ball first cross
-    the surface (the field run eagerly: compiled code, which does not round between fused operations, should err
-    no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
+    loaded model's first render: the 99th percentile of |half - float32| where 1024 fixed chords through the
+    scene's ball first cross the surface (the field run eagerly: compiled code, which does not round between fused
+    operations, should err no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
     fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
     precision throughout, never checked."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
@@ -395,9 +395,9 @@ class CocoInrModel(SurfaceModel):
         half = self._sampler_dtype is not None
         self._checks_sampler_precision = half and self.config.sampler_autocast_max_error != math.inf
         self._sampler_half: bool | None = None if self._checks_sampler_precision else half
+        """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
         self._next_precision_check = 0
         """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
-        """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
             if self.config.cuda_graph and self.config.static_refine_budget == "auto"
