@@ -31,7 +31,7 @@ import benchmark_speed  # a sibling script, not a package
 from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, format_results, time_training_loop
 from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
-VIS_CHOICES = ("viewer", "tensorboard", "wandb", "viewer+tensorboard")
+VIS_CHOICES = ("viewer", "tensorboard", "viewer+tensorboard")  # wandb logs like tensorboard, but needs a login
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
