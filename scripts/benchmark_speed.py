@@ -375,6 +375,17 @@ def _trace_memory(step: int, peaks: list[int]) -> None:
         peaks[0] = peak
 
 
+def scene_or_generated(args, folder: Path, mesh_resolution: int) -> Path:
+    """``--scene``, or the project's generated scene (``--scene-size``, ground-truth mesh at ``mesh_resolution``)
+    written into ``folder``."""
+    if args.scene is not None:
+        return args.scene
+    views, width, height = args.scene_size
+    scene = folder / "scene"
+    generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=mesh_resolution)
+    return scene
+
+
 def train_step(trainer, step: int):
     """One training step as ``ns-train`` runs it: the callbacks (the sampler's refine budget and precision checks,
     schedulers) before and after ``train_iteration``, whose (loss, loss_dict, metrics) it returns."""
@@ -399,11 +410,7 @@ def trained(args, name: str, steps: int) -> Iterator[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = Path(tmp)
-            scene = args.scene
-            if scene is None:
-                views, width, height = args.scene_size
-                scene = folder / "scene"
-                generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+            scene = scene_or_generated(args, folder, mesh_resolution=32)
             trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
             trainer.setup()
             for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
@@ -598,11 +605,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     with tempfile.TemporaryDirectory() as tmp:
-        scene = args.scene
-        if scene is None:
-            views, width, height = args.scene_size
-            scene = Path(tmp) / "scene"
-            generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=128)
+        scene = scene_or_generated(args, Path(tmp), mesh_resolution=128)
         results = []
         for name in args.configs:
             try:

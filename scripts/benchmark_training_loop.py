@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
 from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, format_results, time_training_loop
-from cocoinr_nerfstudio.data.scene_generator import generate_scene
 
 VIS_CHOICES = ("viewer", "tensorboard", "viewer+tensorboard")  # wandb logs like tensorboard, but needs a login
 
@@ -56,11 +55,7 @@ def main(argv: list[str] | None = None) -> str:
     results: list[LoopResult] = []
     writers_before = list(writer.EVENT_WRITERS)
     with tempfile.TemporaryDirectory() as tmp:
-        scene = speed.scene
-        if scene is None:
-            views, width, height = speed.scene_size
-            scene = Path(tmp) / "scene"
-            generate_scene(scene, num_views=views, width=width, height=height, mesh_resolution=32)
+        scene = benchmark_speed.scene_or_generated(speed, Path(tmp), mesh_resolution=32)
         try:
             for name in speed.configs:
                 for vis in args.vis:
