@@ -15,7 +15,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +138,7 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
     first, last = warmup, warmup + steps - 1
     marks: dict[str, float] = {}
     log = SyncLog()
-    recording = recording_syncs(log)
+    recording = ExitStack()  # open from the first timed step to the last (closed also if the loop stops between)
     clock = ReplayClock() if cuda else None
 
     def sync() -> None:
@@ -150,11 +150,11 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
         if step == first:
             sync()
             marks["start"] = time.perf_counter()
-            recording.__enter__()
+            recording.enter_context(recording_syncs(log))
 
     def after(step: int) -> None:
         if step == last:
-            recording.__exit__(None, None, None)
+            recording.close()
             sync()
             marks["end"] = time.perf_counter()
 
@@ -162,17 +162,9 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], after))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    try:
-        if clock is not None:
-            with clock:
-                trainer.train()
-            replay_ms, period_ms = clock.medians(steps)
-        else:
-            trainer.train()
-            replay_ms = period_ms = float("nan")
-    finally:
-        if "start" in marks and "end" not in marks:  # stopped inside the span: leave warnings as they were
-            recording.__exit__(None, None, None)
+    with recording, clock or nullcontext():
+        trainer.train()
+    replay_ms, period_ms = clock.medians(steps) if clock is not None else (float("nan"), float("nan"))
     if "end" not in marks:
         raise RuntimeError(f"the loop stopped before step {last} (max_num_iterations must be warmup + steps)")
     return LoopResult(
