@@ -33,7 +33,6 @@ from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.trainer import TrainerConfig
 
 from cocoinr_nerfstudio.data.scene_generator import generate_scene
-from cocoinr_nerfstudio.engine.trainer import CocoTrainerConfig
 from cocoinr_nerfstudio.field_components.prototypes import CodebookAttentionSettings
 from cocoinr_nerfstudio.mesh.evaluation import mesh_distances
 from cocoinr_nerfstudio.mesh.extraction import NoSurfaceError, extract_mesh, transform_mesh
@@ -230,21 +229,9 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+sdpa+points+fp16": _graph_fields_bf16_sdpa_points_fp16,
     "graph+fields+bf16+sdpa+points+flash+fp16": _graph_fields_bf16_sdpa_points_flash_fp16,
     "graph+fields+points": _graph_fields_points,
-    "graph+fields+bf16+sdpa+points+flash+fp16+adam-outside": _graph_fields_bf16_sdpa_points_flash_fp16,
     "default+sdpa": _default_sdpa,
     "graph+sdpa": _graph_sdpa,
 }
-
-
-def _adam_outside_graph(config: CocoTrainerConfig) -> None:
-    """The fused Adam steps after the replayed graph, as nerfstudio steps optimizers (the recipe until round twenty)."""
-    config.optimizer_in_graph = False
-
-
-TRAINER_SETTINGS: dict[str, Callable[[CocoTrainerConfig], None]] = {
-    "graph+fields+bf16+sdpa+points+flash+fp16+adam-outside": _adam_outside_graph,
-}
-"""Settings of the trainer (not the model) that a configuration changes."""
 
 
 def _shrink(model: CocoInrModelConfig) -> None:
@@ -311,8 +298,6 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
     if args.eval_chunk is not None:
         model.eval_num_rays_per_chunk = args.eval_chunk
     CONFIGS[name](model)
-    if name in TRAINER_SETTINGS:
-        TRAINER_SETTINGS[name](config)
     if name == "reference":
         for group in config.optimizers.values():
             group["optimizer"].fused = False

@@ -206,17 +206,6 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
     assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
-def test_adam_outside_is_the_recipe_with_its_optimizer_stepped_after_the_graph(monkeypatch, tmp_path):
-    benchmark = load_script("benchmark_speed", monkeypatch)
-    args = benchmark.parse_args(["--device", "cpu"])
-    recipe = benchmark._trainer_config(args, tmp_path, "graph+fields+bf16+sdpa+points+flash+fp16", tmp_path)
-    outside = benchmark._trainer_config(
-        args, tmp_path, "graph+fields+bf16+sdpa+points+flash+fp16+adam-outside", tmp_path
-    )
-    assert recipe.optimizer_in_graph and not outside.optimizer_in_graph
-    assert outside.pipeline.model == recipe.pipeline.model
-
-
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
     """``--refine-budget`` sets the budget of configs whose sampler has one (CUDA-graph configs) and leaves the
     others, whose sampler refuses a budget without per-ray convergence, as they are."""

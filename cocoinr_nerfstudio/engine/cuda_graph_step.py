@@ -1,5 +1,4 @@
-"""A training step (forward, losses, backward and, optionally, the optimizer) captured once as a CUDA graph and
-replayed every step.
+"""A training step (forward, losses, backward) captured once as a CUDA graph and replayed every step.
 
 A coco-inr step launches thousands of small kernels (the error-bounded sampler alone ~2,600 operators,
 the doubly differentiated SDF as many again); on a fast GPU the host cannot issue them as fast as they
@@ -8,18 +7,14 @@ run, so the GPU idles. A captured graph issues all of them in one launch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.models.base_model import Model
 from torch import Tensor
-
-from cocoinr_nerfstudio.engine.graph_optimizer import GraphOptimizer, LearningRateMirror, initialise_state, step_all
 
 
 class StaticShapeError(ValueError):
@@ -56,24 +51,19 @@ class CudaGraphTrainStep:
     The model must run with fixed shapes and without host synchronisation (coco-inr's ``cuda_graph``
     mode: static-shape sampler, no sample pruning) and every batch must have the captured shapes.
     Each call copies the batch into the captured input buffers, replays, and points every parameter's
-    ``.grad`` at the gradient the graph wrote. The ``optimizers`` step inside the graph, after the backward
-    pass (fused Adam, :mod:`~cocoinr_nerfstudio.engine.graph_optimizer`); any other optimizer steps outside it,
-    on the same parameter tensors the graph reads (in place). If a parameter, buffer or optimizer state was
-    replaced instead, the step is captured again. Returned outputs and losses are overwritten by the next call.
+    ``.grad`` at the gradient the graph wrote; the optimizer steps outside the graph, on the same
+    parameter tensors the graph reads (in place). If a parameter or buffer was replaced instead, the step
+    is captured again. Returned outputs and losses are overwritten by the next call.
 
     Args:
         model: the (not DDP-wrapped) model, in training mode, on a CUDA device.
         warmup_steps: eager forward/backward passes on a side stream before capturing (lets cuBLAS,
             autograd and the caching allocator settle, as torch's graph documentation asks).
-        optimizers: optimizers whose step (with nerfstudio's gradient clipping) the graph replays; the caller
-            must not step them again.
     """
 
-    def __init__(self, model: Model, warmup_steps: int = 3, optimizers: Sequence[GraphOptimizer] = ()) -> None:
+    def __init__(self, model: Model, warmup_steps: int = 3) -> None:
         self.model = model
         self.warmup_steps = warmup_steps
-        self.optimizers = list(optimizers)
-        self._learning_rates = [LearningRateMirror.of(entry.optimizer) for entry in self.optimizers]
         self.params: list[Tensor] = []
         """The parameters that train, as of the capture."""
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -120,27 +110,19 @@ class CudaGraphTrainStep:
                 self._zero_grads()
                 self._forward_backward()
         torch.cuda.current_stream(device).wait_stream(side)
-        for entry in self.optimizers:  # a state first created inside the capture would be reset by every replay
-            initialise_state(entry.optimizer)
         self._zero_grads()
         graph = torch.cuda.CUDAGraph()
-        with contextlib.ExitStack() as stack:
-            for rates in self._learning_rates:
-                stack.enter_context(rates.in_place_of_floats())
-            # thread-local: only this thread's calls are checked for capture safety (others are not ours to police)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.outputs, self.loss_dict = self._forward_backward()
-                step_all(self.optimizers)
+        # thread-local: only this thread's calls are checked for capture safety (others are not ours to police)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.outputs, self.loss_dict = self._forward_backward()
         self.grads = [param.grad for param in self.params]
         self._captured_state = self._capture_state()
         self.graph = graph
 
     def _capture_state(self) -> list[Any]:
-        """Where every parameter, buffer and captured optimizer's state lives (the graph reads those addresses,
-        whatever sits there), and the model's ``cuda_graph_key()`` if it has one: settings the graph baked in,
-        such as a sampler's ray count."""
+        """Where every parameter and buffer lives (the graph reads those addresses, whatever sits there), and the
+        model's ``cuda_graph_key()`` if it has one: settings the graph baked in, such as a sampler's ray count."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [tensor for entry in self.optimizers for tensor in entry.state_tensors()]
         key = getattr(self.model, "cuda_graph_key", None)
         return [
             *(tensor.data_ptr() for tensor in tensors),
@@ -167,8 +149,6 @@ class CudaGraphTrainStep:
             tensors = {key: value for key, value in batch.items() if isinstance(value, Tensor)}
             _copy_into(self._batch, tensors, "batch")
         assert self.graph is not None
-        for rates in self._learning_rates:  # a scheduler may have changed them since the last step
-            rates.update()
         self.graph.replay()
         for param, grad in zip(self.params, self.grads, strict=True):
             param.grad = grad

@@ -15,7 +15,6 @@ from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep, StaticShapeError
-from cocoinr_nerfstudio.engine.graph_optimizer import GraphOptimizer, capture_blocker
 from cocoinr_nerfstudio.engine.optimizers import set_fused
 from cocoinr_nerfstudio.engine.schedulers import ExponentialDecayToSchedulerConfig
 from cocoinr_nerfstudio.viewer.viewer import CocoViewer
@@ -37,9 +36,6 @@ class CocoTrainerConfig(TrainerConfig):
     """TrainerConfig for coco-inr: ``--max-num-iterations`` also sets how long the learning rate decays."""
 
     _target: type = field(default_factory=lambda: CocoTrainer)
-    optimizer_in_graph: bool = True
-    """With ``--pipeline.model.cuda-graph``: the fused Adam steps inside the replayed graph too (no launches of its
-    own each step); False: they step after the replay, as nerfstudio does. Other optimizers always step after it."""
 
 
 class CocoTrainer(Trainer):
@@ -54,7 +50,6 @@ class CocoTrainer(Trainer):
     _graph_step: CudaGraphTrainStep | None = None
     _graph_unavailable: str | None = None
     _shape_warning_shown: bool = False
-    _groups_stepped_outside: tuple[str, ...] = ()
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         # nerfstudio's setup builds the viewer from the class its module imported: lend it ours for the call
@@ -82,21 +77,6 @@ class CocoTrainer(Trainer):
         if any(steps != 1 for steps in self.gradient_accumulation_steps.values()):
             return "gradients are accumulated over several steps"
         return None
-
-    def _graph_optimizers(self) -> tuple[list[GraphOptimizer], tuple[str, ...]]:
-        """The optimizers the graph steps, and the parameter groups whose optimizers step after the replay."""
-        inside: list[GraphOptimizer] = []
-        outside: list[str] = []
-        for name, optimizer in self.optimizers.optimizers.items():
-            blocker = capture_blocker(optimizer) if self.config.optimizer_in_graph else "--optimizer-in-graph is off"
-            if blocker is None:
-                max_norm = self.optimizers.config[name]["optimizer"].max_norm
-                inside.append(GraphOptimizer(optimizer, max_norm))
-            else:
-                outside.append(name)
-                if self.config.optimizer_in_graph:
-                    CONSOLE.print(f"[bold yellow]Optimizer '{name}' steps outside the CUDA graph: {blocker}.")
-        return inside, tuple(outside)
 
     def _announce_eager_training(self) -> None:
         CONSOLE.print(
@@ -128,17 +108,14 @@ class CocoTrainer(Trainer):
             if self._graph_unavailable is not None:
                 self._announce_eager_training()
                 return super().train_iteration(step)
-            inside, self._groups_stepped_outside = self._graph_optimizers()
-            self._graph_step = CudaGraphTrainStep(model, optimizers=inside)
+            self._graph_step = CudaGraphTrainStep(model)
             CONSOLE.print("Capturing the training step as a CUDA graph (a few eager warm-up passes first).")
 
         self.optimizers.zero_grad_all()
         ray_bundle, batch = self.pipeline.datamanager.next_train(step)
-        to_step = list(self._groups_stepped_outside)
         try:
             outputs, loss_dict = self._graph_step(ray_bundle, batch)
         except StaticShapeError as error:
-            to_step = list(self.optimizers.parameters.keys())
             if not self._shape_warning_shown:
                 CONSOLE.print(f"[bold yellow]CUDA graph skipped for step {step} (and silently for later ones): {error}")
                 self._shape_warning_shown = True
@@ -148,14 +125,13 @@ class CocoTrainer(Trainer):
                 raise
             self._graph_unavailable = f"capturing the step failed ({type(error).__name__}: {error})"
             self._announce_eager_training()
-            to_step = list(self.optimizers.parameters.keys())
             self.optimizers.zero_grad_all()
             outputs, loss_dict = self._eager_forward_backward(ray_bundle, batch)
         # the graph overwrites its outputs on the next replay: hand out copies
         loss_dict = {name: value.detach().clone() for name, value in loss_dict.items()}
         metrics_dict = model.get_metrics_dict(outputs, batch)
         loss = functools.reduce(torch.add, loss_dict.values())
-        self.optimizers.optimizer_scaler_step_some(self.grad_scaler, to_step)
+        self.optimizers.optimizer_scaler_step_some(self.grad_scaler, list(self.optimizers.parameters.keys()))
         self.grad_scaler.update()
         self.optimizers.scheduler_step_all(step)
         return loss, loss_dict, metrics_dict
