@@ -13,6 +13,12 @@ are not cached (the ``reference`` config) they are computed inside each head's r
 On CUDA, ``--top-kernels N`` (default 25) adds the step's N largest kernels, each with its part and the operator
 (and input shapes) that launched it.
 
+``--replayed`` profiles the trainer's own steps instead (CUDA-graph configs, ``cocoinr_nerfstudio.benchmarks.
+replay_profile``): the replayed graph's kernels and the gaps between them, the work outside the graph, and the
+graph's largest kernels by name (a replay cannot be split by part):
+
+    python scripts/profile_step.py --device cuda --replayed --warmup 101 --steps 10 --beta-init 0.005
+
 Options this script does not know are passed on to benchmark_speed.py's parser (``--rays``, ``--beta-init``, ...).
 """
 
@@ -27,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
+from cocoinr_nerfstudio.benchmarks.replay_profile import format_replay_profile, profile_replays
 from cocoinr_nerfstudio.benchmarks.step_phases import TOTAL, PhaseTimes, format_kernels, format_phases, profile_phases
 
 
@@ -39,6 +46,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
     parser.add_argument("--steps", type=int, default=5, help="eager steps profiled")
     parser.add_argument("--top-kernels", type=int, default=25, help="largest kernels listed (CUDA; 0: none)")
+    parser.add_argument(
+        "--replayed", action="store_true", help="profile the trainer's replayed steps, not eager ones (CUDA graphs)"
+    )
     args, passed_on = parser.parse_known_args(argv)
     if args.warmup is None:
         args.warmup = 100 if args.device == "cuda" else 2
@@ -46,6 +56,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         parser.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     if args.top_kernels < 0:
         parser.error(f"--top-kernels must be >= 0, got {args.top_kernels}")
+    if args.replayed and args.device != "cuda":
+        parser.error("--replayed profiles CUDA-graph replays: it needs --device cuda")
     speed = ["--device", args.device, "--configs", args.config, "--steps", "1", "--warmup", str(args.warmup)]
     return args, benchmark_speed.parse_args(speed + passed_on)
 
@@ -56,10 +68,23 @@ def main(argv: list[str] | None = None) -> str:
         sys.exit("--device cuda: no CUDA device is visible")
     torch.manual_seed(speed_args.seed)
     with benchmark_speed.trained(speed_args, args.config, args.warmup) as trainer:
-        times = profile_phases(trainer.pipeline, args.warmup, args.steps)
-    report = _step_report(args, speed_args, trainer, times)
+        if args.replayed:
+            report = _replay_report(args, trainer)
+        else:
+            report = _step_report(args, speed_args, trainer, profile_phases(trainer.pipeline, args.warmup, args.steps))
     print(report)
     return report
+
+
+def _replay_report(args: argparse.Namespace, trainer) -> str:
+    steps = range(args.warmup, args.warmup + args.steps)
+    if getattr(trainer, "_graph_step", None) is None or trainer._graph_step.graph is None:
+        sys.exit(f"--replayed: config {args.config} did not capture a CUDA graph in its {args.warmup} warm-up steps")
+    profile = profile_replays(lambda: [benchmark_speed.train_step(trainer, step) for step in steps])
+    title = (
+        f"Device: {torch.cuda.get_device_name()}; config {args.config}; steps {steps.start}-{steps.stop - 1} replayed"
+    )
+    return "\n".join([title, "", format_replay_profile(profile, args.top_kernels)])
 
 
 def _step_report(args: argparse.Namespace, speed_args: argparse.Namespace, trainer, times: PhaseTimes) -> str:

@@ -961,3 +961,48 @@ def test_replay_clock_times_each_replay_and_restores_replay(monkeypatch):
     assert torch.cuda.CUDAGraph.replay is replay
     assert clock.medians(last=4) == (22.0, 25.0) and len(clock.events) == 5
     assert all(math.isnan(value) for value in ReplayClock().medians(last=4))
+
+
+def _gpu_op(name: str, ts: float, dur: float, correlation: int) -> dict:
+    return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+
+def _launch(name: str, ts: float, correlation: int) -> dict:
+    return {"cat": "cuda_runtime", "name": name, "ts": ts, "dur": 5.0, "args": {"correlation": correlation}}
+
+
+def test_replay_profile_tells_the_graphs_kernels_from_the_work_between_replays():
+    """Two replays (correlations 1 and 3) of three kernels each, with a copy and an Adam kernel launched between
+    them (correlations 2, 4): per step, the graph's kernels, its gaps, the outside work and the rhythm of replays."""
+    from cocoinr_nerfstudio.benchmarks.replay_profile import format_replay_profile, replay_profile
+
+    events = [
+        _launch("cudaGraphLaunch", 0, 1),
+        _launch("cudaMemcpyAsync", 1, 2),
+        _launch("cudaGraphLaunch_v10000", 2, 3),
+    ]
+    events += [_launch("cudaLaunchKernel", 3, 4), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9}]
+    for start, correlation in ((100, 1), (1100, 3)):  # kernels of 300 + 200 + 100 us with gaps of 50 and 30 us
+        events += [_gpu_op("mm", start, 300, correlation), _gpu_op("softplus", start + 350, 200, correlation)]
+        events += [_gpu_op("mm", start + 580, 100, correlation)]
+    events += [_gpu_op("copy", 750, 40, 2), _gpu_op("adam", 1750, 60, 4)]
+    report = replay_profile(events)
+    assert (report.steps, report.graph_kernels) == (2, 3)
+    assert report.graph_busy_ms == pytest.approx(0.6) and report.graph_span_ms == pytest.approx(0.68)
+    assert report.graph_gaps_ms == pytest.approx(0.08)
+    assert (report.outside_kernels, report.outside_busy_ms) == (1.0, pytest.approx(0.05))
+    assert report.step_ms == pytest.approx(1.0)
+    assert report.by_kernel == [("mm", pytest.approx(0.4), 2.0), ("softplus", pytest.approx(0.2), 1.0)]
+    table = format_replay_profile(report, top=1)
+    assert "| graph: gaps between its kernels | 0.08 | |" in table
+    assert "| idle between replays, outside work aside | 0.27 | |" in table
+    assert table.splitlines()[-1] == "| mm | 0.400 | 2 |"
+    with pytest.raises(ValueError, match="no kernel in the trace was launched by cudaGraphLaunch"):
+        replay_profile([e for e in events if not e["name"].startswith("cudaGraphLaunch")])
+
+
+def test_replayed_step_profile_needs_cuda(monkeypatch, capsys):
+    module = load_script("profile_step", monkeypatch)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--device", "cpu", "--replayed"])
+    assert "--replayed profiles CUDA-graph replays: it needs --device cuda" in capsys.readouterr().err
