@@ -1,5 +1,5 @@
-"""The sampler's refine budgets under ``auto``: each round sized from its observed demand, grown at once, shrunk
-with hysteresis."""
+"""The sampler's refine budgets under ``auto``: each round sized from its observed demand, grown at once with extra
+headroom, shrunk with hysteresis, held otherwise."""
 
 import pytest
 import torch
@@ -8,15 +8,26 @@ from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBound
 from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudget
 
 
-def test_target_adds_headroom_rounds_up_to_a_quantum_and_never_grows_with_the_round():
+def test_target_adds_headroom_and_rounds_up_to_a_quantum():
     budget = AdaptiveRefineBudget(ErrorBoundedSampler(static_shapes=True))
     assert budget.target_share(0.2) == pytest.approx(9 / 32)  # 0.2 * 1.25 + 1/32 = 0.28125 = 9/32 exactly
     assert budget.target_share(0.21) == pytest.approx(10 / 32)
     assert budget.target_share(0.0) == pytest.approx(1 / 32)
     assert budget.target_share(0.9) == 1.0
-    assert budget.target((0.9, 0.2, 0.0, 0.0)) == pytest.approx((1.0, 9 / 32, 1 / 32, 1 / 32))
-    # a later round's demand above an earlier one's (not possible in one step, but maxima of different steps)
-    assert budget.target((0.2, 0.3, 0.0, 0.0)) == pytest.approx((9 / 32, 9 / 32, 1 / 32, 1 / 32))
+    assert budget.target_share(0.2, margin=0.5) == pytest.approx(11 / 32)  # 0.2 * 1.5 + 1/32 = 0.33125
+
+
+def test_next_budgets_grow_with_twice_the_headroom_and_never_exceed_the_round_before():
+    sampler = ErrorBoundedSampler(static_shapes=True)
+    budget = AdaptiveRefineBudget(sampler)
+    assert budget.next_budgets((0.9, 0.2, 0.0, 0.0)) == pytest.approx((1.0, 9 / 32, 1 / 32, 1 / 32))  # all shrink
+    sampler.refine_budgets = (10 / 32, 8 / 32, 2 / 32, 1 / 32)
+    # round 2 held (target 9/32, one quantum below), round 3 grows (target 9/32 > 8/32: 0.2 * 1.5 + 1/32 -> 11/32,
+    # capped at round 2's 10/32), round 4 held (target 1/32), round 5 grows to 0.05 * 1.5 + 1/32 -> 4/32
+    assert budget.next_budgets((0.2, 0.2, 0.0, 0.05)) == pytest.approx((10 / 32, 10 / 32, 2 / 32, 2 / 32))
+    # a later round's demand above an earlier one's (maxima of different steps): round 3 grows, capped by round
+    # 2's budget, which holds (its target 7/32 is within the hysteresis of 10/32)
+    assert budget.next_budgets((0.15, 0.3, 0.0, 0.0)) == pytest.approx((10 / 32, 10 / 32, 2 / 32, 1 / 32))
 
 
 def demand(*shares: float) -> torch.Tensor:
@@ -38,11 +49,16 @@ def test_adapts_each_round_to_its_highest_demand_since_the_last_check():
     for _ in range(3):
         budget.observe(demand(0.12, 0.10, 0.0, 0.0))
     assert not budget.adapt(step=100) and sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
-    # more demand in round 4: a new capture, which also takes round 3's smaller target (5/32 for 7/32)
+    # more demand in round 4: a new capture, where round 4 takes twice the headroom (0.1 * 1.5 + 1/32 -> 6/32)
+    # and round 3 keeps its budget (its target, 5/32, is within the hysteresis of 7/32)
     for shares in ((0.2, 0.1, 0.1, 0.0), (0.0,) * 4, (0.0,) * 4):
         budget.observe(demand(*shares))
     assert budget.adapt(step=150)
-    assert sampler.refine_budgets == pytest.approx((9 / 32, 5 / 32, 5 / 32, 1 / 32))
+    assert sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 6 / 32, 1 / 32))
+    # the same demand again: nothing to change (set to its bare target, round 3 would have had to grow back)
+    for _ in range(3):
+        budget.observe(demand(0.2, 0.13, 0.1, 0.0))
+    assert not budget.adapt(step=175)
     # far less: shrinks
     for _ in range(3):
         budget.observe(demand(0.0, 0.0, 0.0, 0.0))
