@@ -4,11 +4,11 @@ A CUDA graph needs a fixed count of rays in each of the sampler's rounds after t
 The share of rays that need those rounds depends on the scene (how much of each image the object covers), on
 the stage of training and on the round: far fewer rays need round 4 than round 2. So ``auto`` measures it:
 each step's demand per round (rays that ran the round + rays cut off before it) is folded into a running
-maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared with
-that maximum plus headroom. A round grows as soon as its demand plus headroom exceeds its budget, and then takes
-twice the headroom; it shrinks only where its target falls clearly below its budget. Each change means a new graph
-capture (about 0.3-0.5 s on an H200, round twenty of docs/benchmarks.md), while a few per cent more rays in one round
-cost about 0.03 ms a step: spare rays are cheap, captures are not.
+maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared
+with that maximum plus headroom. A round grows as soon as its demand plus headroom exceeds its budget, and then
+takes twice the headroom; it shrinks only where that roomier target falls clearly below its budget. Each change
+means a new graph capture, a quarter to half a second on an H200 (round twenty of docs/benchmarks.md): the
+equal of ten to twenty steps, so spare rays that spare a capture are cheap.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class AdaptiveRefineBudget:
             late in training the later rounds' demand climbs as beta falls).
         floor: headroom added in absolute terms (a view the last interval did not draw may need more).
         quantum: budgets are multiples of this (fewer distinct graphs).
-        shrink_hysteresis: a round shrinks only when its target is at least this much lower than its budget; a
-            round whose target is a little lower keeps its budget, also when another round's change means a new
+        shrink_hysteresis: a round shrinks only when its roomy target is at least this much lower than its budget;
+            a round whose target is a little lower keeps its budget, also when another round's change means a new
             capture (set to their bare targets, such rounds grew back at a later check: a capture more each time).
         min_observations: a check with fewer steps observed since the previous check that read them keeps observing (the first
             step, whose initial sphere fills much of the image, does not set the budget alone).
@@ -78,16 +78,16 @@ class AdaptiveRefineBudget:
         return min(1.0, math.ceil(wanted / self.quantum - 1e-6) * self.quantum)  # demand arrives as float32
 
     def next_budgets(self, demand: tuple[float, ...]) -> tuple[float, ...]:
-        """Each round's budget after a check: grown with ``growth_margin`` where its target exceeds its budget,
-        shrunk to its target where that is ``shrink_hysteresis`` below, held otherwise; never above the round
-        before's (a round's rays come from it)."""
+        """Each round's budget after a check, never above the round before's (a round's rays come from it).
+
+        A round whose target (``margin``) exceeds its budget grows to its demand plus ``growth_margin``; one whose
+        demand plus ``growth_margin`` is ``shrink_hysteresis`` below its budget shrinks to that; others hold. Both
+        moves land on the same roomy target, so a round that just grew does not shrink at the next small dip."""
         shares, limit = [], 1.0
         for round_demand, held in zip(demand, self.budgets, strict=True):
-            wanted = self.target_share(round_demand)
-            if wanted > held:
-                share = self.target_share(round_demand, self.growth_margin)
-            elif wanted <= held - self.shrink_hysteresis:
-                share = wanted
+            roomy = self.target_share(round_demand, self.growth_margin)
+            if self.target_share(round_demand) > held or roomy <= held - self.shrink_hysteresis:
+                share = roomy
             else:
                 share = held
             limit = min(limit, share)

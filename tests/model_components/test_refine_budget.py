@@ -20,10 +20,12 @@ def test_target_adds_headroom_and_rounds_up_to_a_quantum():
 def test_next_budgets_grow_with_twice_the_headroom_and_never_exceed_the_round_before():
     sampler = ErrorBoundedSampler(static_shapes=True)
     budget = AdaptiveRefineBudget(sampler)
-    assert budget.next_budgets((0.9, 0.2, 0.0, 0.0)) == pytest.approx((1.0, 9 / 32, 1 / 32, 1 / 32))  # all shrink
+    # from every ray: rounds 3-5 shrink to their demand + 50% + 1/32 (0.2 -> 0.33125 -> 11/32); round 2 holds
+    assert budget.next_budgets((0.9, 0.2, 0.0, 0.0)) == pytest.approx((1.0, 11 / 32, 1 / 32, 1 / 32))
     sampler.refine_budgets = (10 / 32, 8 / 32, 2 / 32, 1 / 32)
-    # round 2 held (target 9/32, one quantum below), round 3 grows (target 9/32 > 8/32: 0.2 * 1.5 + 1/32 -> 11/32,
-    # capped at round 2's 10/32), round 4 held (target 1/32), round 5 grows to 0.05 * 1.5 + 1/32 -> 4/32
+    # round 2 held (target 9/32, roomy target 11/32), round 3 grows (target 9/32 > 8/32: 0.2 * 1.5 + 1/32 ->
+    # 11/32, capped at round 2's 10/32), round 4 held (roomy target 1/32, not 1/8 below 2/32), round 5 grows
+    # (0.05 * 1.5 + 1/32 -> 4/32, capped at round 4's 2/32)
     assert budget.next_budgets((0.2, 0.2, 0.0, 0.05)) == pytest.approx((10 / 32, 10 / 32, 2 / 32, 2 / 32))
     # a later round's demand above an earlier one's (maxima of different steps): round 3 grows, capped by round
     # 2's budget, which holds (its target 7/32 is within the hysteresis of 10/32)
@@ -43,19 +45,19 @@ def test_adapts_each_round_to_its_highest_demand_since_the_last_check():
     assert not budget.adapt(step=1)  # too few steps seen: keeps observing
     budget.observe(demand(0.20, 0.05, 0.02, 0.0))
     budget.observe(demand(0.15, 0.15, 0.0, 0.0))  # round 3's highest demand is another step's
-    assert budget.adapt(step=50)
-    assert sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
+    assert budget.adapt(step=50)  # each round: demand + 50% + 1/32
+    assert sampler.refine_budgets == pytest.approx((11 / 32, 9 / 32, 2 / 32, 1 / 32))
     # a little less demand: within the hysteresis, no new graph
     for _ in range(3):
-        budget.observe(demand(0.12, 0.10, 0.0, 0.0))
-    assert not budget.adapt(step=100) and sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 2 / 32, 1 / 32))
+        budget.observe(demand(0.15, 0.12, 0.0, 0.0))
+    assert not budget.adapt(step=100) and sampler.refine_budgets == pytest.approx((11 / 32, 9 / 32, 2 / 32, 1 / 32))
     # more demand in round 4: a new capture, where round 4 takes twice the headroom (0.1 * 1.5 + 1/32 -> 6/32)
-    # and round 3 keeps its budget (its target, 5/32, is within the hysteresis of 7/32)
+    # and round 3 keeps its budget (its roomy target, 6/32, is within the hysteresis of 9/32)
     for shares in ((0.2, 0.1, 0.1, 0.0), (0.0,) * 4, (0.0,) * 4):
         budget.observe(demand(*shares))
     assert budget.adapt(step=150)
-    assert sampler.refine_budgets == pytest.approx((9 / 32, 7 / 32, 6 / 32, 1 / 32))
-    # the same demand again: nothing to change (set to its bare target, round 3 would have had to grow back)
+    assert sampler.refine_budgets == pytest.approx((11 / 32, 9 / 32, 6 / 32, 1 / 32))
+    # about the same demand again: nothing to change (round 3 set to its bare target, 5/32, would now have to grow)
     for _ in range(3):
         budget.observe(demand(0.2, 0.13, 0.1, 0.0))
     assert not budget.adapt(step=175)
