@@ -76,8 +76,11 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
             None if p.grad is None else p.grad.clone() for p in params
         ]
 
+    passes = []  # forward passes the step runs eagerly or records: warm-ups and the capture
+    model.register_forward_hook(lambda *_: passes.append(1))
     step = CudaGraphTrainStep(model)
     step(*_bundle(256, seed=1, device="cuda"))  # capture on one batch
+    assert len(passes) == 3 + 1  # three warm-up passes before the first capture
     first_graph = step.graph
     for seed in (2, 3, 4):
         if seed == 4:  # a new sampler budget (what ``auto`` does): the next call captures again, then agrees
@@ -90,7 +93,9 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
         expected_losses, expected_grads = eager(bundle, batch)
         for p in params:
             p.grad = None
+        passes.clear()
         _, losses = step(bundle, batch)
+        assert len(passes) == (2 if seed == 4 else 0)  # replays run no pass; a capture again warms up once
         for name, value in expected_losses.items():
             torch.testing.assert_close(losses[name], value, rtol=1e-4, atol=1e-6)
         for (name, p), grad in zip(named_params, expected_grads, strict=True):
