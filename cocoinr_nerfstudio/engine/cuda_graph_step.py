@@ -60,8 +60,8 @@ class CudaGraphTrainStep:
         warmup_steps: eager forward/backward passes on a side stream before the first capture (lets cuBLAS,
             autograd and the caching allocator settle, as torch's graph documentation asks).
         recapture_warmup_steps: the same before a later capture (a new refine budget): one pass compiles and
-            autotunes the new shapes outside the capture, the rest is settled already. A capture with three
-            passes took a quarter to half a second on an H200, ten to twenty steps' worth.
+            autotunes the new shapes outside the capture, the rest is settled already. On an H200 a capture
+            took 0.4-0.6 s with three passes and 0.3-0.5 s with one (round twenty of docs/benchmarks.md).
     """
 
     def __init__(self, model: Model, warmup_steps: int = 3, recapture_warmup_steps: int = 1) -> None:

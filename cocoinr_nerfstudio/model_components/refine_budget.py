@@ -7,8 +7,8 @@ each step's demand per round (rays that ran the round + rays cut off before it) 
 maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared
 with that maximum plus headroom. A round grows as soon as its demand plus headroom exceeds its budget, and then
 takes twice the headroom; it shrinks only where that roomier target falls clearly below its budget. Each change
-means a new graph capture, a quarter to half a second on an H200 (round twenty of docs/benchmarks.md): the
-equal of ten to twenty steps, so spare rays that spare a capture are cheap.
+means a new graph capture, 0.3-0.6 s on an H200 (round twenty of docs/benchmarks.md): the equal of 15-25 steps,
+so spare rays that spare a capture are cheap.
 """
 
 from __future__ import annotations
