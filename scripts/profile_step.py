@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         "--config", default="graph+fields+bf16+sdpa+points+flash+fp16", choices=list(benchmark_speed.CONFIGS)
     )
     parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
-    parser.add_argument("--steps", type=int, default=5, help="eager steps profiled")
+    parser.add_argument("--steps", type=int, default=5, help="steps profiled (eager; with --replayed, the trainer's)")
     parser.add_argument("--top-kernels", type=int, default=25, help="largest kernels listed (CUDA; 0: none)")
     parser.add_argument(
         "--replayed", action="store_true", help="profile the trainer's replayed steps, not eager ones (CUDA graphs)"

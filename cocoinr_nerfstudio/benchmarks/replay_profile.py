@@ -94,7 +94,8 @@ def replay_profile(events: list[dict[str, Any]]) -> ReplayProfile:
 
 
 def profile_replays(run_steps: Callable[[], Any]) -> ReplayProfile:
-    """Runs ``run_steps`` (trainer steps that replay a graph) under the profiler, GPU work only."""
+    """Runs ``run_steps`` (trainer steps that replay a graph) under the profiler. The host's activity is traced too:
+    its launches tell the graph's kernels from the others."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run_steps()

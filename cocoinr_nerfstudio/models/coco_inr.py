@@ -242,10 +242,11 @@ class CocoInrModelConfig(SurfaceModelConfig):
     count), rays still refining first. 1 = every ray, exact. Where the object covers a fifth of the image, about a
     fifth of the rays need a second round, so 0.25 makes those rounds 4x cheaper; a ray that needs one and finds no
     place keeps its first-round samples (drawn at the larger beta that meets the error bound). ``auto`` starts at 1
-    and every 50 steps compares each round's own budget with the highest share of rays that needed that round + 25% +
-    1/32: a round above its budget grows to its demand + 50% + 1/32, one whose demand + 50% + 1/32 is 1/8 below
-    shrinks to that, others hold; never above the round before (the graph is captured again when they change): far fewer rays need rounds 4 and 5 than round 2,
-    and a ray cut off before a later round keeps the samples of its last one. It applies whenever cuda_graph is set,
+    and every 50 steps compares each round's own budget with the highest share of rays that needed that round +
+    25% + 1/32: a round above its budget grows to its demand + 50% + 1/32, one whose demand + 50% + 1/32 is 1/8
+    below shrinks to that, others hold; never above the round before (the graph is captured again when they
+    change): far fewer rays need rounds 4 and 5 than round 2, and a ray cut off before a later round keeps the
+    samples of its last one. It applies whenever cuda_graph is set,
     also when training falls back to eager steps. Training logs the share of rays that got more than one round
     (``sampler_refined``), that needed a round but were cut off (``sampler_truncated``) and round 2's budget
     (``sampler_budget``). Needs per_ray_convergence."""
