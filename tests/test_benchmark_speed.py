@@ -855,7 +855,7 @@ def test_training_loop_benchmark_on_cpu(monkeypatch):
     assert [cells[1] for cells in rows] == ["tensorboard", "viewer"]
     for cells in rows:
         assert float(cells[2]) > 0 and abs(1000.0 / float(cells[2]) - float(cells[3])) < 0.01 * float(cells[3])
-        assert cells[4:7] == ["nan", "nan", "0 (0)"]
+        assert cells[4:8] == ["nan", "nan", "0 (0)", "0"]  # no graph on a CPU: no replays, no captures
 
 
 def test_training_loop_benchmark_refuses_a_span_it_cannot_time(monkeypatch, capsys):
@@ -918,16 +918,36 @@ def test_waiting_code_skips_torch_and_the_warnings_module():
 def test_training_loop_table_from_known_results():
     from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, SyncLog, format_results
 
-    log = SyncLog(seen=[(50, "a.py:1 f"), (50, "b.py:2 g"), (100, "a.py:1 f")])
+    log = SyncLog(seen=[(50, "a.py:1 f"), (50, "b.py:2 g"), (100, "a.py:1 f")], captures=[50, 250])
     result = LoopResult("recipe", "viewer", "GPU", steps=400, seconds=9.2, syncs=log, replay_ms=22.0,
                         replay_period_ms=22.65, peak_memory_gib=4.39)  # fmt: skip
-    lines = format_results([result]).splitlines()
-    assert lines[2] == "| recipe | viewer | 43.48 | 23.00 | 22.00 | 22.65 | 3 (2) | 4.39 |"
-    assert lines[4:] == [
+    other = LoopResult("recipe", "tensorboard", "GPU", steps=400, seconds=9.2, syncs=SyncLog())
+    lines = format_results([result, other]).splitlines()
+    assert lines[2] == "| recipe | viewer | 43.48 | 23.00 | 22.00 | 22.65 | 3 (2) | 2 (50, 250) | 4.39 |"
+    assert lines[3] == "| recipe | tensorboard | 43.48 | 23.00 | nan | nan | 0 (0) | 0 | nan |"
+    assert lines[5:8] == [
         "Waits of the host, recipe --vis viewer: at steps [50, 100]",
         "      2  a.py:1 f",
         "      1  b.py:2 g",
     ]
+
+
+def test_captures_are_recorded_with_their_step_and_capture_is_restored(monkeypatch):
+    from cocoinr_nerfstudio.benchmarks.training_loop import SyncLog, recording_captures
+    from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep
+
+    captured = []
+    monkeypatch.setattr(CudaGraphTrainStep, "capture", lambda self, bundle, batch: captured.append((bundle, batch)))
+    fake = CudaGraphTrainStep.capture
+    log = SyncLog(step=7)
+    with recording_captures(log):
+        CudaGraphTrainStep.capture(None, "bundle", "batch")
+        log.step = 9
+        CudaGraphTrainStep.capture(None, "bundle", "batch")
+    assert log.captures == [7, 9] and captured == [("bundle", "batch")] * 2  # recorded, and still captured
+    assert CudaGraphTrainStep.capture is fake
+    CudaGraphTrainStep.capture(None, "bundle", "batch")
+    assert log.captures == [7, 9]
 
 
 def test_replay_clock_times_each_replay_and_restores_replay(monkeypatch):

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
+from cocoinr_nerfstudio.engine.cuda_graph_step import CudaGraphTrainStep
+
 SYNC_WARNING = "synchroniz"
 """What torch's sync debug mode says in each of its warnings ("called a synchronizing CUDA operation")."""
 
@@ -34,11 +36,13 @@ def waiting_code(stack: list[traceback.FrameSummary], depth: int = 3) -> str:
 
 @dataclass
 class SyncLog:
-    """Host synchronisations seen while recording, each with the training step it happened in."""
+    """Host synchronisations seen while recording, each with the training step it happened in, and the steps at
+    which the CUDA-graph step was captured (again)."""
 
     step: int | None = None
     """The step being run (set by the loop's callback)."""
     seen: list[tuple[int | None, str]] = field(default_factory=list)
+    captures: list[int | None] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int | None]:
@@ -130,6 +134,24 @@ class ReplayClock:
         return statistics.median(replays), statistics.median(periods)
 
 
+@contextmanager
+def recording_captures(log: SyncLog) -> Iterator[SyncLog]:
+    """The step of every capture of the CUDA-graph step inside the block, into ``log.captures``. A capture after the
+    first follows a change the graph baked in (the sampler's refine budget under ``auto``); each costs a few tenths
+    of a second, so a span's speed depends on how many it holds."""
+    original = CudaGraphTrainStep.capture
+
+    def capture(self, *args, **kwargs):
+        log.captures.append(log.step)
+        return original(self, *args, **kwargs)
+
+    CudaGraphTrainStep.capture = capture
+    try:
+        yield log
+    finally:
+        CudaGraphTrainStep.capture = original
+
+
 def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) -> LoopResult:
     """Runs ``trainer.train()`` (set up, ``max_num_iterations`` = ``warmup + steps``) and times steps ``warmup`` to
     the last: one synchronisation before the first timed step (before the model's own callbacks) and one after the
@@ -151,6 +173,7 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
             sync()
             marks["start"] = time.perf_counter()
             recording.enter_context(recording_syncs(log))
+            recording.enter_context(recording_captures(log))
 
     def after(step: int) -> None:
         if step == last:
@@ -180,17 +203,23 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
     )
 
 
+def _captures(steps: list[int | None]) -> str:
+    return f"{len(steps)} ({', '.join(str(step) for step in steps)})" if steps else "0"
+
+
 def format_results(results: list[LoopResult], places: int = 8) -> str:
     """A table of the timed spans, then where each run's host waited for the GPU."""
     lines = [
-        "| config | --vis | it/s | ms/step | replay ms | replay start to start ms | waits (steps with one) | peak GiB |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| config | --vis | it/s | ms/step | replay ms | replay start to start ms | waits (steps with one) | "
+        "graph captures (at steps) | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
         steps = r.syncs.steps
         lines.append(
             f"| {r.name} | {r.vis} | {r.steps / r.seconds:.2f} | {r.ms_per_step:.2f} | {r.replay_ms:.2f} | "
-            f"{r.replay_period_ms:.2f} | {len(r.syncs.seen)} ({len(steps)}) | {r.peak_memory_gib:.2f} |"
+            f"{r.replay_period_ms:.2f} | {len(r.syncs.seen)} ({len(steps)}) | {_captures(r.syncs.captures)} | "
+            f"{r.peak_memory_gib:.2f} |"
         )
     for r in results:
         lines += ["", f"Waits of the host, {r.name} --vis {r.vis}: at steps {r.syncs.steps}"]
