@@ -98,17 +98,22 @@ def _launchers(launches: list[dict[str, Any]], events: list[dict[str, Any]]) -> 
     return names
 
 
-def profile_gaps(work: Callable[[], Any]) -> GapReport:
-    """Runs ``work`` once on the GPU under the profiler, with Python stacks, and reports its idle gaps."""
+def traced_events(work: Callable[[], Any], with_stack: bool = False) -> list[dict[str, Any]]:
+    """Runs ``work`` once on the GPU under the profiler (host and GPU activity) and returns the Chrome trace's
+    ``traceEvents``."""
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=with_stack) as prof:
         work()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    return idle_gaps(events)
+        return json.loads(trace.read_text())["traceEvents"]
+
+
+def profile_gaps(work: Callable[[], Any]) -> GapReport:
+    """Runs ``work`` once on the GPU under the profiler, with Python stacks, and reports its idle gaps."""
+    return idle_gaps(traced_events(work, with_stack=True))
 
 
 def format_gaps(report: GapReport, top: int = 15) -> str:

@@ -11,20 +11,13 @@ end) is its kernels' time plus the gaps between them, so the gaps show what fewe
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
-LAUNCHES = ("cuda_runtime", "cuda_driver")
+from cocoinr_nerfstudio.benchmarks.gpu_gaps import GPU_WORK, LAUNCHES, traced_events
 
 
 @dataclass
@@ -96,15 +89,7 @@ def replay_profile(events: list[dict[str, Any]]) -> ReplayProfile:
 def profile_replays(run_steps: Callable[[], Any]) -> ReplayProfile:
     """Runs ``run_steps`` (trainer steps that replay a graph) under the profiler. The host's activity is traced too:
     its launches tell the graph's kernels from the others."""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_steps()
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    return replay_profile(events)
+    return replay_profile(traced_events(run_steps))
 
 
 def format_replay_profile(report: ReplayProfile, top: int, width: int = 90) -> str:
