@@ -27,8 +27,8 @@ class AdaptiveRefineBudget:
     Args:
         sampler: the fixed-shape sampler whose budgets are set; it starts at 1 (every ray, exact).
         margin: relative headroom above the highest demand seen since the last check.
-        growth_margin: relative headroom a round takes when it grows (demand that rose once tends to rise again:
-            late in training the later rounds' demand climbs as beta falls).
+        growth_margin: relative headroom of the budget a round grows or shrinks to (demand that rose once tends to
+            rise again: the later rounds' demand climbs as beta falls).
         floor: headroom added in absolute terms (a view the last interval did not draw may need more).
         quantum: budgets are multiples of this (fewer distinct graphs).
         shrink_hysteresis: a round shrinks only when its roomy target is at least this much lower than its budget;
