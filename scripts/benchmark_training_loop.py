@@ -12,6 +12,9 @@ CUDA sync debug mode). On CUDA it also gives the replayed graph's GPU time per s
         --refine-budget 0.5 --vis viewer tensorboard
     python scripts/benchmark_training_loop.py --device cpu --steps 2 --configs default --vis tensorboard  # smoke
 
+``--time-limit SECONDS`` ends a run's span at the step under way once the run has taken that long (compilation
+included) and still reports it, with the steps it holds: for hosts that stop a command at a fixed time.
+
 Options this script does not know are passed on to benchmark_speed.py's parser (``--configs``, ``--rays``,
 ``--beta-init``, ``--refine-budget``, ...); each configuration runs once per ``--vis``.
 """
@@ -24,11 +27,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from nerfstudio.utils.rich_utils import CONSOLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # a sibling script, not a package
 
-from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, format_results, time_training_loop
+from cocoinr_nerfstudio.benchmarks.training_loop import LoopResult, TimeLimitError, format_results, time_training_loop
 
 VIS_CHOICES = ("viewer", "tensorboard", "viewer+tensorboard")  # wandb logs like tensorboard, but needs a login
 
@@ -39,7 +43,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         "--vis", nargs="+", default=["viewer"], choices=VIS_CHOICES, help="ns-train's --vis, a run each"
     )
     parser.add_argument("--viewer-port", type=int, default=None, help="the viewer's port (nerfstudio's default 7007)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds a run may take, compilation included: its timed span then ends early and is still reported",
+    )
     args, passed_on = parser.parse_known_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f"--time-limit must be positive, got {args.time_limit}")
     speed = benchmark_speed.parse_args(passed_on)
     if speed.steps < 2 or speed.warmup < 1:
         parser.error(f"--steps must be at least 2 and --warmup at least 1, got {speed.steps} and {speed.warmup}")
@@ -69,7 +81,11 @@ def main(argv: list[str] | None = None) -> str:
                     trainer = config.setup(local_rank=0, world_size=1)
                     trainer.setup()
                     try:
-                        results.append(time_training_loop(trainer, name, vis, speed.warmup, speed.steps))
+                        results.append(
+                            time_training_loop(trainer, name, vis, speed.warmup, speed.steps, args.time_limit)
+                        )
+                    except TimeLimitError as error:  # the other runs still get their turn
+                        CONSOLE.print(f"[bold yellow]{error}: no result")
                     finally:
                         trainer.shutdown()  # the viewer's server, if any
                         torch.set_float32_matmul_precision("highest")  # tf32 is process-wide

@@ -865,6 +865,36 @@ def test_training_loop_benchmark_refuses_a_span_it_cannot_time(monkeypatch, caps
     assert "--steps must be at least 2 and --warmup at least 1, got 1 and 1" in capsys.readouterr().err
 
 
+def _ticking_clock(monkeypatch, seconds_per_call: float) -> None:
+    """The loop benchmark's clock, advancing ``seconds_per_call`` at every reading (from 0)."""
+    from types import SimpleNamespace
+
+    from cocoinr_nerfstudio.benchmarks import training_loop
+
+    readings = iter(range(0, 10**6, 1))
+    monkeypatch.setattr(training_loop, "time", SimpleNamespace(perf_counter=lambda: seconds_per_call * next(readings)))
+
+
+def test_training_loop_benchmark_cut_by_its_time_limit_still_reports_the_span(monkeypatch, capsys):
+    """Readings 10 s apart, a 25-s limit, steps 1-4 planned: the clock passes the limit at the span's first step
+    (30 s), so the span takes one more step and ends there, and training stops."""
+    module = load_script("benchmark_training_loop", monkeypatch)
+    _ticking_clock(monkeypatch, 10.0)
+    argv = ["--device", "cpu", "--configs", "default", "--steps", "4", "--warmup", "1", "--rays", "64"]
+    lines = run_main(module, [*argv, "--vis", "tensorboard", "--time-limit", "25"]).splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith("| default |")]
+    assert len(rows) == 1 and rows[0][3] == "15000.00"  # 2 steps from 20 s to 50 s
+    assert "default --vis tensorboard: cut by the time limit after 2 of 4 steps" in lines
+    # a limit that passes in the warm-up: that run has no result, and says why
+    lines = run_main(module, [*argv, "--vis", "tensorboard", "--time-limit", "5"]).splitlines()
+    assert not [line for line in lines if line.startswith("| default |")]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "default --vis tensorboard: the time limit (5 s) passed before timed steps 1-2: no result" in printed
+    with pytest.raises(SystemExit):
+        module.parse_args([*argv, "--time-limit", "0"])
+    assert "--time-limit must be positive, got 0.0" in capsys.readouterr().err
+
+
 def test_host_waits_are_charged_to_their_step_and_the_code_that_waited(monkeypatch):
     import warnings
 

@@ -93,6 +93,8 @@ class LoopResult:
     replay_period_ms: float = float("nan")
     """Median GPU time from one replay's start to the next's: the step with the work outside the graph."""
     peak_memory_gib: float = float("nan")
+    planned_steps: int | None = None
+    """The steps the span was to hold, where the time limit cut it short (None: it ran them all)."""
 
     @property
     def ms_per_step(self) -> float:
@@ -152,12 +154,23 @@ def recording_captures(log: SyncLog) -> Iterator[SyncLog]:
         CudaGraphTrainStep.capture = original
 
 
-def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) -> LoopResult:
+class TimeLimitError(RuntimeError):
+    """The time limit passed before the timed span had two steps."""
+
+
+def time_training_loop(
+    trainer, name: str, vis: str, warmup: int, steps: int, time_limit_s: float | None = None
+) -> LoopResult:
     """Runs ``trainer.train()`` (set up, ``max_num_iterations`` = ``warmup + steps``) and times steps ``warmup`` to
     the last: one synchronisation before the first timed step (before the model's own callbacks) and one after the
-    last, host synchronisations recorded in between."""
+    last, host synchronisations recorded in between.
+
+    ``time_limit_s``: seconds from this call (compilation included) after which the span ends at the step under way
+    (once it holds two steps) and training stops; the result then says how many steps were planned. A GPU host's
+    time limit then still leaves a result. Raises TimeLimitError if the limit passes before that."""
     cuda = trainer.device.startswith("cuda")
     first, last = warmup, warmup + steps - 1
+    began = time.perf_counter()
     marks: dict[str, float] = {}
     log = SyncLog()
     recording = ExitStack()  # open from the first timed step to the last (closed also if the loop stops between)
@@ -176,10 +189,13 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
             recording.enter_context(recording_captures(log))
 
     def after(step: int) -> None:
-        if step == last:
+        out_of_time = time_limit_s is not None and time.perf_counter() - began > time_limit_s
+        if step == last or (out_of_time and step > first):
             recording.close()
             sync()
-            marks["end"] = time.perf_counter()
+            marks["end"], marks["last"] = time.perf_counter(), step
+        if out_of_time and step < last and step != first:  # at the span's first step: one more, then stop
+            trainer.stop_training = True  # nerfstudio's loop ends before the next step, as at its last
 
     trainer.callbacks.insert(0, TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], before))
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], after))
@@ -187,19 +203,25 @@ def time_training_loop(trainer, name: str, vis: str, warmup: int, steps: int) ->
         torch.cuda.reset_peak_memory_stats()
     with recording, clock or nullcontext():
         trainer.train()
-    replay_ms, period_ms = clock.medians(steps) if clock is not None else (float("nan"), float("nan"))
     if "end" not in marks:
+        if trainer.stop_training:
+            raise TimeLimitError(
+                f"{name} --vis {vis}: the time limit ({time_limit_s:g} s) passed before timed steps {first}-{first + 1}"
+            )
         raise RuntimeError(f"the loop stopped before step {last} (max_num_iterations must be warmup + steps)")
+    timed = int(marks["last"]) - first + 1
+    replay_ms, period_ms = clock.medians(timed) if clock is not None else (float("nan"), float("nan"))
     return LoopResult(
         name=name,
         vis=vis,
         device=torch.cuda.get_device_name(trainer.device) if cuda else "CPU",
-        steps=steps,
+        steps=timed,
         seconds=marks["end"] - marks["start"],
         syncs=log,
         replay_ms=replay_ms,
         replay_period_ms=period_ms,
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        planned_steps=steps if timed < steps else None,
     )
 
 
@@ -221,6 +243,9 @@ def format_results(results: list[LoopResult], places: int = 8) -> str:
             f"{r.replay_period_ms:.2f} | {len(r.syncs.seen)} ({len(steps)}) | {_captures(r.syncs.captures)} | "
             f"{r.peak_memory_gib:.2f} |"
         )
+    for r in results:
+        if r.planned_steps is not None:
+            lines += ["", f"{r.name} --vis {r.vis}: cut by the time limit after {r.steps} of {r.planned_steps} steps"]
     for r in results:
         lines += ["", f"Waits of the host, {r.name} --vis {r.vis}: at steps {r.syncs.steps}"]
         lines += [f"  {count:5d}  {place}" for place, count in r.syncs.by_place().most_common(places)]
