@@ -166,8 +166,8 @@ def time_training_loop(
     last, host synchronisations recorded in between.
 
     ``time_limit_s``: seconds from this call (compilation included) after which the span ends at the step under way
-    (once it holds two steps) and training stops; the result then says how many steps were planned. A GPU host's
-    time limit then still leaves a result. Raises TimeLimitError if the limit passes before that."""
+    (once it holds two steps) and training stops; the result then says how many steps were planned, so a GPU host's
+    limit on a command still leaves one. Raises TimeLimitError if the limit passes before that."""
     cuda = trainer.device.startswith("cuda")
     first, last = warmup, warmup + steps - 1
     began = time.perf_counter()
@@ -204,7 +204,7 @@ def time_training_loop(
     with recording, clock or nullcontext():
         trainer.train()
     if "end" not in marks:
-        if trainer.stop_training:
+        if time_limit_s is not None and trainer.stop_training:
             raise TimeLimitError(
                 f"{name} --vis {vis}: the time limit ({time_limit_s:g} s) passed before timed steps {first}-{first + 1}"
             )
