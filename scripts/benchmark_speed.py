@@ -178,6 +178,18 @@ def _graph_fields_bf16_sdpa_points_flash_fp16(model: CocoInrModelConfig) -> None
     model.sampler_autocast = "float16"
 
 
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16 with the geometry head trained in float16 (its gradients scaled)."""
+    _graph_fields_bf16_sdpa_points_flash_fp16(model)
+    model.geometry_autocast = "float16"
+
+
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry_bf16(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16 with the geometry head trained in bfloat16."""
+    _graph_fields_bf16_sdpa_points_flash_fp16(model)
+    model.geometry_autocast = "bfloat16"
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -228,6 +240,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+sdpa+points+flash": _graph_fields_bf16_sdpa_points_flash,
     "graph+fields+bf16+sdpa+points+fp16": _graph_fields_bf16_sdpa_points_fp16,
     "graph+fields+bf16+sdpa+points+flash+fp16": _graph_fields_bf16_sdpa_points_flash_fp16,
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16": _graph_fields_bf16_sdpa_points_flash_fp16_geometry16,
+    "graph+fields+bf16+sdpa+points+flash+fp16+geobf16": _graph_fields_bf16_sdpa_points_flash_fp16_geometry_bf16,
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,
     "graph+sdpa": _graph_sdpa,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -19,11 +20,15 @@ from torch import Tensor, nn
 from cocoinr_nerfstudio.field_components.attention import CoordinateAttention, FeedForwardActivation
 from cocoinr_nerfstudio.field_components.compilation import CompiledOrEager
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
+from cocoinr_nerfstudio.field_components.gradient_scale import GradientScale, scale_gradient, unscale_gradient
 from cocoinr_nerfstudio.field_components.hash_grid import HashGrid, HashGridConfig
 from cocoinr_nerfstudio.field_components.mlp import SDFMLP
 
 PrototypeSource = Callable[[str], Tensor]
 """Returns the prototypes of a named head (``"geometry"``, ``"color"``, ...)."""
+
+GEOMETRY_MODULES = ("position_encoding", "geometry_attention", "hash_grid", "sdf_mlp")
+"""The field's submodules that compute ``[sdf, feature]`` (:meth:`CocoField._geometry`), in order."""
 
 
 class CompiledFieldPaths(NamedTuple):
@@ -171,6 +176,14 @@ class CocoField(Field):
         self.prototype_source = prototype_source
         self.color_autocast: torch.dtype | None = None
         """Autocast dtype for the colour head (set by the model), None for float32."""
+        self.geometry_autocast: torch.dtype | None = None
+        """Autocast dtype of the geometry head where it is trained (the SDF and its gradient differentiated for the
+        losses; set by the model), None for float32. Queries that are not differentiated stay float32."""
+        self.geometry_gradient_scale = 1.0
+        """The loss scale the geometry head starts with under ``geometry_autocast`` (see
+        :mod:`~cocoinr_nerfstudio.field_components.gradient_scale`); the one in use is :attr:`gradient_scale`'s."""
+        self.gradient_scale: GradientScale | None = None
+        """The geometry head's loss scale in use and its overflow count, on the device it last trained on."""
         self._compiled: CompiledFieldPaths | None = None
         attention = config.coordinate_attention
 
@@ -231,34 +244,98 @@ class CocoField(Field):
             colors=CompiledOrEager(self._colors, backend, "the colour head", pad_matmuls=pad_matmuls),
         )
 
+    def train_geometry_in(self, dtype: torch.dtype | None, gradient_scale: float = 1.0) -> None:
+        """Sets ``geometry_autocast`` and ``geometry_gradient_scale``, refusing what cannot run: a scale that is not
+        a positive power of two (it would round the gradients), or tiny-cuda-nn's hash grid, which torch.func (the
+        region's gradient) cannot differentiate."""
+        if not (gradient_scale > 0 and math.isfinite(gradient_scale) and math.frexp(gradient_scale)[0] == 0.5):
+            raise ValueError(
+                f"--pipeline.model.geometry-gradient-scale must be a positive power of two, got {gradient_scale}"
+            )
+        if dtype is not None and self.hash_grid is not None and self.hash_grid.tcnn_encoding is not None:
+            raise ValueError(
+                "--pipeline.model.geometry-autocast needs torch.func's gradient, which tiny-cuda-nn's hash grid does "
+                "not support: set --pipeline.model.sdf-field.hash-grid.implementation torch, or geometry-autocast none."
+            )
+        self.geometry_autocast = dtype
+        self.geometry_gradient_scale = float(gradient_scale)
+        self.gradient_scale = None
+
+    def _gradient_scale_on(self, device: torch.device) -> GradientScale:
+        if self.gradient_scale is None or self.gradient_scale.factor.device != device:
+            self.gradient_scale = GradientScale(self.geometry_gradient_scale, device)
+        return self.gradient_scale
+
     def _prototypes(self, head: str) -> Tensor | None:
         if not self.config.use_coordinate_attention or self.prototype_source is None:
             return None
         return self.prototype_source(head)
 
-    def _geometry(self, flat: Float[Tensor, "n 3"], prototypes: Tensor | None, fused: bool) -> Float[Tensor, "n out"]:
-        """``[sdf, feature]``; a function of tensors alone (the prototypes are an argument), so it compiles."""
-        encoded = self.position_encoding(flat)
+    def _geometry(
+        self,
+        flat: Float[Tensor, "n 3"],
+        prototypes: Tensor | None,
+        fused: bool,
+        parameters: dict[str, dict[str, Tensor]] | None = None,
+    ) -> Float[Tensor, "n out"]:
+        """``[sdf, feature]``; a function of tensors alone (the prototypes are an argument), so it compiles.
+        ``parameters``: stand-ins for the submodules' own, by submodule name (see :data:`GEOMETRY_MODULES`)."""
+
+        def run(name: str, *args, **kwargs) -> Tensor:
+            module = getattr(self, name)
+            if parameters is None or name not in parameters:
+                return module(*args, **kwargs)
+            return torch.func.functional_call(module, parameters[name], args, kwargs)
+
+        encoded = run("position_encoding", flat)
         inputs = [encoded]
         if self.geometry_attention is not None:
             assert prototypes is not None
-            inputs.append(self.geometry_attention(encoded, prototypes, fused=fused))
+            inputs.append(run("geometry_attention", encoded, prototypes, fused=fused))
         if self.hash_grid is not None:
-            inputs.append(self.hash_grid(flat))
-        return self.sdf_mlp(torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded)
+            inputs.append(run("hash_grid", flat))
+        return run("sdf_mlp", torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded)
 
     def _geometry_with_gradient(
-        self, flat: Float[Tensor, "n 3"], prototypes: Tensor | None
+        self,
+        flat: Float[Tensor, "n 3"],
+        prototypes: Tensor | None,
+        scale: Tensor | None = None,
+        overflows: Tensor | None = None,
     ) -> tuple[Float[Tensor, "n out"], Float[Tensor, "n 3"]]:
         """``[sdf, feature]`` and d(sdf)/dx, the gradient by ``torch.func.grad`` (see :meth:`enable_torch_compile`).
-        Explicit attention inside: the fused kernels have no second derivative."""
+        Explicit attention inside: the fused kernels have no second derivative.
+
+        With ``scale`` and ``overflows`` (the pass the losses differentiate, under ``geometry_autocast``): the whole
+        computation, the gradient's included, runs under autocast as one region whose inputs (the parameters, the
+        prototypes) and outputs carry the loss scale (:mod:`~cocoinr_nerfstudio.field_components.gradient_scale`).
+        The region is differentiated once from outside, so the scale holds. Outputs are float32."""
+        dtype = self.geometry_autocast if scale is not None else None
+        parameters = None
+        if dtype is not None:
+            assert scale is not None and overflows is not None
+            parameters = {}
+            for name in GEOMETRY_MODULES:  # a loop: dynamo breaks its graph on a walrus inside a comprehension
+                module = getattr(self, name)
+                if module is not None:
+                    parameters[name] = {
+                        key: unscale_gradient(p, scale, overflows) for key, p in module.named_parameters()
+                    }
+            prototypes = unscale_gradient(prototypes, scale, overflows) if prototypes is not None else None
 
         def sdf_sum(x: Tensor) -> tuple[Tensor, Tensor]:
-            output = self._geometry(x, prototypes, fused=False)
+            # no weight-cast cache: it would outlive a captured CUDA graph's memory pool
+            with torch.autocast(
+                x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+            ):
+                output = self._geometry(x, prototypes, fused=False, parameters=parameters).float()
             return output[..., 0].sum(), output
 
         gradient, output = torch.func.grad(sdf_sum, has_aux=True)(flat)
-        return output, gradient
+        if dtype is None:
+            return output, gradient
+        assert scale is not None
+        return scale_gradient(output, scale), scale_gradient(gradient, scale)
 
     def forward_geonetwork(
         self, points: Float[Tensor, "*batch 3"], fused: bool | None = None, compiled: bool = True
@@ -284,12 +361,17 @@ class CocoField(Field):
         # (a pass over every point) are not computed for the SDF's gradient, as autograd.grad below would
         point_kernels = self.config.coordinate_attention.point_kernels and self.geometry_attention is not None
         tcnn = self.hash_grid is not None and self.hash_grid.tcnn_encoding is not None  # no torch.func support
-        if self._compiled is not None or (create_graph and point_kernels and not tcnn):
+        half = create_graph and self.geometry_autocast is not None  # a region only _geometry_with_gradient makes
+        if self._compiled is not None or (create_graph and (point_kernels or half) and not tcnn):
             geometry_with_gradient = (
                 self._compiled.geometry_with_gradient if self._compiled is not None else self._geometry_with_gradient
             )
+            region = ()
+            if half:
+                scale = self._gradient_scale_on(points.device)
+                region = (scale.factor, scale.overflows)
             with torch.enable_grad() if create_graph else contextlib.nullcontext():  # as autograd.grad's path below
-                output, gradient = geometry_with_gradient(points.detach(), self._prototypes("geometry"))
+                output, gradient = geometry_with_gradient(points.detach(), self._prototypes("geometry"), *region)
             if not create_graph:
                 output, gradient = output.detach(), gradient.detach()
             return output[..., :1], output[..., 1:], gradient

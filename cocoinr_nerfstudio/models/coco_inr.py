@@ -59,6 +59,7 @@ DEFAULT_SCENE_RADIUS = 3.0  # VolSDF's bounding sphere in the normalised frame
 REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine budget (``auto``)
 SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that half-precision sampler queries are still accurate enough
 SAMPLER_PRECISION_RELAXED_INTERVAL = 200  # ... while the error was below half its limit (beta would have to halve)
+GEOMETRY_OVERFLOW_INTERVAL = 50  # steps between checks that the float16 geometry head's backward pass did not overflow
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 GRID_COST_SHARE = 8  # a render's occupancy grid queries at most 1/8 of the points of the sampler's first round
 MIN_GRID_RESOLUTION = 8  # cells a side: a coarser grid would skip little, so small images go without one
@@ -230,7 +231,18 @@ class CocoInrModelConfig(SurfaceModelConfig):
     large, and few chunks mean few kernel launches."""
     bf16_color_heads: bool = False
     """Run the colour heads and the background field under bfloat16 autocast. The SDF, its gradient, the
-    density and the losses stay float32."""
+    density and the losses stay float32 (see geometry-autocast)."""
+    geometry_autocast: Literal["none", "float16", "bfloat16"] = "none"
+    """Train the geometry head (its coordinate attention, the SDF MLP and the SDF's gradient, where the losses
+    differentiate them) under this autocast; their outputs, the density and the losses stay float32. float16 keeps
+    10 mantissa bits, as the TF32 products of ``tf32-matmul`` already round to, and needs geometry-gradient-scale
+    for its range; bfloat16 keeps 7. Evaluation, mesh extraction, the viewer and the sampler (see sampler-autocast)
+    query the float32 SDF."""
+    geometry_gradient_scale: float = 1024.0
+    """With geometry-autocast: the gradients reaching the geometry head are multiplied by this power of two inside
+    it, and divided again at its parameters and prototypes, so that per-point gradients of the losses (1e-8 and
+    less) do not flush to zero in float16. Entries that overflow float16 instead are dropped (zeroed, never passed
+    to the optimizer); every 50 steps the model checks for them and halves the scale, with a message."""
     cuda_graph: bool = False
     """Capture the training step (sampler, fields, losses, backward) once as a CUDA graph and replay it every
     step: the step is bound by kernel launches, not arithmetic. Switches the sampler to fixed shapes (every ray
@@ -301,6 +313,9 @@ class CocoInrModel(SurfaceModel):
             prototype_source=source, prototype_dim=prototype_dim, grid_bound=self.scene_radius
         )
         self.field.color_autocast = torch.bfloat16 if self.config.bf16_color_heads else None
+        self.field.train_geometry_in(
+            HALF_DTYPES.get(self.config.geometry_autocast), self.config.geometry_gradient_scale
+        )
         self.field_background: CocoBackgroundField | None = None
         if self.config.background_model == "nerf++":
             self.field_background = self.config.background_field.setup(
@@ -860,6 +875,14 @@ class CocoInrModel(SurfaceModel):
                     func=self._sampler_precision_callback,
                 )
             )
+        if self.field.geometry_autocast is not None:
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                    update_every_num_iters=GEOMETRY_OVERFLOW_INTERVAL,
+                    func=self._check_geometry_overflows,
+                )
+            )
         if self.refine_budget is not None:
             # before the step, as the precision check: their two reads of the GPU then come together, so the GPU
             # idles once every 50 steps while the host prepares the next step, not twice
@@ -871,6 +894,21 @@ class CocoInrModel(SurfaceModel):
                 )
             )
         return [*callbacks, *self.viewer_panel.training_callbacks(training_callback_attributes)]
+
+    def _check_geometry_overflows(self, step: int) -> None:
+        """Halves the geometry head's loss scale if float16 overflowed in its backward pass since the last check
+        (those gradient entries were dropped; see geometry-gradient-scale). Placed with the other checks before a
+        step, whose reads of the GPU it shares."""
+        scale = self.field.gradient_scale
+        overflows = scale.take_overflows() if scale is not None else 0
+        if overflows:
+            scale.halve()
+            since = max(step - GEOMETRY_OVERFLOW_INTERVAL, 0)
+            CONSOLE.print(
+                f"[bold yellow]Geometry: {overflows} gradient values overflowed {self.config.geometry_autocast} in "
+                f"steps {since}-{step} and were dropped; the loss scale is now {scale.value():g} "
+                "(--pipeline.model.geometry-gradient-scale)."
+            )
 
     def _adapt_refine_budget(self, step: int) -> None:
         assert self.refine_budget is not None

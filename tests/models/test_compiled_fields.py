@@ -170,8 +170,19 @@ def _flash_first_order() -> dict:
         {"sdf_field": _sdpa_without_grad()},
         {"sdf_field": _point_kernels(), "background_field": _point_kernels_background()},
         _flash_first_order(),
+        {"geometry_autocast": "bfloat16"},
+        {"geometry_autocast": "float16", "sdf_field": _point_kernels()},
     ],
-    ids=["fp32", "bf16-options", "fp16-sampler", "sdpa-without-grad", "point-kernels", "flash-first-order"],
+    ids=[
+        "fp32",
+        "bf16-options",
+        "fp16-sampler",
+        "sdpa-without-grad",
+        "point-kernels",
+        "flash-first-order",
+        "bf16-geometry",
+        "fp16-geometry-point-kernels",
+    ],
 )
 def test_model_training_step_matches_the_eager_model(overrides):
     """The whole model: sampler queries, render pass, eikonal points, background, prototypes; losses and every
@@ -198,7 +209,12 @@ def test_model_training_step_matches_the_eager_model(overrides):
         torch.testing.assert_close(losses[name], eager_losses[name], rtol=1e-5, atol=1e-7)
     assert grads.keys() == eager_grads.keys() and len(grads) > 20
     for name in grads:
-        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        if overrides.get("geometry_autocast", "none") != "none":
+            # half-precision products in another order round apart: 2e-3 of a gradient's norm in bf16 at worst
+            error = (grads[name] - eager_grads[name]).norm() / eager_grads[name].norm().clamp_min(1e-12)
+            assert error < 1e-2, (name, float(error))
+        else:
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_point_kernels_train_the_model_as_the_block_diagonal_path_does():
