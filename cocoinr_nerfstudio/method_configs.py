@@ -73,9 +73,10 @@ coco_inr = MethodSpecification(
 
 def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     """The fastest measured recipe that cuts no ray (docs/benchmarks.md, config
-    ``graph+fields+bf16+sdpa+points+flash+fp16``), set on ``model`` and returned. Same method and hyperparameters;
-    what changes is arithmetic (TF32 products; bf16 in the colour heads; float16 where only samples are placed,
-    while its SDF error is small against beta; fused attention where nothing is differentiated or, in the bf16 heads,
+    ``graph+fields+bf16+sdpa+points+flash+fp16+geo16``), set on ``model`` and returned. Same method and
+    hyperparameters; what changes is arithmetic (TF32 products; bf16 in the colour heads; float16 in the geometry
+    head's training passes, with a loss scale, and where only samples are placed, while its SDF error is small
+    against beta; fused attention where nothing is differentiated or, in the bf16 heads,
     differentiated once; the point-attention kernels where the SDF's second derivative runs through it) and
     scheduling (one CUDA graph a step, compiled fields and sampler rounds, later sampler rounds only on the rays
     that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
@@ -87,6 +88,7 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     model.compile_fields = True
     model.sampler_autocast = "float16"
     model.bf16_color_heads = True
+    model.geometry_autocast = "float16"
     model.sdf_field.coordinate_attention.fused_without_grad = True
     model.background_field.coordinate_attention.fused_without_grad = True
     model.sdf_field.coordinate_attention.point_kernels = True

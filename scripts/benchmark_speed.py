@@ -173,13 +173,14 @@ def _graph_fields_bf16_sdpa_points_fp16(model: CocoInrModelConfig) -> None:
 
 def _graph_fields_bf16_sdpa_points_flash_fp16(model: CocoInrModelConfig) -> None:
     """graph+fields+bf16+sdpa+points+flash with the sampler's queries in float16 (kept to a 10x smaller beta than
-    bfloat16's). The model of the ``coco-inr-fast`` method (a test checks they agree)."""
+    bfloat16's). The model of the ``coco-inr-fast`` method until round twenty-one (docs/benchmarks.md)."""
     _graph_fields_bf16_sdpa_points_flash(model)
     model.sampler_autocast = "float16"
 
 
 def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16(model: CocoInrModelConfig) -> None:
-    """graph+fields+bf16+sdpa+points+flash+fp16 with the geometry head trained in float16 (its gradients scaled)."""
+    """graph+fields+bf16+sdpa+points+flash+fp16 with the geometry head trained in float16 (its gradients scaled).
+    The model of the ``coco-inr-fast`` method (a test checks they agree)."""
     _graph_fields_bf16_sdpa_points_flash_fp16(model)
     model.geometry_autocast = "float16"
 

@@ -328,7 +328,7 @@ class CocoField(Field):
             with torch.autocast(
                 x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
             ):
-                output = self._geometry(x, prototypes, fused=False, parameters=parameters).float()
+                output = self._geometry(x, prototypes, fused=False, parameters=parameters).to(x.dtype)
             return output[..., 0].sum(), output
 
         gradient, output = torch.func.grad(sdf_sum, has_aux=True)(flat)
