@@ -598,6 +598,35 @@ def test_half_precision_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
     assert only[4].split(" | ")[2] == "float16" and only[5:] == []
 
 
+def test_geometry_gradients_in_float16_with_and_without_the_loss_scale(monkeypatch):
+    """scripts/measure_geometry_gradients.py, the paper's model at its initialisation: without a scale float16 loses
+    gradients to underflow, with 2^10 their error is several times smaller; nothing overflows at either."""
+    module = load_script("measure_geometry_gradients", monkeypatch)
+    argv = [
+        "--device",
+        "cpu",
+        "--codebook-entries",
+        "64",
+        "--rays",
+        "64",
+        "--betas",
+        "0.005",
+        "--log2-scales",
+        "0",
+        "10",
+    ]
+    lines = run_main(module, argv).splitlines()
+    assert lines[0].startswith("Device: CPU; the paper's model at its initialisation (random 64x256 codebook)")
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [row[:3] for row in rows] == [["0.005", "float16", "2^0"], ["0.005", "float16", "2^10"]]
+    (unscaled, scaled) = ([float(value) for value in row[3:6]] for row in rows)
+    assert all(row == sorted(row) for row in (unscaled, scaled))  # median <= 90% <= max
+    assert 0 < scaled[0] < unscaled[0] / 3 and scaled[2] < 0.05
+    assert [row[6:] for row in rows] == [["0", "yes"]] * 2
+    with pytest.raises(SystemExit):
+        module.parse_args(["--rays", "0"])
+
+
 def test_half_precision_render_comparison_restores_the_model(monkeypatch):
     """--render-betas: one row a beta and precision, the float32 render made once a beta; the model's beta and
     sampler precision are as they were."""
