@@ -240,9 +240,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     query the float32 SDF."""
     geometry_gradient_scale: float = 1024.0
     """With geometry-autocast: the gradients reaching the geometry head are multiplied by this power of two inside
-    it, and divided again at its parameters and prototypes, so that per-point gradients of the losses (1e-8 and
-    less) do not flush to zero in float16. Entries that overflow float16 instead are dropped (zeroed, never passed
-    to the optimizer); every 50 steps the model checks for them and halves the scale, with a message."""
+    it, and divided again at its parameters and prototypes, so that per-point gradients of losses averaged over
+    ~100k samples do not flush to zero in float16 (without it, a tenth of the gradients' norm is lost at the paper's
+    initialisation; scripts/measure_geometry_gradients.py). Entries that overflow instead are dropped (zeroed, never
+    passed to the optimizer); every 50 steps the model checks for them and halves the scale, with a message."""
     cuda_graph: bool = False
     """Capture the training step (sampler, fields, losses, backward) once as a CUDA graph and replay it every
     step: the step is bound by kernel launches, not arithmetic. Switches the sampler to fixed shapes (every ray
@@ -896,7 +897,7 @@ class CocoInrModel(SurfaceModel):
         return [*callbacks, *self.viewer_panel.training_callbacks(training_callback_attributes)]
 
     def _check_geometry_overflows(self, step: int) -> None:
-        """Halves the geometry head's loss scale if float16 overflowed in its backward pass since the last check
+        """Halves the geometry head's loss scale if its half-precision backward pass overflowed since the last check
         (those gradient entries were dropped; see geometry-gradient-scale). Placed with the other checks before a
         step, whose reads of the GPU it shares."""
         scale = self.field.gradient_scale
