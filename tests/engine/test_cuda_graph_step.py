@@ -116,6 +116,33 @@ def test_replayed_step_matches_eager_autograd_and_follows_parameter_updates(cons
     assert step.graph is not first_graph
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("compile_fields", [False, True], ids=["eager-fields", "compiled-fields"])
+def test_replays_count_float16_geometry_overflows_and_read_a_lowered_scale(compile_fields):
+    """geometry-autocast float16 with a loss scale far too large: each replay's overflows reach the count (the
+    witness's gradient is added to in place inside the graph), no gradient the optimizer sees is inf or nan, and a
+    scale lowered in place is what the next replay uses, without a new capture."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        cuda_graph=True,
+        compile_fields=compile_fields,
+        geometry_autocast="float16",
+        geometry_gradient_scale=2.0**40,
+    )
+    model = config.setup(scene_box=SCENE_BOX, num_train_data=4).cuda().train()
+    step = CudaGraphTrainStep(model)
+    step(*_bundle(256, seed=1, device="cuda"))  # warm-ups, the capture and a replay
+    scale = model.field.gradient_scale
+    assert scale.take_overflows() > 0
+    graph = step.graph
+    step(*_bundle(256, seed=2, device="cuda"))
+    assert scale.take_overflows() > 0  # this replay's own
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    scale.factor.fill_(1.0)  # nothing can overflow at 1
+    step(*_bundle(256, seed=3, device="cuda"))
+    assert scale.take_overflows() == 0 and step.graph is graph
+
+
 def test_a_changed_baked_in_setting_is_seen_as_a_reason_to_capture_again():
     model = tiny_config(cuda_graph=True).setup(scene_box=SCENE_BOX, num_train_data=4)
     step = CudaGraphTrainStep(model)
