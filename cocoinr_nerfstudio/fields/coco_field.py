@@ -309,7 +309,7 @@ class CocoField(Field):
         With ``scale`` and ``overflows`` (the pass the losses differentiate, under ``geometry_autocast``): the whole
         computation, the gradient's included, runs under autocast as one region whose inputs (the parameters, the
         prototypes) and outputs carry the loss scale (:mod:`~cocoinr_nerfstudio.field_components.gradient_scale`).
-        The region is differentiated once from outside, so the scale holds. Outputs are float32."""
+        The region is differentiated once from outside, so the scale holds. Outputs have the points' dtype."""
         dtype = self.geometry_autocast if scale is not None else None
         parameters = None
         if dtype is not None:
