@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.config
 from nerfstudio.utils.rich_utils import CONSOLE
 
 LOGGER = logging.getLogger(__name__)
@@ -18,6 +19,24 @@ products of unaligned widths (the 39-, 257-, 283- and 289-wide layers) with slow
 H200, 100k x 289 @ 289 x 289 takes 206 us in bf16 as is and 52 us on padded operands. Inductor decides on its own
 only where it judges a product compute-bound, which these are not; forced, it writes the padding into the producing
 kernels. The zeros add nothing, so results change only by the order of float sums."""
+
+NO_MIX_ORDER_REDUCTION = {"triton.mix_order_reduction": False}
+"""Inductor options that keep a layer norm's backward pass as two kernels: one over rows (the input's gradient) and
+split reductions over columns (the weight's and bias's). Since torch 2.10 inductor fuses both into one "mix-order"
+kernel whose programs each loop over a slice of the rows; on the colour head's [99328, 289] rows (H200, torch 2.11)
+it took 0.65 ms, about six times what its reads need at the card's bandwidth (docs/benchmarks.md, round
+twenty-two)."""
+
+
+def inductor_options(pad_matmuls: bool, mix_order_reduction: bool = True) -> dict[str, Any] | None:
+    """The inductor options of :class:`CompiledOrEager` (None: inductor's defaults). ``mix_order_reduction=False``
+    is dropped on a torch whose inductor has no such fusion (before 2.10): there is nothing to turn off."""
+    options: dict[str, Any] = {}
+    if pad_matmuls:
+        options.update(PAD_MATMULS)
+    if not mix_order_reduction and hasattr(torch._inductor.config.triton, "mix_order_reduction"):
+        options.update(NO_MIX_ORDER_REDUCTION)
+    return options or None
 
 
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
@@ -40,7 +59,8 @@ class CompiledOrEager:
     specialisations kept for ``function`` (torch's default is 8), for one called at several fixed shapes.
     ``dynamic``: as ``torch.compile``'s. ``pad_matmuls``: inductor pads the widths of every matrix product to a
     multiple of the tensor-core alignment (8 in bf16, 4 in tf32) with zero rows and columns (see
-    :data:`PAD_MATMULS`); other backends ignore it.
+    :data:`PAD_MATMULS`); ``mix_order_reduction=False``: inductor does not fuse row and column reductions (see
+    :data:`NO_MIX_ORDER_REDUCTION`). Other backends ignore both.
     """
 
     def __init__(
@@ -53,11 +73,12 @@ class CompiledOrEager:
         recompile_limit: int | None = None,
         dynamic: bool | None = None,
         pad_matmuls: bool = False,
+        mix_order_reduction: bool = True,
     ) -> None:
         self.function = function if eager is None else eager
         self.traced = function
         self.backend = backend
-        self.options = PAD_MATMULS if pad_matmuls and backend == "inductor" else None
+        self.options = inductor_options(pad_matmuls, mix_order_reduction) if backend == "inductor" else None
         self.dynamic = dynamic
         self.recompile_limit = recompile_limit
         self.name = name

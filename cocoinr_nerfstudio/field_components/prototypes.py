@@ -71,13 +71,21 @@ class PrototypeBank(nn.Module):
         self.awaiting_checkpoint = False
         """True while ``codebook`` is a placeholder that a checkpoint must replace (the file was not found)."""
 
-    def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
+    def enable_torch_compile(
+        self, backend: str = "inductor", pad_matmuls: bool = False, mix_order_reduction: bool = True
+    ) -> None:
         """Compute the per-step prototypes of every head in one ``torch.compile``d function: a few hundred small
         kernels (layer norms, GEGLUs, residual adds over 256 latents) become a few fused ones. Where the backend
         cannot compile, it says so and they run eagerly. Applies to :meth:`refresh` (``cache``), not to the
-        uncached per-call prototypes of the reference configuration. ``pad_matmuls``: see :class:`CompiledOrEager`."""
+        uncached per-call prototypes of the reference configuration. ``pad_matmuls``, ``mix_order_reduction``: see
+        :class:`CompiledOrEager`."""
         self._compiled_all = CompiledOrEager(
-            self._compute_all, backend, "the prototypes", eager=self._compute_each, pad_matmuls=pad_matmuls
+            self._compute_all,
+            backend,
+            "the prototypes",
+            eager=self._compute_each,
+            pad_matmuls=pad_matmuls,
+            mix_order_reduction=mix_order_reduction,
         )
 
     def _check_codebook(self) -> None:

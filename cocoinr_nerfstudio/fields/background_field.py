@@ -94,11 +94,18 @@ class CocoBackgroundField(nn.Module):
             activation=nn.ReLU(),
         )
 
-    def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
+    def enable_torch_compile(
+        self, backend: str = "inductor", pad_matmuls: bool = False, mix_order_reduction: bool = True
+    ) -> None:
         """Run the field through ``torch.compile`` (it is differentiated once: no SDF gradient here); eagerly, with a
-        message, where the backend cannot compile. ``pad_matmuls``: see :class:`CompiledOrEager`."""
+        message, where the backend cannot compile. ``pad_matmuls``, ``mix_order_reduction``: see
+        :class:`CompiledOrEager`."""
         self._compiled_forward = CompiledOrEager(
-            self._forward, backend, "the background field", pad_matmuls=pad_matmuls
+            self._forward,
+            backend,
+            "the background field",
+            pad_matmuls=pad_matmuls,
+            mix_order_reduction=mix_order_reduction,
         )
 
     def forward(

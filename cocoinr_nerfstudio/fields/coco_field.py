@@ -228,20 +228,23 @@ class CocoField(Field):
     def _fused(self, create_graph: bool) -> bool:
         return self.config.coordinate_attention.use_fused(torch.is_grad_enabled(), second_derivative=create_graph)
 
-    def enable_torch_compile(self, backend: str = "inductor", pad_matmuls: bool = False) -> None:
+    def enable_torch_compile(
+        self, backend: str = "inductor", pad_matmuls: bool = False, mix_order_reduction: bool = True
+    ) -> None:
         """Run the geometry (with and without its gradient) and the colour head through ``torch.compile``.
 
         The compiled SDF gradient is written as a function (``torch.func.grad``), so the compiled graph holds
         the SDF, its gradient and the feature as one first-order graph that the loss differentiates once:
         ``autograd.grad(create_graph=True)`` would need a second derivative of a compiled graph, which
         torch.compile does not provide. Where the backend cannot compile, each path says so and runs eagerly.
-        ``pad_matmuls``: see :class:`CompiledOrEager`."""
+        ``pad_matmuls``, ``mix_order_reduction``: see :class:`CompiledOrEager`."""
+        options = dict(pad_matmuls=pad_matmuls, mix_order_reduction=mix_order_reduction)
         self._compiled = CompiledFieldPaths(
-            geometry=CompiledOrEager(self._geometry, backend, "the SDF", pad_matmuls=pad_matmuls),
+            geometry=CompiledOrEager(self._geometry, backend, "the SDF", **options),
             geometry_with_gradient=CompiledOrEager(
-                self._geometry_with_gradient, backend, "the SDF gradient", pad_matmuls=pad_matmuls
+                self._geometry_with_gradient, backend, "the SDF gradient", **options
             ),
-            colors=CompiledOrEager(self._colors, backend, "the colour head", pad_matmuls=pad_matmuls),
+            colors=CompiledOrEager(self._colors, backend, "the colour head", **options),
         )
 
     def train_geometry_in(self, dtype: torch.dtype | None, gradient_scale: float = 1.0) -> None:

@@ -161,6 +161,11 @@ class CocoInrModelConfig(SurfaceModelConfig):
     alignment (zeros; the 39-, 257-, 283- and 289-wide layers otherwise run on slow unaligned GEMM kernels). Same
     results up to the order of float sums. Measured with tf32_matmul and the bf16 options (3-5% faster); plain
     fp32 products (tf32_matmul off) are padded too, unmeasured."""
+    mix_order_reduction: bool = True
+    """With compile_fields and inductor (torch >= 2.10): let inductor fuse each layer norm's backward pass into one
+    kernel over rows and columns at once (its default). Off: a kernel over rows and split reductions over columns,
+    which ran the colour head's [99328, 289] layer norm several times faster on an H200 (docs/benchmarks.md, round
+    twenty-two). Same arithmetic up to the order of float sums."""
     compile_backend: str = "inductor"
     """torch.compile backend of compile_fields and of compile_sampler's rounds (``aot_eager`` traces and
     differentiates without generating kernels: for debugging and CPU tests)."""
@@ -324,7 +329,11 @@ class CocoInrModel(SurfaceModel):
             )
         if self.config.compile_fields:
             try:
-                compile_options = dict(backend=self.config.compile_backend, pad_matmuls=self.config.pad_matmuls)
+                compile_options = dict(
+                    backend=self.config.compile_backend,
+                    pad_matmuls=self.config.pad_matmuls,
+                    mix_order_reduction=self.config.mix_order_reduction,
+                )
                 self.field.enable_torch_compile(**compile_options)
                 if self.prior is not None:
                     self.prior.enable_torch_compile(**compile_options)

@@ -21,7 +21,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
-from cocoinr_nerfstudio.field_components.compilation import PAD_MATMULS
+from cocoinr_nerfstudio.field_components.compilation import NO_MIX_ORDER_REDUCTION, PAD_MATMULS, inductor_options
 from cocoinr_nerfstudio.fields.background_field import CocoBackgroundFieldConfig
 from cocoinr_nerfstudio.fields.coco_field import CocoFieldConfig
 
@@ -346,11 +346,13 @@ def test_compile_fields_takes_the_torch_grid_and_refuses_tcnn():
         build(hash_config(compile_fields=True, sdf_field=tcnn_field))
 
 
-@pytest.mark.parametrize("pad_matmuls", [False, True])
+@pytest.mark.parametrize("pad_matmuls, mix_order_reduction", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
-def test_pad_matmuls_reaches_every_inductor_compile_of_the_model(monkeypatch, backend, pad_matmuls):
-    """The option turns into inductor's padding for each compiled part; other backends get no options (they
-    would warn that they ignore them)."""
+def test_inductor_options_reach_every_inductor_compile_of_the_model(
+    monkeypatch, backend, pad_matmuls, mix_order_reduction
+):
+    """pad-matmuls and mix-order-reduction turn into inductor's options for each compiled part; other backends get
+    no options (they would warn that they ignore them)."""
     calls = []
     real_compile = torch.compile
 
@@ -359,12 +361,27 @@ def test_pad_matmuls_reaches_every_inductor_compile_of_the_model(monkeypatch, ba
         return real_compile(function, **kwargs)
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    build(tiny_config(compile_fields=True, compile_backend=backend, pad_matmuls=pad_matmuls))
+    config = tiny_config(
+        compile_fields=True,
+        compile_backend=backend,
+        pad_matmuls=pad_matmuls,
+        mix_order_reduction=mix_order_reduction,
+    )
+    build(config)
     # the SDF, the SDF gradient, the colour head, the background field, the prototypes
     assert len(calls) == 5
-    expected = PAD_MATMULS if pad_matmuls and backend == "inductor" else None
-    assert calls == [expected] * 5
+    expected = {**(PAD_MATMULS if pad_matmuls else {}), **({} if mix_order_reduction else NO_MIX_ORDER_REDUCTION)}
+    assert calls == [expected if backend == "inductor" and expected else None] * 5
     assert PAD_MATMULS == {"force_shape_pad": True}
+    assert NO_MIX_ORDER_REDUCTION == {"triton.mix_order_reduction": False}
+
+
+def test_mix_order_reduction_off_is_an_option_inductor_accepts():
+    """The option names a setting of this torch's inductor (torch.compile refuses unknown ones when it compiles)."""
+    options = inductor_options(pad_matmuls=False, mix_order_reduction=False)
+    assert options == NO_MIX_ORDER_REDUCTION
+    with torch._inductor.config.patch(options):
+        assert torch._inductor.config.triton.mix_order_reduction is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
