@@ -1,21 +1,30 @@
-"""Adam as nerfstudio configures it, with torch's fused kernel."""
+"""Adam as nerfstudio configures it, with torch's fused kernel or, on a GPU, one launch per parameter group."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
+
+from cocoinr_nerfstudio.engine.multi_tensor_adam import MultiTensorAdam
 
 
 @dataclass
 class FusedAdamOptimizerConfig(AdamOptimizerConfig):
     """``torch.optim.Adam`` with ``fused=True``: one kernel updates every tensor of a group. The for-each
     implementation launches several kernels per step and group and cost ~4 ms of GPU time per step here;
-    the update is the same to float rounding."""
+    the update is the same to float rounding. On a GPU with Triton, each group's update is one launch over all its
+    tensors instead (:mod:`~cocoinr_nerfstudio.engine.multi_tensor_adam`); its state is the fused kernel's."""
 
+    _target: type = field(default_factory=lambda: MultiTensorAdam)
     fused: bool = True
     """Use the fused implementation (CUDA and CPU parameters); False: torch's default (for-each)."""
+    multi_tensor_kernel: bool = True
+    """On CUDA, update each parameter group in one Triton launch over all its tensors (torch's fused kernel packs a
+    few dozen tensors into each of several launches, which left most of an H200 idle: 0.39 ms a step,
+    docs/benchmarks.md, round twenty-two). Same update and state as the fused kernel; falls back to it where it does
+    not apply."""
 
 
 def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
