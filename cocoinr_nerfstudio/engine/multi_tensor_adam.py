@@ -75,9 +75,10 @@ if AVAILABLE:
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * g * g
         correction1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 - beta1 ** step
-        correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
-        denominator = tl.sqrt(v) / correction2_sqrt + eps
-        p = p - (lr / correction1) * m / denominator
+        correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+        # IEEE square roots and quotients (Triton's defaults are approximate), as torch's kernel computes them
+        denominator = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps
+        p = p - tl.div_rn(tl.div_rn(lr, correction1) * m, denominator)
         tl.store(param + offsets, p, mask=mask)
         tl.store(exp_avg + offsets, m, mask=mask)
         tl.store(exp_avg_sq + offsets, v, mask=mask)

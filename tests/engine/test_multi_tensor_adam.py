@@ -172,7 +172,7 @@ def test_on_a_gpu_it_matches_torchs_fused_adam_and_keeps_its_tables():
     shapes = [(256, 256), (257,), (1024, 128), (3,), (), (289, 289), (70000,)]
     _, (ours, optimizer), (theirs, _) = _adam_runs(("cuda",), device="cuda", shapes=shapes)
     for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # as in the interpreter
     # gradients in new tensors (eager steps): new tables; the same tensors (a replayed graph's): the same tables
     params = optimizer.param_groups[0]["params"]
     before = optimizer._tables[0][1]
