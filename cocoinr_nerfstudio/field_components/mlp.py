@@ -85,12 +85,41 @@ class SDFMLP(nn.Module):
                 # skip input is appended last: keep only its raw-xyz columns
                 lin.weight[:, -(dims[0] - raw_input_dim) :] = 0.0
 
-    def forward(self, x: Float[Tensor, "*batch in_dim"]) -> Float[Tensor, "*batch out_dim"]:
+    def forward(self, x: Float[Tensor, "*batch in_dim"], outputs: int | None = None) -> Float[Tensor, "*batch out"]:
+        """``outputs``: only the first this many output columns (the SDF alone: 1), the last layer's other rows
+        left out. Under torch.compile a single column is a weighted sum that inductor fuses with the activation
+        before it: the last hidden layer is then never written to memory (the sampler's queries, renders and
+        meshes need the SDF only)."""
         inputs = x
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             if index in self.skip_in:
                 x = torch.cat([x, inputs], dim=-1) / math.sqrt(2)
+            if index == last and outputs is not None:
+                return _first_rows(layer, x, outputs)
             x = layer(x)
-            if index < len(self.layers) - 1:
+            if index < last:
                 x = self.activation(x)
         return x
+
+
+def _first_rows(layer: nn.Module, x: Tensor, rows: int) -> Tensor:
+    """``layer(x)[..., :rows]`` without the other rows' products (``layer``: nn.Linear or WeightNormLinear)."""
+    weight, bias = layer.weight[:rows], layer.bias[:rows] if layer.bias is not None else None
+    if rows == 1 and torch.compiler.is_compiling():
+        return _weighted_sum(x, weight[0], bias)
+    return F.linear(x, weight, bias)
+
+
+def _weighted_sum(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight[None], bias)`` as a sum over x's last dimension, which inductor fuses with x's producer,
+    rounded as autocast rounds the product: operands and output in autocast's dtype, exact products summed in
+    float32 or wider (compiled and eager SDF queries then agree up to the order of the sum)."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    accumulate = torch.promote_types(dtype, torch.float32)  # float64 fields keep float64
+    column = (x.to(dtype).to(accumulate) * weight.to(dtype).to(accumulate)).sum(-1, keepdim=True)
+    if bias is not None:
+        column = column + bias.to(dtype).to(accumulate)
+    return column.to(dtype)

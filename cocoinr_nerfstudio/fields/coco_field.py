@@ -280,9 +280,11 @@ class CocoField(Field):
         prototypes: Tensor | None,
         fused: bool,
         parameters: dict[str, dict[str, Tensor]] | None = None,
+        sdf_only: bool = False,
     ) -> Float[Tensor, "n out"]:
         """``[sdf, feature]``; a function of tensors alone (the prototypes are an argument), so it compiles.
-        ``parameters``: stand-ins for the submodules' own, by submodule name (see :data:`GEOMETRY_MODULES`)."""
+        ``parameters``: stand-ins for the submodules' own, by submodule name (see :data:`GEOMETRY_MODULES`).
+        ``sdf_only``: ``[sdf]`` alone, without computing the feature (see :meth:`SDFMLP.forward`)."""
 
         def run(name: str, *args, **kwargs) -> Tensor:
             module = getattr(self, name)
@@ -297,7 +299,8 @@ class CocoField(Field):
             inputs.append(run("geometry_attention", encoded, prototypes, fused=fused))
         if self.hash_grid is not None:
             inputs.append(run("hash_grid", flat))
-        return run("sdf_mlp", torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded)
+        mlp_input = torch.cat(inputs, dim=-1) if len(inputs) > 1 else encoded
+        return run("sdf_mlp", mlp_input, outputs=1 if sdf_only else None)
 
     def _geometry_with_gradient(
         self,
@@ -341,20 +344,24 @@ class CocoField(Field):
         return scale_gradient(output, scale), scale_gradient(gradient, scale)
 
     def forward_geonetwork(
-        self, points: Float[Tensor, "*batch 3"], fused: bool | None = None, compiled: bool = True
+        self,
+        points: Float[Tensor, "*batch 3"],
+        fused: bool | None = None,
+        compiled: bool = True,
+        sdf_only: bool = False,
     ) -> Float[Tensor, "*batch 1+feature_dim"]:
         """``[sdf, feature]`` at points in the normalised frame (nerfstudio's marching-cubes contract).
         ``compiled`` False runs eagerly even with ``enable_torch_compile``: a one-off query of another shape or
-        precision then costs no compilation."""
+        precision then costs no compilation. ``sdf_only``: ``[sdf]``, the feature's 256 columns left uncomputed."""
         if fused is None:
             fused = self._fused(create_graph=self.training and torch.is_grad_enabled())
         geometry = self._compiled.geometry if self._compiled is not None and compiled else self._geometry
-        output = geometry(points.reshape(-1, 3), self._prototypes("geometry"), fused)
+        output = geometry(points.reshape(-1, 3), self._prototypes("geometry"), fused, sdf_only=sdf_only)
         return output.reshape(*points.shape[:-1], -1)
 
     def get_sdf_values(self, points: Float[Tensor, "*batch 3"], compiled: bool = True) -> Float[Tensor, "*batch 1"]:
         """SDF only; what samplers and mesh extraction query (``compiled``: see :meth:`forward_geonetwork`)."""
-        return self.forward_geonetwork(points, compiled=compiled)[..., :1]
+        return self.forward_geonetwork(points, compiled=compiled, sdf_only=True)
 
     def sdf_and_gradient(
         self, points: Float[Tensor, "n 3"], create_graph: bool

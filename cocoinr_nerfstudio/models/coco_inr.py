@@ -540,8 +540,8 @@ class CocoInrModel(SurfaceModel):
         points = ray_samples.frustums.get_start_positions()
         fused = self.field.config.coordinate_attention.use_fused(torch.is_grad_enabled())
         flat = points.reshape(-1, 3)
-        sdf = torch.cat(  # the SDF column alone: the features' columns are freed with each pass
-            [self.field.forward_geonetwork(piece, fused=fused)[:, :1].clone() for piece in self._passes(flat)]
+        sdf = torch.cat(  # the SDF column alone: the features are not computed
+            [self.field.forward_geonetwork(piece, fused=fused, sdf_only=True) for piece in self._passes(flat)]
         ).reshape(*points.shape[:-1], 1)
         weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
         visible = (weights.detach() > threshold).reshape(-1).nonzero().squeeze(1)  # one wait for the GPU
@@ -709,7 +709,7 @@ class CocoInrModel(SurfaceModel):
         fused = self.field.config.coordinate_attention.use_fused(grad=False)
         try:
             return OccupancyGrid.from_sdf(
-                lambda points: self.field.forward_geonetwork(points, fused=fused)[..., :1],
+                lambda points: self.field.forward_geonetwork(points, fused=fused, sdf_only=True),
                 self.scene_radius,
                 resolution,
                 beta=float(self.density.get_beta().detach()),

@@ -49,6 +49,14 @@ def model_to_world(outputs) -> np.ndarray | None:
     return np.asarray(torch.as_tensor(metadata["scale_mat"]).cpu(), np.float64).reshape(4, 4)
 
 
+def _sdf_function(field):
+    """The SDF at [n, 3] points as [n]: the SDF column alone where the field can leave the features out (coco-inr's
+    ``get_sdf_values``), else from nerfstudio's ``forward_geonetwork``."""
+    if hasattr(field, "get_sdf_values"):
+        return lambda x: field.get_sdf_values(x)[:, 0]
+    return lambda x: field.forward_geonetwork(x)[:, 0]
+
+
 def training_views(pipeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """Intrinsics, poses and binary masks of the training views; intrinsics rescaled to each mask's size."""
     datamanager = pipeline.datamanager
@@ -189,7 +197,7 @@ class ExtractMesh:
             f"Extracting level {self.isosurface_level} at {self.resolution}^3 in box {box_min} .. {box_max} on {device}"
         )
         return extract_mesh(
-            lambda x: field.forward_geonetwork(x)[:, 0],
+            _sdf_function(field),
             self.resolution,
             box_min,
             box_max,

@@ -41,7 +41,7 @@ def extract_preview_mesh(
         try:
             with torch.no_grad():
                 return extract_mesh(
-                    lambda x: field.forward_geonetwork(x)[:, 0],
+                    lambda x: field.get_sdf_values(x)[:, 0],
                     resolution=resolution,
                     bounding_box_min=bounding_box_min,
                     bounding_box_max=bounding_box_max,

@@ -1,5 +1,6 @@
 """Positional encoding layout and the SDF MLP's geometric initialisation."""
 
+import functools
 import math
 
 import torch
@@ -86,3 +87,41 @@ def test_skip_connection_concatenates_the_input():
     h = mlp.layers[3](mlp.activation(h))
     expected = mlp.layers[4](mlp.activation(h))
     torch.testing.assert_close(mlp(x), expected)
+
+
+def test_sdf_column_alone_is_the_first_output_column():
+    """``outputs=1`` (what SDF queries ask for) gives the full network's first column, eagerly and when traced by
+    torch.compile (there a weighted sum instead of a one-row product), with and without weight normalisation, and
+    gradients flow to the last layer's first row only."""
+    torch.manual_seed(0)
+    for weight_norm in (True, False):
+        mlp = SDFMLP(in_dim=10, hidden_dims=(16, 16, 16), out_dim=9, skip_in=(2,), weight_norm=weight_norm)
+        x = torch.randn(50, 10)
+        full = mlp(x)
+        compiled = torch.compile(functools.partial(mlp, outputs=1), backend="aot_eager", fullgraph=True)
+        for sdf in (mlp(x, outputs=1), compiled(x)):
+            assert sdf.shape == (50, 1)
+            torch.testing.assert_close(sdf, full[:, :1], rtol=1e-6, atol=1e-6)
+        mlp.zero_grad()
+        mlp(x, outputs=1).sum().backward()
+        last = mlp.layers[-1]
+        last_weight = last.direction if weight_norm else last.weight
+        assert last_weight.grad[1:].abs().max() == 0 and last_weight.grad[0].abs().max() > 0
+
+
+def test_sdf_column_alone_rounds_as_autocast_and_keeps_float64():
+    """The compiled form of the SDF column: under autocast, bf16 operands and output as F.linear's; float64 stays
+    float64."""
+    torch.manual_seed(0)
+    mlp = SDFMLP(in_dim=10, hidden_dims=(16, 16), out_dim=5, weight_norm=False)
+    compiled = torch.compile(lambda points: mlp(points, outputs=1), backend="aot_eager", fullgraph=True)
+    x = torch.randn(64, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, traced = mlp(x)[:, :1], compiled(x)
+    assert traced.dtype == eager.dtype == torch.bfloat16
+    assert (traced.float() - eager.float()).abs().max() <= 2 * eager.float().abs().max() * 2**-8  # one bf16 step
+    mlp64 = mlp.double()
+    compiled64 = torch.compile(lambda points: mlp64(points, outputs=1), backend="aot_eager", fullgraph=True)
+    x64 = x.double()
+    assert compiled64(x64).dtype == torch.float64
+    torch.testing.assert_close(compiled64(x64), mlp64(x64)[:, :1], rtol=1e-12, atol=1e-12)

@@ -320,9 +320,12 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_and_says_so(capsys, f
         loss.backward()
         results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
         model(rays(seed=1))  # a second step: the fallback is remembered, nothing is printed again
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    # a backend that compiles the forward pass alone still runs the sampler's queries: there the SDF column is
+    # summed in another order than eagerly (SDFMLP's outputs=1), so results agree to float rounding, not bit for bit
+    tolerance = dict(rtol=1e-4, atol=1e-6) if failing.endswith("backward") else dict(rtol=0, atol=0)
+    torch.testing.assert_close(results[1][0], results[0][0], **tolerance)
     for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0)
+        torch.testing.assert_close(results[1][1][name], grad, **tolerance)
     printed = " ".join(capsys.readouterr().out.split())
     # the sampler's SDF queries run without autograd: only a forward compiler is needed there
     parts = ("the SDF gradient", "the colour head", "the background field", "the prototypes")

@@ -267,7 +267,7 @@ def test_preview_without_a_surface_shows_the_message(tiny_model):
 
 
 def test_preview_failure_is_reported_not_raised(tiny_model, monkeypatch):
-    def broken(points, fused=None):
+    def broken(points, **options):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(tiny_model.field, "forward_geonetwork", broken)
