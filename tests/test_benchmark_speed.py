@@ -207,6 +207,19 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
         assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
+def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path):
+    benchmark = load_script("benchmark_speed", monkeypatch)
+    args = benchmark.parse_args(["--device", "cpu"])
+    for name, expected in [
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16", False),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split", False),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1", True),
+    ]:
+        config = benchmark._trainer_config(args, tmp_path, name, tmp_path)
+        assert {group["optimizer"].multi_tensor_kernel for group in config.optimizers.values()} == {expected}
+        assert config.pipeline.model.mix_order_reduction is not name.endswith(("+split", "+split+adam1"))
+
+
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
     """``--refine-budget`` sets the budget of configs whose sampler has one (CUDA-graph configs) and leaves the
     others, whose sampler refuses a budget without per-ray convergence, as they are."""
