@@ -182,7 +182,7 @@ def _graph_fields_bf16_sdpa_points_flash_fp16(model: CocoInrModelConfig) -> None
 
 def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16(model: CocoInrModelConfig) -> None:
     """graph+fields+bf16+sdpa+points+flash+fp16 with the geometry head trained in float16 (its gradients scaled).
-    The model of the ``coco-inr-fast`` method (a test checks they agree)."""
+    The model of the ``coco-inr-fast`` method until round twenty-two (docs/benchmarks.md)."""
     _graph_fields_bf16_sdpa_points_flash_fp16(model)
     model.geometry_autocast = "float16"
 
@@ -195,7 +195,8 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry_bf16(model: CocoInrModelC
 
 def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model: CocoInrModelConfig) -> None:
     """graph+fields+bf16+sdpa+points+flash+fp16+geo16 with each layer norm's backward pass as row and column kernels
-    (``--pipeline.model.mix-order-reduction False``)."""
+    (``--pipeline.model.mix-order-reduction False``). The model of the ``coco-inr-fast`` method (a test checks they
+    agree)."""
     _graph_fields_bf16_sdpa_points_flash_fp16_geometry16(model)
     model.mix_order_reduction = False
 

@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--config", default="graph+fields+bf16+sdpa+points+flash+fp16+geo16", choices=list(benchmark_speed.CONFIGS)
+        "--config",
+        default="graph+fields+bf16+sdpa+points+flash+fp16+geo16+split",
+        choices=list(benchmark_speed.CONFIGS),
     )
     parser.add_argument("--train-steps", type=int, default=0, help="trainer steps before rendering (0: at init)")
     parser.add_argument(

@@ -7,7 +7,7 @@ eagerly under the profiler with a range around each part: prototypes, sampler, f
 colour head, background, losses, and the backward pass as the rest of the step's kernel time. Where prototypes
 are not cached (the ``reference`` config) they are computed inside each head's range, and their row is empty.
 
-    python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points+flash+fp16+geo16
+    python scripts/profile_step.py --device cuda --config graph+fields+bf16+sdpa+points+flash+fp16+geo16+split
     python scripts/profile_step.py --device cpu --config default --warmup 1 --steps 1   # smoke (host times)
 
 On CUDA, ``--top-kernels N`` (default 25) adds the step's N largest kernels, each with its part and the operator
@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--config", default="graph+fields+bf16+sdpa+points+flash+fp16+geo16", choices=list(benchmark_speed.CONFIGS)
+        "--config",
+        default="graph+fields+bf16+sdpa+points+flash+fp16+geo16+split",
+        choices=list(benchmark_speed.CONFIGS),
     )
     parser.add_argument("--warmup", type=int, default=None, help="trainer steps first (default 100 GPU, 2 CPU)")
     parser.add_argument("--steps", type=int, default=5, help="steps profiled (eager; with --replayed, the trainer's)")

@@ -194,15 +194,19 @@ def test_aligned_widths(monkeypatch):
 
 
 def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
-    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points+flash+fp16+geo16`` are those of
-    ``ns-train coco-inr-fast``."""
+    """The figures docs/benchmarks.md gives for ``graph+fields+bf16+sdpa+points+flash+fp16+geo16+split`` are those
+    of ``ns-train coco-inr-fast``."""
     from cocoinr_nerfstudio.method_configs import coco_inr, coco_inr_fast
 
     benchmark = load_script("benchmark_speed", monkeypatch)
     model = copy.deepcopy(coco_inr.config.pipeline.model)
-    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash+fp16+geo16"](model)
+    benchmark.CONFIGS["graph+fields+bf16+sdpa+points+flash+fp16+geo16+split"](model)
     assert model == coco_inr_fast.config.pipeline.model
-    for previous in ("graph+fields+bf16+sdpa+points+flash+fp16", "graph+fields+bf16+sdpa+points+flash+fp16+geobf16"):
+    for previous in (
+        "graph+fields+bf16+sdpa+points+flash+fp16",
+        "graph+fields+bf16+sdpa+points+flash+fp16+geobf16",
+        "graph+fields+bf16+sdpa+points+flash+fp16+geo16",
+    ):
         benchmark.CONFIGS[previous](model := copy.deepcopy(coco_inr.config.pipeline.model))
         assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 

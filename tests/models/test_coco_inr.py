@@ -480,6 +480,7 @@ def test_fast_preset_changes_speed_options_only():
                 "compile_sampler",
                 "static_refine_budget",
                 "compile_fields",
+                "mix_order_reduction",
                 "sampler_autocast",
                 "bf16_color_heads",
                 "geometry_autocast",
@@ -497,6 +498,7 @@ def test_fast_preset_changes_speed_options_only():
     assert (model.tf32_matmul, model.cuda_graph, model.compile_sampler, model.compile_fields) == (True,) * 4
     assert model.static_refine_budget == "auto" and model.sampler_autocast == "float16" and model.bf16_color_heads
     assert model.geometry_autocast == "float16" and model.geometry_gradient_scale == 1024.0
+    assert model.mix_order_reduction is False
     assert model.sdf_field.coordinate_attention.fused_without_grad
     assert model.background_field.coordinate_attention.fused_without_grad
     assert model.sdf_field.coordinate_attention.point_kernels
