@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cocoinr_nerfstudio.model_components.host_reads import DeferredRead
+
 
 class _ScaleGradient(torch.autograd.Function):
     """``x`` unchanged; its gradient multiplied by ``factor``."""
@@ -86,6 +88,15 @@ class GradientScale:
         count = int(self.overflows.grad.item())
         self.overflows.grad.zero_()
         return count
+
+    def request_overflows(self) -> DeferredRead | None:
+        """The count since the last request or take, to read later without draining the GPU's queue, and resets it
+        in place (after the copy, in queue order). None: nothing was ever counted."""
+        if self.overflows.grad is None:
+            return None
+        read = DeferredRead(self.overflows.grad)
+        self.overflows.grad.zero_()
+        return read
 
     def halve(self) -> None:
         self.factor.mul_(0.5)

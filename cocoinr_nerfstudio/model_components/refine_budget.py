@@ -5,7 +5,7 @@ The share of rays that need those rounds depends on the scene (how much of each 
 the stage of training and on the round: far fewer rays need round 4 than round 2. So ``auto`` measures it:
 each step's demand per round (rays that ran the round + rays cut off before it) is folded into a running
 maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared
-with that maximum plus headroom. A round grows as soon as its demand plus headroom exceeds its budget, and then
+with that maximum plus headroom (read without draining the GPU's queue when requested a step before). A round grows as soon as its demand plus headroom exceeds its budget, and then
 takes twice the headroom; it shrinks only where that roomier target falls clearly below its budget. Each change
 means a new graph capture, 0.3-0.6 s on an H200 (round twenty of docs/benchmarks.md): the equal of 15-25 steps,
 so spare rays that spare a capture are cheap.
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
+from cocoinr_nerfstudio.model_components.host_reads import DeferredRead
 
 
 class AdaptiveRefineBudget:
@@ -58,6 +59,7 @@ class AdaptiveRefineBudget:
         sampler.static_refine_budget = 1.0
         self._demand: Tensor | None = None
         self._observed = 0
+        self._requested: DeferredRead | None = None
         self.history: list[tuple[int, tuple[float, ...], tuple[float, ...]]] = []
         """(step, demand seen per round, budgets set per round) at every change."""
 
@@ -94,13 +96,24 @@ class AdaptiveRefineBudget:
             shares.append(limit)
         return tuple(shares)
 
-    def adapt(self, step: int) -> bool:
-        """Reads the maximum demand since the last call (one host synchronisation) and sets the budgets;
-        True when they changed."""
+    def request(self) -> None:
+        """Starts reading the maximum demand since the last request (no wait: see
+        :mod:`~cocoinr_nerfstudio.model_components.host_reads`) for the next :meth:`adapt`, and observes afresh.
+        Fewer than ``min_observations`` steps observed: keeps observing."""
         if self._demand is None or self._observed < self.min_observations:
-            return False
-        demand = tuple(float(value) for value in self._demand.reshape(-1).tolist())
+            return
+        self._requested = DeferredRead(self._demand)
         self._demand, self._observed = None, 0
+
+    def adapt(self, step: int) -> bool:
+        """Sets the budgets from the demand :meth:`request` read (requested here, and waited for, when it was not);
+        True when they changed."""
+        if self._requested is None:
+            self.request()
+        if self._requested is None:
+            return False
+        demand = tuple(float(value) for value in self._requested.result().reshape(-1).tolist())
+        self._requested = None
         new = self.next_budgets(demand)
         if new == self.budgets:
             return False

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from viser import MeshHandle, ViserServer
 
 from cocoinr_nerfstudio.mesh.extraction import NoSurfaceError, Vec3
+from cocoinr_nerfstudio.model_components.host_reads import copy_to_host
 from cocoinr_nerfstudio.viewer.elements import ReadOnlyText, ViewerMarkdown
 from cocoinr_nerfstudio.viewer.preview import extract_preview_mesh
 
@@ -52,19 +53,6 @@ NOT_YET = "–"
 def format_value(value: float) -> str:
     """Four significant digits: beta spans 0.1 to 1e-4 over training, the eikonal term as much."""
     return f"{value:.4g}"
-
-
-def copy_to_host(values: Tensor) -> tuple[Tensor, Any]:
-    """``values`` on the host, and an event that completes when they have arrived (None: they already have). A CUDA
-    tensor is copied into pinned memory without waiting for the GPU; the copy is ordered after the work queued so
-    far, so it holds their values as of now."""
-    if not values.is_cuda:
-        return values, None
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return host, copied
 
 
 class _PanelControl(ViewerControl):

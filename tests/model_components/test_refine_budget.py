@@ -67,3 +67,18 @@ def test_adapts_each_round_to_its_highest_demand_since_the_last_check():
     assert budget.adapt(step=200) and sampler.refine_budgets == pytest.approx((1 / 32,) * 4)
     assert [step for step, _, _ in budget.history] == [50, 150, 200]
     assert budget.history[0][1] == pytest.approx((0.20, 0.15, 0.02, 0.0))
+
+
+def test_a_request_reads_the_demand_so_far_and_the_next_adapt_acts_on_it():
+    """What a check reads a step early: the demand observed up to the request; later steps count toward the next."""
+    sampler = ErrorBoundedSampler(static_shapes=True)
+    budget = AdaptiveRefineBudget(sampler, min_observations=2)
+    budget.observe(demand(0.2, 0.1, 0.0, 0.0))
+    budget.request()  # one step observed: too few, keeps observing, nothing requested
+    assert budget._requested is None
+    budget.observe(demand(0.2, 0.1, 0.0, 0.0))
+    budget.request()
+    budget.observe(demand(0.9, 0.9, 0.9, 0.9))  # after the request: the next check's
+    budget.observe(demand(0.9, 0.9, 0.9, 0.9))
+    assert budget.adapt(step=50) and sampler.refine_budgets == pytest.approx((11 / 32, 6 / 32, 1 / 32, 1 / 32))
+    assert budget.adapt(step=100) and sampler.refine_budgets == (1.0,) * 4  # 0.9 * 1.5 + 1/32 > 1

@@ -145,6 +145,32 @@ def test_an_overflow_is_dropped_reported_and_the_scale_halved(capsys):
     assert scale.value() == 2.0**39 and "overflowed" not in capsys.readouterr().out
 
 
+def test_a_count_requested_a_step_before_its_check_is_the_one_reported():
+    """What _request_checks reads at step 49 is what the check at 50 reports; what overflows after the request is
+    counted at the next check."""
+    model = build(tiny_config(geometry_autocast="float16", geometry_gradient_scale=2.0**40))
+    model.train()
+
+    def step() -> None:
+        outputs = model(rays(32))
+        losses = model.get_loss_dict(outputs, {"image": torch.rand(32, 3, generator=torch.Generator())})
+        sum(losses.values()).backward()
+
+    step()
+    scale = model.field.gradient_scale
+    first = int(scale.overflows.grad.item())
+    model._request_checks(48)  # not the step before a check: nothing requested
+    assert model._requested_overflows is None
+    model._request_checks(49)
+    assert int(scale.overflows.grad.item()) == 0 and first > 0  # the count restarts at the request
+    step()  # after the request: the next check's
+    later = int(scale.overflows.grad.item())
+    model._check_geometry_overflows(50)
+    assert scale.value() == 2.0**39 and model._requested_overflows is None
+    model._check_geometry_overflows(100)  # nothing requested: read now
+    assert scale.value() == 2.0**38 and later > 0
+
+
 def test_the_overflow_check_runs_only_with_the_option():
     from nerfstudio.engine.callbacks import TrainingCallbackAttributes
 

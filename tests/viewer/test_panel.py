@@ -183,23 +183,6 @@ def test_without_a_viewer_the_statistics_are_not_read(tiny_model, monkeypatch):
     assert panel._step == 4  # the preview still reports the step
 
 
-def test_copy_to_host_of_a_host_tensor_is_the_tensor():
-    from cocoinr_nerfstudio.viewer.panel import copy_to_host
-
-    values = torch.tensor([0.5, 2.0])
-    host, copied = copy_to_host(values)
-    assert host is values and copied is None
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_copy_to_host_of_a_cuda_tensor_arrives_in_pinned_memory():
-    from cocoinr_nerfstudio.viewer.panel import copy_to_host
-
-    host, copied = copy_to_host(torch.tensor([0.5, 2.0], device="cuda"))
-    copied.synchronize()
-    assert host.is_pinned() and host.tolist() == [0.5, 2.0]
-
-
 def test_preview_button_waits_for_the_train_lock_and_leaves_training_state_alone(tiny_model, server, monkeypatch):
     train_lock = threading.Lock()
     added = []
