@@ -18,6 +18,7 @@ between the operations inductor fuses, so it should err no more: the check errs 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -37,9 +38,21 @@ OVERFLOW_INTERVALS = 32  # at 33 points each (8448 queries). Activations grow ov
 
 def probe_directions(device: torch.device | str, num: int = PROBE_CHORDS) -> Tensor:
     """Fixed unit vectors, uniform on the sphere: each chord of the probe enters the ball at ``radius`` times one
-    and runs through the centre."""
+    and runs through the centre. Kept per device after the first call (not to be changed in place): a copy to a GPU
+    from pageable memory would wait for everything queued there."""
+    return _probe_directions(str(torch.device(device)), num)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_directions(device: str, num: int) -> Tensor:
     generator = torch.Generator().manual_seed(PROBE_SEED)
     return torch.nn.functional.normalize(torch.randn(num, 3, generator=generator), dim=-1).to(device)
+
+
+def _on_device(values: Sequence[float], device: torch.device) -> Tensor:
+    """``values`` as a float32 tensor on ``device``, copied from pinned memory without waiting for the GPU."""
+    host = torch.tensor(list(values), dtype=torch.float32)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def _float32(device: torch.device | str) -> torch.autocast:
@@ -56,13 +69,28 @@ def first_crossings(
     intervals: int = PROBE_INTERVALS,
     refinements: int = PROBE_REFINEMENTS,
 ) -> Tensor:
+    """:func:`crossing_chords`' points of the chords that cross (one host read)."""
+    points, crossed = crossing_chords(sdf_fn, radius, device, num, intervals, refinements)
+    return points[crossed]
+
+
+@torch.no_grad()
+def crossing_chords(
+    sdf_fn: Callable[[Tensor], Tensor],
+    radius: float,
+    device: torch.device | str,
+    num: int = PROBE_CHORDS,
+    intervals: int = PROBE_INTERVALS,
+    refinements: int = PROBE_REFINEMENTS,
+) -> tuple[Tensor, Tensor]:
     """Where the probe's chords of the ball of ``radius`` first go from a positive to a non-positive SDF (float32):
     the surface as seen from outside. Each chord is searched at ``intervals`` steps, then the first step with a
     sign change is searched again in 16ths ``refinements`` times (one batch of queries each), so a point lies within
     ``2 radius / intervals / 16^refinements`` of a zero of the SDF along its chord, however far the SDF is from a
     distance (Newton steps toward the surface need one: once training has bent the SDF far from it, they left most
-    points off the surface). Chords that never cross, or cross only between two steps of the coarse search (a
-    structure thinner than a step), are left out."""
+    points off the surface). Returns a point for every chord and whether the chord crosses (no host read): those
+    that never cross, or cross only between two steps of the coarse search (a structure thinner than a step),
+    have no crossing."""
     directions = probe_directions(device, num)
 
     def first_entry(travelled: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,8 +110,7 @@ def first_crossings(
         width /= 16
         travelled = outer[:, None] + width * torch.arange(17, device=device)
         outer = outer + width * first_entry(travelled)[0]
-    points = directions * (radius - outer - width / 2)[:, None]
-    return points[crossed]
+    return directions * (radius - outer - width / 2)[:, None], crossed
 
 
 def probe_points(
@@ -109,28 +136,50 @@ def rounding_error(
     """The ``quantiles`` of |SDF under ``dtype`` autocast - SDF in float32| at ``points`` (one host
     synchronisation). inf for every quantile where a query that is finite in float32 is not (float16 overflows),
     however few: such a query would corrupt the sampler wherever it falls."""
+    return tuple(rounding_error_on_device(sdf_fn, points, dtype, quantiles).tolist())
+
+
+@torch.no_grad()
+def rounding_error_on_device(
+    sdf_fn: Callable[[Tensor], Tensor],
+    points: Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    quantiles: Sequence[float] = (0.99,),
+    valid: Tensor | None = None,
+) -> Tensor:
+    """:func:`rounding_error` as a tensor on the points' device (no host read), over the points where ``valid``
+    (all by default). NaN where an error is NaN or no point is valid."""
     with _float32(points.device):
-        exact = sdf_fn(points).float()
+        exact = sdf_fn(points).float().reshape(len(points), -1)
     with torch.autocast(points.device.type, dtype=dtype, cache_enabled=False):
-        rounded = sdf_fn(points).float()
-    levels = torch.tensor(list(quantiles), device=points.device)
-    errors = torch.quantile((rounded - exact).abs().flatten(), levels)
-    overflowed = (exact.isfinite() & ~rounded.isfinite()).any()
-    return tuple(torch.where(overflowed, math.inf, errors).tolist())
+        rounded = sdf_fn(points).float().reshape(len(points), -1)
+    valid = torch.ones(len(points), dtype=torch.bool, device=points.device) if valid is None else valid
+    errors = (rounded - exact).abs()
+    counted = valid[:, None].expand_as(errors)
+    levels = _on_device(quantiles, points.device)
+    levels_of = torch.nanquantile(torch.where(counted, errors, math.nan).flatten(), levels)
+    unmeasured = (errors.isnan() & counted).any()  # the SDF itself is NaN there: no error to speak of
+    overflowed = (exact.isfinite() & ~rounded.isfinite() & counted).any()
+    return torch.where(overflowed, math.inf, torch.where(unmeasured, math.nan, levels_of))
 
 
 @torch.no_grad()
 def overflows(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, dtype: torch.dtype) -> bool:
-    """Whether a query under ``dtype`` autocast is not finite where float32's is. False, without querying, for a
-    dtype with float32's range (bfloat16). float32 queries only the points that were not finite (usually none)."""
+    """Whether a query under ``dtype`` autocast is not finite where float32's is (one host read)."""
+    return bool(overflows_on_device(sdf_fn, points, dtype))
+
+
+@torch.no_grad()
+def overflows_on_device(sdf_fn: Callable[[Tensor], Tensor], points: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`overflows` as a boolean tensor on the points' device (no host read). False, without querying, for a
+    dtype with float32's range (bfloat16)."""
     if torch.finfo(dtype).max > 1e38:  # float32's 8 exponent bits (bfloat16: 3.39e38, float32's 3.40e38)
-        return False
+        return torch.zeros((), dtype=torch.bool, device=points.device)
     with torch.autocast(points.device.type, dtype=dtype, cache_enabled=False):
-        not_finite = ~sdf_fn(points).float().isfinite().reshape(len(points), -1).all(dim=-1)
-    if not bool(not_finite.any()):  # one host synchronisation
-        return False
+        rounded_finite = sdf_fn(points).float().isfinite().reshape(len(points), -1).all(dim=-1)
     with _float32(points.device):
-        return bool(sdf_fn(points[not_finite]).float().isfinite().any())
+        exact_finite = sdf_fn(points).float().isfinite().reshape(len(points), -1).all(dim=-1)
+    return (exact_finite & ~rounded_finite).any()
 
 
 def surface_rounding_error(
@@ -142,13 +191,25 @@ def surface_rounding_error(
 ) -> tuple[float, ...]:
     """``dtype``'s SDF error where the sampler's samples gather: at the probe's chords' first crossings of the
     surface. NaNs where fewer than ``MIN_SURFACE_POINTS`` chords cross it (no surface in the ball); infs where a
-    query overflows there or along ``OVERFLOW_CHORDS`` chords through the whole ball (:func:`probe_points`)."""
-    surface = first_crossings(sdf_fn, radius, device)
-    if len(surface) < MIN_SURFACE_POINTS:
-        return tuple(math.nan for _ in quantiles)
-    if overflows(sdf_fn, probe_points(radius, device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS), dtype):
-        return tuple(math.inf for _ in quantiles)
-    return rounding_error(sdf_fn, surface, dtype, quantiles)
+    query overflows there or along ``OVERFLOW_CHORDS`` chords through the whole ball (:func:`probe_points`).
+    One host read."""
+    return tuple(surface_rounding_error_on_device(sdf_fn, radius, device, dtype, quantiles).tolist())
+
+
+def surface_rounding_error_on_device(
+    sdf_fn: Callable[[Tensor], Tensor],
+    radius: float,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    quantiles: Sequence[float] = (0.99,),
+) -> Tensor:
+    """:func:`surface_rounding_error` as a tensor on ``device``: no host read, so the probe can be queued behind
+    training steps and read later (:class:`~cocoinr_nerfstudio.model_components.host_reads.DeferredRead`)."""
+    points, crossed = crossing_chords(sdf_fn, radius, device)
+    overflowed = overflows_on_device(sdf_fn, probe_points(radius, device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS), dtype)
+    errors = rounding_error_on_device(sdf_fn, points, dtype, quantiles, valid=crossed)
+    errors = torch.where(overflowed, math.inf, errors)
+    return torch.where(crossed.sum() < MIN_SURFACE_POINTS, math.nan, errors)
 
 
 def rounding_is_safe(error: float, beta: float, max_share: float) -> bool:

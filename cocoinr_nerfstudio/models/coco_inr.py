@@ -39,6 +39,7 @@ from cocoinr_nerfstudio.model_components.background import (
 )
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
+from cocoinr_nerfstudio.model_components.host_reads import DeferredRead
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, batch_psnr, masked_psnr
 from cocoinr_nerfstudio.model_components.mask_split import split_mask
 from cocoinr_nerfstudio.model_components.occupancy_grid import OccupancyGrid
@@ -47,7 +48,7 @@ from cocoinr_nerfstudio.model_components.sampler_precision import (
     HALF_DTYPES,
     MIN_SURFACE_POINTS,
     rounding_is_safe,
-    surface_rounding_error,
+    surface_rounding_error_on_device,
 )
 from cocoinr_nerfstudio.model_components.sphere_tracing import sphere_trace
 from cocoinr_nerfstudio.model_components.volume_rendering import volume_weights
@@ -60,6 +61,10 @@ REFINE_BUDGET_INTERVAL = 50  # steps between adaptations of the sampler's refine
 SAMPLER_PRECISION_INTERVAL = 50  # steps between checks that half-precision sampler queries are still accurate enough
 SAMPLER_PRECISION_RELAXED_INTERVAL = 200  # ... while the error was below half its limit (beta would have to halve)
 GEOMETRY_OVERFLOW_INTERVAL = 50  # steps between checks that the float16 geometry head's backward pass did not overflow
+SAMPLER_PRECISION_LEAD = 25
+"""Steps between the sampler-precision probe's launch and its read (the check). Halfway between the checks that
+read the GPU every 50 steps, the host is well ahead of the GPU: the probe's eager queries then queue behind steps
+already launched instead of leaving the GPU idle, and by the check their results have long arrived."""
 MIN_RENDER_CHUNK = 256  # rays: the smallest chunk a render that runs out of GPU memory falls back to
 GRID_COST_SHARE = 8  # a render's occupancy grid queries at most 1/8 of the points of the sampler's first round
 MIN_GRID_RESOLUTION = 8  # cells a side: a coarser grid would skip little, so small images go without one
@@ -425,6 +430,10 @@ class CocoInrModel(SurfaceModel):
         """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
         self._next_precision_check = 0
         """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
+        self._sampler_probe: DeferredRead | None = None
+        """The probe launched for the next precision check (its error and beta), on its way to the host."""
+        self._requested_overflows: DeferredRead | None = None
+        """The geometry head's overflow count, requested a step before its check."""
         self.refine_budget = (
             AdaptiveRefineBudget(self.sampler)
             if self.config.cuda_graph and self.config.static_refine_budget == "auto"
@@ -885,6 +894,14 @@ class CocoInrModel(SurfaceModel):
                     func=self._sampler_precision_callback,
                 )
             )
+        if self.field.geometry_autocast is not None or self.refine_budget is not None:
+            callbacks.append(
+                TrainingCallback(
+                    [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                    update_every_num_iters=1,
+                    func=self._request_checks,
+                )
+            )
         if self.field.geometry_autocast is not None:
             callbacks.append(
                 TrainingCallback(
@@ -905,12 +922,27 @@ class CocoInrModel(SurfaceModel):
             )
         return [*callbacks, *self.viewer_panel.training_callbacks(training_callback_attributes)]
 
+    def _request_checks(self, step: int) -> None:
+        """A step before the checks on multiples of 50, starts their reads of the GPU (no wait): at the check the
+        host then waits only for the step before this one, while this one still runs on the GPU, instead of
+        leaving the GPU idle until it has launched the next step (see
+        :mod:`~cocoinr_nerfstudio.model_components.host_reads`)."""
+        scale = self.field.gradient_scale
+        if (step + 1) % GEOMETRY_OVERFLOW_INTERVAL == 0 and scale is not None:
+            self._requested_overflows = scale.request_overflows()
+        if (step + 1) % REFINE_BUDGET_INTERVAL == 0 and self.refine_budget is not None:
+            self.refine_budget.request()
+
     def _check_geometry_overflows(self, step: int) -> None:
         """Halves the geometry head's loss scale if its half-precision backward pass overflowed since the last check
-        (those gradient entries were dropped; see geometry-gradient-scale). Placed with the other checks before a
-        step, whose reads of the GPU it shares."""
+        (those gradient entries were dropped; see geometry-gradient-scale). Reads the count requested a step before
+        (:meth:`_request_checks`), or reads it now."""
         scale = self.field.gradient_scale
-        overflows = scale.take_overflows() if scale is not None else 0
+        requested, self._requested_overflows = self._requested_overflows, None
+        if requested is not None:
+            overflows = int(requested.result().item())
+        else:
+            overflows = scale.take_overflows() if scale is not None else 0
         if overflows:
             scale.halve()
             since = max(step - GEOMETRY_OVERFLOW_INTERVAL, 0)
@@ -935,29 +967,50 @@ class CocoInrModel(SurfaceModel):
         self, quantiles: tuple[float, ...] = (0.99,), dtype: torch.dtype | None = None
     ) -> tuple[float, ...]:
         """Quantiles of |``dtype`` - float32| of the SDF at the surface (see ``sampler_autocast_max_error``);
-        ``dtype`` defaults to the sampler's (bfloat16 where it has none)."""
+        ``dtype`` defaults to the sampler's (bfloat16 where it has none). One host read."""
+        return tuple(self.sampler_rounding_error_on_device(quantiles, dtype).tolist())
+
+    def sampler_rounding_error_on_device(
+        self, quantiles: tuple[float, ...] = (0.99,), dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """:meth:`sampler_rounding_error` as a tensor on the model's device: queued, not read."""
 
         def sdf(points: Tensor) -> Tensor:  # eager: a probe of this shape and precision compiles nothing
             return self.field.get_sdf_values(points, compiled=False)
 
         dtype = dtype or self._sampler_dtype or torch.bfloat16
-        return surface_rounding_error(sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles)
+        return surface_rounding_error_on_device(
+            sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles
+        )
+
+    def _probe_sampler_precision(self) -> DeferredRead:
+        """The precision check's measurements, the probe's error and beta, queued on their way to the host."""
+        error = self.sampler_rounding_error_on_device()
+        return DeferredRead(torch.cat([error.reshape(1), self.density.get_beta().detach().reshape(1).to(error)]))
 
     def _sampler_precision_callback(self, step: int) -> None:
-        """Before the first step of a run (resumed runs start at any step), then at the step the last check set."""
-        if self._sampler_half is None or step >= self._next_precision_check:
-            self._check_sampler_precision(step)
-
-    def _check_sampler_precision(self, step: int | None = None) -> None:
-        """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``): one probe
-        of the SDF in both precisions and one read of beta (a host synchronisation). Once off, it stays off."""
+        """Before the first step of a run (resumed runs start at any step), then at the step the last check set,
+        from a probe launched ``SAMPLER_PRECISION_LEAD`` steps before it."""
         if self._sampler_half is False:
             return
-        (error,) = self.sampler_rounding_error()
-        beta = float(self.density.get_beta().detach())
+        if self._sampler_half is None:
+            self._check_sampler_precision(step)
+        elif self._sampler_probe is not None:
+            if step >= self._next_precision_check:
+                probe, self._sampler_probe = self._sampler_probe, None
+                self._check_sampler_precision(step, probe)
+        elif step >= self._next_precision_check - SAMPLER_PRECISION_LEAD:
+            self._sampler_probe = self._probe_sampler_precision()
+
+    def _check_sampler_precision(self, step: int | None = None, probe: DeferredRead | None = None) -> None:
+        """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``) from
+        ``probe`` (by default one made now): the SDF in both precisions, and beta. Once off, it stays off."""
+        if self._sampler_half is False:
+            return
+        error, beta = (probe or self._probe_sampler_precision()).result().tolist()
         safe = rounding_is_safe(error, beta, self.config.sampler_autocast_max_error)
         if step is not None:
-            # on multiples of 50, where the refine budget reads the GPU too: one wait for both
+            # on multiples of 50, with the refine budget's and the overflow count's reads
             relaxed = rounding_is_safe(error, beta, 0.5 * self.config.sampler_autocast_max_error)
             interval = SAMPLER_PRECISION_RELAXED_INTERVAL if relaxed else SAMPLER_PRECISION_INTERVAL
             self._next_precision_check = (step // SAMPLER_PRECISION_INTERVAL) * SAMPLER_PRECISION_INTERVAL + interval

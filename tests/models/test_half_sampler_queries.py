@@ -11,7 +11,7 @@ from nerfstudio.engine.callbacks import TrainingCallbackAttributes
 from test_coco_inr import rays
 from tiny_models import build, tiny_config
 
-from cocoinr_nerfstudio.models.coco_inr import CocoInrModel
+from cocoinr_nerfstudio.models.coco_inr import SAMPLER_PRECISION_LEAD, CocoInrModel
 
 
 def record_query_precision(model: CocoInrModel) -> list[torch.dtype | None]:
@@ -108,19 +108,38 @@ def test_a_negative_share_is_refused():
     ],
 )
 def test_a_resumed_run_checks_before_its_first_step_then_on_multiples_of_50(monkeypatch, error, expected):
+    """The first check probes and reads at once; each later one reads a probe launched 25 steps before it (queued
+    behind the steps the host has launched ahead, and read long after it arrived)."""
     model = build(tiny_config(sampler_autocast="bfloat16"))
-    checked = []
+    checked, probed = [], []
     check = model._check_sampler_precision
+    step = 0
 
-    def counting(step=None):
-        checked.append(step)
-        check(step)
+    def counting(at=None, probe=None):
+        checked.append(at)
+        check(at, probe)
+
+    def probing():
+        probed.append(step)
+        return torch.tensor([error])
 
     monkeypatch.setattr(model, "_check_sampler_precision", counting)
-    monkeypatch.setattr(model, "sampler_rounding_error", lambda: (error,))
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", probing)
     for step in range(2001, 2402):  # resumed at a step that is no multiple of 50
         model._sampler_precision_callback(step)
     assert checked == expected and model._sampler_half is True
+    assert probed == [2001] + [at - SAMPLER_PRECISION_LEAD for at in expected[1:]]
+
+
+def test_once_off_no_probe_runs(monkeypatch):
+    model = build(tiny_config(sampler_autocast="bfloat16"))
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: torch.tensor([1.0]))  # 10x beta
+    for step in range(0, 300):
+        model._sampler_precision_callback(step)
+    assert model._sampler_half is False
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: pytest.fail("probed while off"))
+    for step in range(300, 600):
+        model._sampler_precision_callback(step)
 
 
 def test_the_probe_leaves_the_model_as_it_was():
@@ -173,3 +192,28 @@ def test_an_overflow_in_the_probe_means_float32(capsys):
     assert model._sampler_half is False
     printed = " ".join(capsys.readouterr().out.split())
     assert "Sampler: float16 SDF queries overflow in the scene's ball at step 0: they run in float32" in printed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_probe_and_the_checks_requests_queue_without_reading_the_gpu():
+    """What runs between checks (the probe, the requests a step before a check) makes no synchronising call: the
+    GPU's queue is left alone; only the check's read waits, for these copies alone."""
+    config = tiny_config(sampler_autocast="float16", geometry_autocast="float16", cuda_graph=True)
+    model = build(config).cuda().train()
+    outputs = model(rays(16).to("cuda"))  # a step: a geometry overflow count to request
+    sum(model.get_loss_dict(outputs, {"image": torch.rand(16, 3, device="cuda")}).values()).backward()
+    for _ in range(model.refine_budget.min_observations):
+        model.refine_budget.observe(torch.full((4,), 0.25, device="cuda"))
+    expected = model.sampler_rounding_error()  # a first check: the probe's fixed directions move to the GPU once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probe = model._probe_sampler_precision()
+        model._request_checks(49)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    error, beta = probe.result().tolist()
+    assert error == pytest.approx(expected[0], rel=1e-6) and beta == pytest.approx(0.1)
+    assert model._requested_overflows is not None and model.refine_budget._requested is not None
+    model._check_geometry_overflows(50)
+    assert model.refine_budget.adapt(50)  # 25% of rays: rounds shrink from every ray to 0.25 * 1.5 + 1/32
