@@ -403,7 +403,7 @@ def test_step_phases_table_from_known_times():
     times = PhaseTimes(
         {
             FORWARD: 10.0,
-            "foreground field at the samples": 4.0,
+            "foreground field (samples and eikonal points)": 4.0,
             SAMPLES_GRADIENT: 3.0,
             LOSSES: 0.5,
             BACKWARD: 9.5,
@@ -417,8 +417,8 @@ def test_step_phases_table_from_known_times():
         "| part | GPU kernel ms per step | share of the step |",
         "|---|---:|---:|",
         "| forward pass | 10.00 | 50.0% |",
-        "| · foreground field at the samples | 4.00 | 20.0% |",
-        "| ·· SDF and its gradient at the samples | 3.00 | 15.0% |",
+        "| · foreground field (samples and eikonal points) | 4.00 | 20.0% |",
+        "| ·· SDF and its gradient | 3.00 | 15.0% |",
         "| losses and metrics | 0.50 | 2.5% |",
         "| backward pass (the rest) | 9.50 | 47.5% |",
         "| step | 20.00 | 100.0% |",
@@ -532,7 +532,7 @@ def test_phase_ranges_wrap_and_restore_the_model_parts():
     from cocoinr_nerfstudio.benchmarks.step_phases import PREFIX, phase_ranges
 
     class Field(torch.nn.Module):
-        def get_outputs(self, x):
+        def outputs_and_gradient_at(self, x):
             return self.sdf_and_gradient(x)
 
         def sdf_and_gradient(self, x):
@@ -554,18 +554,18 @@ def test_phase_ranges_wrap_and_restore_the_model_parts():
     model._render_background = patched  # someone's instance attribute: put back afterwards
     with phase_ranges(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         assert (
-            model.field.get_outputs(1) == 2
+            model.field.outputs_and_gradient_at(1) == 2
             and model.field.sdf_and_gradient(1) == 2
             and model._render_background(3) == 2
         )
     names = [event.name[len(PREFIX) :] for event in prof.events() if event.name.startswith(PREFIX)]
     assert names == [
-        "foreground field at the samples",
-        "SDF and its gradient at the samples",
+        "foreground field (samples and eikonal points)",
+        "SDF and its gradient",
         "SDF and its gradient at eikonal points",
         "background field",
     ]
-    assert "get_outputs" not in vars(model.field) and "sdf_and_gradient" not in vars(model.field)
+    assert "outputs_and_gradient_at" not in vars(model.field) and "sdf_and_gradient" not in vars(model.field)
     assert model._render_background is patched
 
 
@@ -581,18 +581,17 @@ def test_step_profile_on_cpu(monkeypatch):
         "forward pass",
         "· prototypes (codebook attention)",
         "· sampler (SDF queries, beta search)",
-        "· foreground field at the samples",
-        "·· SDF and its gradient at the samples",
+        "· foreground field (samples and eikonal points)",
+        "·· SDF and its gradient",
         "·· colour head",
         "· background field",
-        "· SDF and its gradient at eikonal points",
         "losses and metrics",
     ]
     assert all(value > 0 for value in rows.values())
     parts = [name for name in rows if name.startswith("· ")]
     assert sum(rows[part] for part in parts) <= rows["forward pass"]
-    nested = ["·· SDF and its gradient at the samples", "·· colour head"]
-    assert sum(rows[part] for part in nested) <= rows["· foreground field at the samples"]
+    nested = ["·· SDF and its gradient", "·· colour head"]
+    assert sum(rows[part] for part in nested) <= rows["· foreground field (samples and eikonal points)"]
 
 
 HALF = ("bfloat16", "float16")  # the precisions measure_sampler_precision.py measures by default, in its order
@@ -753,7 +752,7 @@ def test_frame_profile_on_cpu(monkeypatch):
         "· sampler (SDF queries, beta search)",
         "· foreground field at the samples",
         "·· gradient and colour where the weights matter",
-        "··· SDF and its gradient at the samples",
+        "··· SDF and its gradient",
         "··· colour head",
         "· background field",
         "· the rest (chunking, ray bounds, compositing, copies)",
@@ -768,7 +767,7 @@ def test_frame_profile_on_cpu(monkeypatch):
     rest = "· the rest (chunking, ray bounds, compositing, copies)"
     assert all(rows[part] > 0 for part in parts) and rows[rest] >= 0
     assert sum(rows[part] for part in parts) <= rows["frame"]
-    nested = ["··· SDF and its gradient at the samples", "··· colour head"]
+    nested = ["··· SDF and its gradient", "··· colour head"]
     assert sum(rows[part] for part in nested) <= rows["·· gradient and colour where the weights matter"]
     assert rows["·· gradient and colour where the weights matter"] <= rows["· foreground field at the samples"]
 

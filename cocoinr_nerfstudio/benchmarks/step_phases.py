@@ -31,20 +31,21 @@ BATCH, FORWARD, LOSSES, BACKWARD, TOTAL = (
     "backward pass (the rest)",
     "step",
 )
-SAMPLES_GRADIENT, EIKONAL_GRADIENT = "SDF and its gradient at the samples", "SDF and its gradient at eikonal points"
+SAMPLES_GRADIENT, EIKONAL_GRADIENT = "SDF and its gradient", "SDF and its gradient at eikonal points"
 
 PARTS: tuple[tuple[str, str, str, int], ...] = (
     # (label, attribute of the model holding the method ("" = the model), method, nesting depth in the table)
     ("prototypes (codebook attention)", "prior", "refresh", 1),
     ("sampler (SDF queries, beta search)", "sampler", "generate_ray_samples", 1),
-    ("foreground field at the samples", "field", "get_outputs", 1),
+    ("foreground field (samples and eikonal points)", "field", "outputs_and_gradient_at", 1),
     (SAMPLES_GRADIENT, "field", "sdf_and_gradient", 2),  # inside the foreground field; else the eikonal row
     ("colour head", "field", "get_colors", 2),
     ("background field", "", "_render_background", 1),
     (EIKONAL_GRADIENT, "field", "sdf_and_gradient", 1),
 )
 """The model's parts that get a range, in table order. ``sdf_and_gradient`` is one method with two rows: called
-inside the foreground field it is the samples', otherwise the eikonal points'."""
+inside the foreground field it is the samples' and (in training) the eikonal points' too; outside it, the eikonal
+points' pass of their own (training with ``train_weight_threshold``)."""
 
 ROWS: tuple[tuple[str, int], ...] = (
     (BATCH, 0),
@@ -114,7 +115,7 @@ def phase_ranges(
             wrapper = _ranged(
                 function, lambda: SAMPLES_GRADIENT if getattr(inside_field, "on", False) else EIKONAL_GRADIENT
             )
-        elif path == "field" and method == "get_outputs":
+        elif path == "field" and method in ("get_outputs", "outputs_and_gradient_at"):
             wrapper = _ranged(function, lambda label=label: label, flag=inside_field)
         else:
             wrapper = _ranged(function, lambda label=label: label)

@@ -519,18 +519,26 @@ class CocoInrModel(SurfaceModel):
     def sample_and_forward_field(self, ray_bundle: RayBundle) -> dict[str, Any]:
         ray_samples, info = self.sampler(ray_bundle, sdf_fn=self._sampler_sdf, density=self.density)
         threshold = self.config.train_weight_threshold if self.training else self.config.eval_weight_threshold
+        eikonal_points = self._eikonal_points(ray_bundle, info.eikonal_z) if self.training else None
+        eikonal_gradients = None
         if threshold <= 0:
-            field_outputs = self._field_in_passes(ray_samples)
+            if eikonal_points is not None:  # through the geometry head with the samples, in one pass
+                field_outputs, eikonal_gradients = self.field.outputs_and_gradient_at(ray_samples, eikonal_points)
+            else:
+                field_outputs = self._field_in_passes(ray_samples)
             sdf = field_outputs[FieldHeadNames.SDF]
             weights, bg_transmittance = volume_weights(ray_samples.deltas[..., 0], self.density(sdf)[..., 0])
         else:
             field_outputs, weights, bg_transmittance = self._forward_visible_samples(ray_samples, threshold)
+            if eikonal_points is not None:  # the visible samples' pass has its own shapes: a pass of their own
+                _, _, eikonal_gradients = self.field.sdf_and_gradient(eikonal_points, create_graph=True)
         return {
             "ray_samples": ray_samples,
             "field_outputs": field_outputs,
             "weights": weights[..., None],
             "bg_transmittance": bg_transmittance[..., None],
             "sampler_info": info,
+            "eikonal_gradients": eikonal_gradients,
         }
 
     def _sampler_sdf(self, points: Tensor) -> Tensor:
@@ -854,9 +862,7 @@ class CocoInrModel(SurfaceModel):
             "normals": ((F.normalize(normal, dim=-1) + 1.0) / 2.0).clamp(0.0, 1.0),
         }
         if self.training:
-            eikonal_points = self._eikonal_points(ray_bundle, samples["sampler_info"].eikonal_z)
-            _, _, eikonal_gradients = self.field.sdf_and_gradient(eikonal_points, create_graph=True)
-            outputs["eik_grad"] = eikonal_gradients
+            outputs["eik_grad"] = samples["eikonal_gradients"]
             outputs["weights"] = weights
             info = samples["sampler_info"]
             outputs["sampler_rounds"] = info.num_rounds

@@ -315,6 +315,38 @@ def test_eikonal_points_lie_on_the_rays_and_in_the_cube():
     torch.testing.assert_close(near, bundle.origins + z * bundle.directions)
 
 
+def test_eikonal_points_share_the_geometry_pass_of_the_samples():
+    """In training the eikonal points' gradient comes from the samples' pass of the geometry head (one pass: a second
+    one over a few thousand points costs as many launches); it is what a pass of their own gives. With
+    train_weight_threshold the points keep a pass of their own."""
+    model = build(tiny_config())
+    model.train()
+    calls = []
+    original = model.field.sdf_and_gradient
+
+    def counting(points, create_graph):
+        calls.append(len(points))
+        return original(points, create_graph)
+
+    model.field.sdf_and_gradient = counting
+    bundle = rays(16)
+    outputs = model(bundle)
+    samples = outputs["weights"].shape[:2].numel()
+    assert calls == [samples + 32]  # 16 rays' samples and two eikonal points a ray, together
+    ray_samples = model.sampler(bundle, sdf_fn=model._sampler_sdf, density=model.density)[0]
+    points = torch.randn(32, 3)
+    merged, gradients = model.field.outputs_and_gradient_at(ray_samples, points)
+    alone = model.field.get_outputs(ray_samples)
+    for name, value in alone.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradients, original(points, create_graph=True)[2], rtol=1e-5, atol=1e-6)
+
+    calls.clear()
+    model.config.train_weight_threshold = 1e-4
+    model(rays(16))
+    assert len(calls) == 2 and calls[-1] == 32
+
+
 def test_losses_and_training_metrics():
     model = build(tiny_config())
     model.train()
