@@ -91,7 +91,15 @@ def block_tables(numels: list[int], device: torch.device | str, block: int = BLO
     tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first_block = torch.cumsum(counts, 0) - counts
     start = (torch.arange(int(counts.sum()), dtype=torch.int64) - first_block[tensor.long()]) * block
-    return tensor.to(device), start.to(device)
+    return _to_device(tensor, device), _to_device(start, device)
+
+
+def _to_device(host: Tensor, device: torch.device | str) -> Tensor:
+    """``host`` on ``device``; to a GPU from pinned memory, without waiting for the work queued there (a copy from
+    pageable memory would: the training loop saw one such wait per table at each graph capture)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def kernel_step(
@@ -138,10 +146,7 @@ def pointer_table(
         (p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr())
         for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)
     ]
-    host = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
-    if params[0].is_cuda:
-        host = host.pin_memory()
-    return host.to(params[0].device, non_blocking=True)
+    return _to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS), params[0].device)
 
 
 class MultiTensorAdam(torch.optim.Adam):
