@@ -24,8 +24,8 @@ NO_MIX_ORDER_REDUCTION = {"triton.mix_order_reduction": False}
 """Inductor options that keep a layer norm's backward pass as two kernels: one over rows (the input's gradient) and
 split reductions over columns (the weight's and bias's). Since torch 2.10 inductor fuses both into one "mix-order"
 kernel whose programs each loop over a slice of the rows; on the colour head's [99328, 289] rows (H200, torch 2.11)
-it took 0.65 ms, about six times what its reads need at the card's bandwidth (docs/benchmarks.md, round
-twenty-two)."""
+it took 0.65 ms, about six times what its reads need at the card's bandwidth. Off, the layer-norm kernels took
+1.58 ms of a training step instead of 2.10, +1.6% a step (docs/benchmarks.md, round twenty-two)."""
 
 
 def inductor_options(pad_matmuls: bool, mix_order_reduction: bool = True) -> dict[str, Any] | None:
