@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cocoinr_nerfstudio.model_components.host_reads import copy_to_device
+
 try:
     import triton
     import triton.language as tl
@@ -91,15 +93,8 @@ def block_tables(numels: list[int], device: torch.device | str, block: int = BLO
     tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first_block = torch.cumsum(counts, 0) - counts
     start = (torch.arange(int(counts.sum()), dtype=torch.int64) - first_block[tensor.long()]) * block
-    return _to_device(tensor, device), _to_device(start, device)
-
-
-def _to_device(host: Tensor, device: torch.device | str) -> Tensor:
-    """``host`` on ``device``; to a GPU from pinned memory, without waiting for the work queued there (a copy from
-    pageable memory would: the training loop saw one such wait per table at each graph capture)."""
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    # without waiting for the GPU: from pageable memory the training loop saw a wait per table at each capture
+    return copy_to_device(tensor, device), copy_to_device(start, device)
 
 
 def kernel_step(
@@ -146,7 +141,7 @@ def pointer_table(
         (p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr())
         for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)
     ]
-    return _to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS), params[0].device)
+    return copy_to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS), params[0].device)
 
 
 class MultiTensorAdam(torch.optim.Adam):

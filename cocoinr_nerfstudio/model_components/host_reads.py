@@ -1,4 +1,4 @@
-"""Reads of device values that do not drain the GPU's queue.
+"""Reads of device values (and copies to the device) that do not drain the GPU's queue.
 
 A plain read (``.item()``, ``.tolist()``) waits until the GPU has finished everything queued so far, and the GPU then
 idles until the host has prepared and launched the next step. A copy into pinned host memory is queued like any
@@ -25,6 +25,14 @@ def copy_to_host(values: Tensor) -> tuple[Tensor, Any]:
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
+
+
+def copy_to_device(host: Tensor, device: torch.device | str) -> Tensor:
+    """``host`` on ``device``. To a GPU the copy goes through pinned memory without waiting: one from pageable
+    memory waits for everything queued on the device first."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class DeferredRead:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cocoinr_nerfstudio.model_components.host_reads import copy_to_device
+
 PROBE_CHORDS = 1024
 PROBE_SEED = 0  # the same chords every check and on every rank (each rank then decides alike)
 PROBE_INTERVALS = 64  # a chord's coarse search for its first sign change: 65 queries, 0.094 apart in a ball of 3
@@ -47,12 +49,6 @@ def probe_directions(device: torch.device | str, num: int = PROBE_CHORDS) -> Ten
 def _probe_directions(device: str, num: int) -> Tensor:
     generator = torch.Generator().manual_seed(PROBE_SEED)
     return torch.nn.functional.normalize(torch.randn(num, 3, generator=generator), dim=-1).to(device)
-
-
-def _on_device(values: Sequence[float], device: torch.device) -> Tensor:
-    """``values`` as a float32 tensor on ``device``, copied from pinned memory without waiting for the GPU."""
-    host = torch.tensor(list(values), dtype=torch.float32)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def _float32(device: torch.device | str) -> torch.autocast:
@@ -156,7 +152,7 @@ def rounding_error_on_device(
     valid = torch.ones(len(points), dtype=torch.bool, device=points.device) if valid is None else valid
     errors = (rounded - exact).abs()
     counted = valid[:, None].expand_as(errors)
-    levels = _on_device(quantiles, points.device)
+    levels = copy_to_device(torch.tensor(list(quantiles), dtype=torch.float32), points.device)
     levels_of = torch.nanquantile(torch.where(counted, errors, math.nan).flatten(), levels)
     unmeasured = (errors.isnan() & counted).any()  # the SDF itself is NaN there: no error to speak of
     overflowed = (exact.isfinite() & ~rounded.isfinite() & counted).any()

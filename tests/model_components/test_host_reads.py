@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from cocoinr_nerfstudio.model_components.host_reads import DeferredRead, copy_to_host
+from cocoinr_nerfstudio.model_components.host_reads import DeferredRead, copy_to_device, copy_to_host
 
 
 def test_copy_to_host_of_a_host_tensor_is_the_tensor():
@@ -44,3 +44,13 @@ def test_a_deferred_read_waits_for_the_work_before_it_not_after():
     busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
     assert busy and waited < 0.2
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_copy_to_device_arrives_in_queue_order(device):
+    host = torch.tensor([1.0, 2.0])
+    copied = copy_to_device(host, device)
+    assert copied.device.type == device and (copied * 2).tolist() == [2.0, 4.0]
+    assert host.tolist() == [1.0, 2.0]
