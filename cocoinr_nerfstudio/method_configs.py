@@ -76,11 +76,11 @@ def fast_recipe(model: CocoInrModelConfig) -> CocoInrModelConfig:
     ``graph+fields+bf16+sdpa+points+flash+fp16+geo16+split``), set on ``model`` and returned. Same method and
     hyperparameters; what changes is arithmetic (TF32 products; bf16 in the colour heads; float16 in the geometry
     head's training passes, with a loss scale, and where only samples are placed, while its SDF error is small
-    against beta; fused attention where nothing is differentiated or, in the bf16 heads,
-    differentiated once; the point-attention kernels where the SDF's second derivative runs through it) and
-    scheduling (one CUDA graph a step, compiled fields and sampler rounds, layer norms' backward passes as row and
-    column kernels, later sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager training with a message; the other options
-    still apply there (compilation included) but do not pay on a CPU."""
+    against beta; fused attention where nothing is differentiated or, in the bf16 heads, differentiated once; the
+    point-attention kernels where the SDF's second derivative runs through it) and scheduling (one CUDA graph a
+    step, compiled fields and sampler rounds, layer norms' backward passes as row and column kernels, later
+    sampler rounds only on the rays that need them). Off a single GPU the CUDA graph falls back to eager training
+    with a message; the other options still apply there (compilation included) but do not pay on a CPU."""
     model.tf32_matmul = True
     model.cuda_graph = True
     model.compile_sampler = True

@@ -1,12 +1,12 @@
 """Adam that updates all of a parameter group's tensors in one Triton launch, in small blocks over the whole GPU.
 
 torch's fused Adam (``multi_tensor_apply``) packs a few dozen tensors into each launch and gives every 65,536-element
-chunk of a tensor to one thread block. coco-inr trains 299 small tensors (5.8M values): its step made 10 launches
-of about 36 blocks each, so a 132-multiprocessor H200 ran a quarter full, launch after launch, for 0.39 ms a step;
-this kernel took 0.07 ms in its two launches (docs/benchmarks.md, round twenty-two). Here each tensor is cut into blocks of :data:`BLOCK` values and one launch
-runs every block of the group. A table on the device lists each tensor's size and the addresses of the parameter,
-its gradient, both moments and its step count; it is rebuilt only when one of those moves (a CUDA-graph step
-keeps its gradients in place, so it is built once per capture).
+chunk of a tensor to one thread block. coco-inr trains 299 small tensors (5.8M values): its step made 10 launches of
+about 36 blocks each, so a 132-multiprocessor H200 ran a quarter full, launch after launch, for 0.39 ms a step; this
+kernel took 0.07 ms in its two launches (docs/benchmarks.md, round twenty-two). Here each tensor is cut into blocks of
+:data:`BLOCK` values and one launch runs every block of the group. A table on the device lists each tensor's size and
+the addresses of the parameter, its gradient, both moments and its step count; it is rebuilt only when one of those
+moves (a CUDA-graph step keeps its gradients in place, so it is built once per capture).
 
 The arithmetic and the optimizer's state are those of ``torch.optim.Adam(fused=True)``: checkpoints load into
 either. Anything the kernel does not cover (CPU tensors, other dtypes, amsgrad, a gradient scaler's unscaling,

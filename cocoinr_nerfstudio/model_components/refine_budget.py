@@ -5,8 +5,9 @@ The share of rays that need those rounds depends on the scene (how much of each 
 the stage of training and on the round: far fewer rays need round 4 than round 2. So ``auto`` measures it:
 each step's demand per round (rays that ran the round + rays cut off before it) is folded into a running
 maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared
-with that maximum plus headroom (read without draining the GPU's queue when requested a step before). A round grows as soon as its demand plus headroom exceeds its budget, and then
-takes twice the headroom; it shrinks only where that roomier target falls clearly below its budget. Each change
+with that maximum plus headroom (read without draining the GPU's queue when requested a step before). A round
+grows as soon as its demand plus headroom exceeds its budget, and then takes twice the headroom; it shrinks only
+where that roomier target falls clearly below its budget. Each change
 means a new graph capture, 0.3-0.6 s on an H200 (round twenty of docs/benchmarks.md): the equal of 15-25 steps,
 so spare rays that spare a capture are cheap.
 """
