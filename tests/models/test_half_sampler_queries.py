@@ -194,26 +194,35 @@ def test_an_overflow_in_the_probe_means_float32(capsys):
     assert "Sampler: float16 SDF queries overflow in the scene's ball at step 0: they run in float32" in printed
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_probe_and_the_checks_requests_queue_without_reading_the_gpu():
-    """What runs between checks (the probe, the requests a step before a check) makes no synchronising call: the
-    GPU's queue is left alone; only the check's read waits, for these copies alone."""
-    config = tiny_config(sampler_autocast="float16", geometry_autocast="float16", cuda_graph=True)
-    model = build(config).cuda().train()
-    outputs = model(rays(16).to("cuda"))  # a step: a geometry overflow count to request
-    sum(model.get_loss_dict(outputs, {"image": torch.rand(16, 3, device="cuda")}).values()).backward()
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_the_probe_and_the_checks_requests_queue_without_reading_the_gpu(device):
+    """What runs between checks (the probe, the requests a step before a check) gives what a check made at once
+    would, and on a GPU makes no synchronising call: the GPU's queue is left alone; only the check's read waits,
+    for these copies alone."""
+    config = tiny_config(
+        sampler_autocast="float16", geometry_autocast="float16", cuda_graph=True, static_refine_budget="auto"
+    )
+    model = build(config).to(device).train()
+    outputs = model(rays(16).to(device))  # a step: a geometry overflow count to request
+    sum(model.get_loss_dict(outputs, {"image": torch.rand(16, 3, device=device)}).values()).backward()
+    rounds = len(model.sampler.refine_budgets)
     for _ in range(model.refine_budget.min_observations):
-        model.refine_budget.observe(torch.full((4,), 0.25, device="cuda"))
+        model.refine_budget.observe(torch.full((rounds,), 0.25, device=device))
     expected = model.sampler_rounding_error()  # a first check: the probe's fixed directions move to the GPU once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
         probe = model._probe_sampler_precision()
         model._request_checks(49)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
     error, beta = probe.result().tolist()
     assert error == pytest.approx(expected[0], rel=1e-6) and beta == pytest.approx(0.1 + 1e-4)  # beta_min added
     assert model._requested_overflows is not None and model.refine_budget._requested is not None
     model._check_geometry_overflows(50)
     assert model.refine_budget.adapt(50)  # 25% of rays: rounds shrink from every ray to 0.25 * 1.5 + 1/32
+    assert model.sampler.refine_budgets == pytest.approx((13 / 32,) * rounds)
