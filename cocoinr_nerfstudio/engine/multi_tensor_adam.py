@@ -54,10 +54,11 @@ if AVAILABLE:
         MAXIMIZE: tl.constexpr,
         DECAY: tl.constexpr,
         BLOCK: tl.constexpr,
+        COLUMNS: tl.constexpr,
     ):
         """One block of one tensor: torch's fused Adam update (``_fused_adam_``), step count already advanced."""
         pid = tl.program_id(0)
-        row = table + tl.load(block_tensor + pid).to(tl.int64) * 6
+        row = table + tl.load(block_tensor + pid).to(tl.int64) * COLUMNS
         numel = tl.load(row)
         param = tl.load(row + 1).to(tl.pointer_type(tl.float32))
         grad = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -130,6 +131,7 @@ def kernel_step(
         MAXIMIZE=maximize,
         DECAY=weight_decay != 0,
         BLOCK=BLOCK,
+        COLUMNS=TABLE_COLUMNS,
     )
 
 

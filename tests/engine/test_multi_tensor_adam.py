@@ -157,7 +157,9 @@ def test_kernel_compiles_for_hopper_and_ampere(capability):
     signature = {"table": "*i64", "block_tensor": "*i32", "block_start": "*i64"}
     signature |= {name: "fp32" for name in ("lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps", "weight_decay")}
     for maximize, decay in [(False, False), (True, True)]:
-        constants = dict(MAXIMIZE=maximize, DECAY=decay, BLOCK=multi_tensor_adam.BLOCK)
+        constants = dict(
+            MAXIMIZE=maximize, DECAY=decay, BLOCK=multi_tensor_adam.BLOCK, COLUMNS=multi_tensor_adam.TABLE_COLUMNS
+        )
         source = ASTSource(
             fn=multi_tensor_adam._adam_kernel,
             signature={**signature, **dict.fromkeys(constants, "constexpr")},
