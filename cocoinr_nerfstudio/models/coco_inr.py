@@ -47,6 +47,10 @@ from cocoinr_nerfstudio.model_components.refine_budget import AdaptiveRefineBudg
 from cocoinr_nerfstudio.model_components.sampler_precision import (
     HALF_DTYPES,
     MIN_SURFACE_POINTS,
+    OVERFLOW_CHORDS,
+    OVERFLOW_INTERVALS,
+    overflows_on_device,
+    probe_points,
     rounding_is_safe,
     surface_rounding_error_on_device,
 )
@@ -115,7 +119,9 @@ class CocoInrModelConfig(SurfaceModelConfig):
     scene's ball first cross the surface (the field run eagerly: compiled code, which does not round between fused
     operations, should err no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
     fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
-    precision throughout, never checked."""
+    precision throughout, never checked. Where geometry-autocast is the same half precision, training's queries
+    stay in it unless one overflows: the SDF that training renders is rounded as they are, so float32 queries would
+    miss it by the error measured here; renders (evaluation, the viewer) use the float32 SDF and switch."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -247,8 +253,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Train the geometry head (its coordinate attention, the SDF MLP and the SDF's gradient, where the losses
     differentiate them) under this autocast; their outputs, the density and the losses stay float32. float16 keeps
     10 mantissa bits, as the TF32 products of ``tf32-matmul`` already round to, and needs geometry-gradient-scale
-    for its range; bfloat16 keeps 7. Evaluation, mesh extraction, the viewer and the sampler (see sampler-autocast)
-    query the float32 SDF."""
+    for its range; bfloat16 keeps 7. Evaluation, mesh extraction and the viewer query the float32 SDF; the
+    sampler's queries follow sampler-autocast (in training, this precision where the two agree)."""
     geometry_gradient_scale: float = 1024.0
     """With geometry-autocast: the gradients reaching the geometry head are multiplied by this power of two inside
     it, and divided again at its parameters and prototypes, so that per-point gradients of losses averaged over
@@ -428,7 +434,18 @@ class CocoInrModel(SurfaceModel):
         half = self._sampler_dtype is not None
         self._checks_sampler_precision = half and self.config.sampler_autocast_max_error != math.inf
         self._sampler_half: bool | None = None if self._checks_sampler_precision else half
-        """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision)."""
+        """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision).
+        Training's queries may stay in half precision after it is False: see ``_training_queries_follow_geometry``."""
+        self._training_queries_follow_geometry = (
+            half and HALF_DTYPES.get(self.config.geometry_autocast) == self._sampler_dtype
+        )
+        """The sampler's half precision is the one the geometry head trains in (``geometry-autocast``): training
+        renders the SDF rounded as the queries round it, so the queries' error against float32, which the check
+        measures for the float32 SDF of renders, is not an error against what training renders. Switched to
+        float32, training's queries would differ from its rendered SDF by that error. They stay in half precision
+        unless a probe finds an overflow (``_sampler_overflowed``)."""
+        self._sampler_overflowed = False
+        """A probe found a half-precision query that overflows in the scene's ball (float16 past 65504)."""
         self._next_precision_check = 0
         """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
         self._sampler_probe: DeferredRead | None = None
@@ -546,10 +563,17 @@ class CocoInrModel(SurfaceModel):
         """SDF queries that only place samples: in half precision while it is safe (``sampler_autocast_max_error``)."""
         if self._sampler_half is None and not _capturing():  # not yet checked (a loaded model's first render)
             self._check_sampler_precision()
-        if self._sampler_half:  # unchecked during a CUDA-graph capture (no host reads there): float32
+        if self._queries_half(self.training):  # unchecked during a CUDA-graph capture (no host reads there): float32
             with torch.autocast(points.device.type, dtype=self._sampler_dtype, cache_enabled=False):
                 return self.field.get_sdf_values(points).float()
         return self.field.get_sdf_values(points)
+
+    def _queries_half(self, training: bool) -> bool:
+        """Whether the sampler's SDF queries run in half precision now: in training, as the geometry head rounds
+        where their precisions agree (see ``_training_queries_follow_geometry``); otherwise once checked safe."""
+        if training and self._training_queries_follow_geometry and self._sampler_half is not None:
+            return not self._sampler_overflowed
+        return bool(self._sampler_half)
 
     def _forward_visible_samples(
         self, ray_samples: RaySamples, threshold: float
@@ -990,15 +1014,35 @@ class CocoInrModel(SurfaceModel):
             sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles
         )
 
+    def sampler_overflows_on_device(self) -> Tensor:
+        """Whether a query in the sampler's half precision overflows along the probe's chords through the scene's
+        ball where float32's does not (:func:`overflows_on_device`): a boolean on the model's device, not read."""
+
+        def sdf(points: Tensor) -> Tensor:  # eager, as the full probe's
+            return self.field.get_sdf_values(points, compiled=False)
+
+        device = self.density.beta_param.device
+        points = probe_points(self.scene_radius, device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS)
+        return overflows_on_device(sdf, points, self._sampler_dtype or torch.bfloat16)
+
+    def _precision_settled(self) -> bool:
+        """Nothing a probe could find would change the queries' precision any more: renders' queries run in
+        float32, and so do training's, unless they follow the geometry head's precision and nothing overflowed."""
+        return self._sampler_half is False and (not self._training_queries_follow_geometry or self._sampler_overflowed)
+
     def _probe_sampler_precision(self) -> DeferredRead:
-        """The precision check's measurements, the probe's error and beta, queued on their way to the host."""
-        error = self.sampler_rounding_error_on_device()
+        """The precision check's measurements, the probe's error and beta, queued on their way to the host. Once
+        renders' queries are float32, only an overflow is left to find (error inf, or 0)."""
+        if self._sampler_half is False:
+            error = torch.where(self.sampler_overflows_on_device(), math.inf, 0.0)
+        else:
+            error = self.sampler_rounding_error_on_device()
         return DeferredRead(torch.cat([error.reshape(1), self.density.get_beta().detach().reshape(1).to(error)]))
 
     def _sampler_precision_callback(self, step: int) -> None:
         """Before the first step of a run (resumed runs start at any step), then at the step the last check set,
         from a probe launched ``SAMPLER_PRECISION_LEAD`` steps before it."""
-        if self._sampler_half is False:
+        if self._precision_settled():
             return
         if self._sampler_half is None:
             self._check_sampler_precision(step)
@@ -1012,17 +1056,26 @@ class CocoInrModel(SurfaceModel):
     def _check_sampler_precision(self, step: int | None = None, probe: DeferredRead | None = None) -> None:
         """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``) from
         ``probe`` (by default one made now): the SDF in both precisions, and beta. Once off, it stays off."""
-        if self._sampler_half is False:
+        if self._precision_settled():
             return
         error, beta = (probe or self._probe_sampler_precision()).result().tolist()
         safe = rounding_is_safe(error, beta, self.config.sampler_autocast_max_error)
+        when = f"at step {step}" if step is not None else "before rendering"
+        overflowed = self._training_queries_follow_geometry and math.isinf(error)
+        if overflowed and self._sampler_half is False:  # renders' queries switched before; now training's too
+            self._sampler_overflowed = True
+            CONSOLE.print(
+                f"Sampler: {self.config.sampler_autocast} SDF queries overflow in the scene's ball {when}: "
+                "training's queries run in float32 from now on too."
+            )
+            return
+        self._sampler_overflowed = overflowed
         if step is not None:
             # on multiples of 50, with the refine budget's and the overflow count's reads
             relaxed = rounding_is_safe(error, beta, 0.5 * self.config.sampler_autocast_max_error)
             interval = SAMPLER_PRECISION_RELAXED_INTERVAL if relaxed else SAMPLER_PRECISION_INTERVAL
             self._next_precision_check = (step // SAMPLER_PRECISION_INTERVAL) * SAMPLER_PRECISION_INTERVAL + interval
         if not safe:
-            when = f"at step {step}" if step is not None else "before rendering"
             if math.isnan(error):
                 measured = (
                     f"could not be checked (fewer than {MIN_SURFACE_POINTS} of the probe's chords cross the surface)"
@@ -1034,15 +1087,20 @@ class CocoInrModel(SurfaceModel):
                     f"err by {error:.2e} (99th percentile at the surface), more than "
                     f"{self.config.sampler_autocast_max_error:g} x beta ({beta:.2e})"
                 )
-            CONSOLE.print(
-                f"Sampler: {self.config.sampler_autocast} SDF queries {measured} {when}: they run in float32 from "
-                "now on (--pipeline.model.sampler-autocast-max-error)."
-            )
-        self._sampler_half = safe
+            if self._training_queries_follow_geometry and not overflowed:
+                which = (
+                    "renders' queries run in float32 from now on; training's stay "
+                    f"{self.config.sampler_autocast}, the precision the geometry head trains in "
+                    "(--pipeline.model.sampler-autocast-max-error, --pipeline.model.geometry-autocast)."
+                )
+            else:
+                which = "they run in float32 from now on (--pipeline.model.sampler-autocast-max-error)."
+            CONSOLE.print(f"Sampler: {self.config.sampler_autocast} SDF queries {measured} {when}: {which}")
+        self._sampler_half = safe and self._sampler_half is not False  # renders' queries: once off, off
 
     def cuda_graph_key(self) -> tuple:
         """What a captured training step bakes in besides tensors: a new value means capturing again."""
-        return (self.sampler.refine_budgets, self._sampler_half)
+        return (self.sampler.refine_budgets, self._queries_half(training=True))
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

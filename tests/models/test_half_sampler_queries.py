@@ -181,17 +181,83 @@ def test_float16_stays_on_where_bfloat16_is_switched_off():
 
 def test_an_overflow_in_the_probe_means_float32(capsys):
     model = build(tiny_config(sampler_autocast="float16"))
-    sdf_values = model.field.get_sdf_values
-
-    def overflowing(points, compiled=True):  # finite in float32, past float16's range under its autocast
-        big = torch.nn.functional.linear(points.new_ones(len(points), 1), points.new_full((1, 1), 1e5))
-        return sdf_values(points, compiled=compiled) + big - 1e5
-
-    model.field.get_sdf_values = overflowing
+    overflow_anywhere(model)
     model._check_sampler_precision(step=0)
     assert model._sampler_half is False
     printed = " ".join(capsys.readouterr().out.split())
     assert "Sampler: float16 SDF queries overflow in the scene's ball at step 0: they run in float32" in printed
+
+
+def overflow_anywhere(model: CocoInrModel) -> None:
+    """Makes every float16 query of ``model`` overflow (finite in float32, past float16's range under autocast)."""
+    sdf_values = model.field.get_sdf_values
+
+    def overflowing(points, compiled=True):
+        big = torch.nn.functional.linear(points.new_ones(len(points), 1), points.new_full((1, 1), 1e5))
+        return sdf_values(points, compiled=compiled) + big - 1e5
+
+    model.field.get_sdf_values = overflowing
+
+
+def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch(capsys, monkeypatch):
+    """With the geometry head trained in float16, training renders a float16 SDF: the sampler's float16 queries
+    stay on in training (no new capture) when the error against float32 outgrows beta; renders switch. Only an
+    overflow, which a cheaper probe then watches for, switches training's queries too."""
+    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16"))
+    model._check_sampler_precision(step=0)
+    key = model.cuda_graph_key()
+    set_beta(model, 2e-5)  # float16's error is no longer small against beta
+    model._check_sampler_precision(step=50)
+    assert model._sampler_half is False and model.cuda_graph_key() == key
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "at step 50: renders' queries run in float32 from now on; training's stay float16, the precision the " in (
+        printed
+    )
+    seen = record_query_precision(model)
+    model.train()
+    model(rays(16))
+    assert seen and all(precision == torch.float16 for precision in seen)
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        model(rays(8))
+    assert seen and not any(seen)
+
+    set_beta(model, 0.1)  # renders' queries stay float32: once off, off
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: pytest.fail("the full probe ran"))
+    for step in range(51, 400):
+        model._sampler_precision_callback(step)
+    assert model._sampler_half is False and model.cuda_graph_key() == key and not model._sampler_overflowed
+    overflow_anywhere(model)
+    for step in range(400, 700):
+        model._sampler_precision_callback(step)
+    assert model._sampler_overflowed and model.cuda_graph_key() != key
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "overflow in the scene's ball at step 500: training's queries run in float32 from now on too." in printed
+    seen.clear()
+    model.train()
+    model(rays(16))
+    assert seen and not any(seen)
+    monkeypatch.setattr(model, "sampler_overflows_on_device", lambda: pytest.fail("probed once settled"))
+    for step in range(700, 1000):
+        model._sampler_precision_callback(step)
+
+
+def test_training_queries_of_another_precision_than_the_geometry_head_switch_with_renders():
+    model = build(tiny_config(sampler_autocast="bfloat16", geometry_autocast="float16"))
+    model._check_sampler_precision(step=0)
+    key = model.cuda_graph_key()
+    set_beta(model, 2e-4)
+    model._check_sampler_precision(step=50)
+    assert model._sampler_half is False and model.cuda_graph_key() != key and model._precision_settled()
+
+
+def test_an_overflow_at_the_first_check_switches_training_queries_too():
+    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16"))
+    overflow_anywhere(model)
+    model._check_sampler_precision(step=0)
+    assert model._sampler_half is False and model._sampler_overflowed and model._precision_settled()
+    assert model.cuda_graph_key()[1] is False
 
 
 @pytest.mark.parametrize(
