@@ -201,6 +201,14 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model: CocoInrMod
     model.mix_order_reduction = False
 
 
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_switch(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16+geo16+split with training's sampler queries switched to float32
+    along with renders' when the precision check finds their error too large against beta (the behaviour before
+    round twenty-three; ``--pipeline.model.training-queries-follow-geometry False``)."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.training_queries_follow_geometry = False
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -256,6 +264,9 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split": _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split,
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1": (
         _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split
+    ),
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+switch+adam1": (
+        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_switch
     ),
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,

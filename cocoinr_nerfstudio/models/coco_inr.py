@@ -122,6 +122,10 @@ class CocoInrModelConfig(SurfaceModelConfig):
     precision throughout, never checked. Where geometry-autocast is the same half precision, training's queries
     stay in it unless one overflows: the SDF that training renders is rounded as they are, so float32 queries would
     miss it by the error measured here; renders (evaluation, the viewer) use the float32 SDF and switch."""
+    training_queries_follow_geometry: bool = True
+    """Where geometry-autocast is sampler-autocast's precision, keep training's sampler queries in it when the
+    precision check switches renders' queries to float32 (an overflow still switches both). False: training's
+    queries switch too (a new CUDA-graph capture, and float32 queries for the rest of the run)."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -437,7 +441,9 @@ class CocoInrModel(SurfaceModel):
         """Whether the sampler's queries run in half precision now; None until checked (_check_sampler_precision).
         Training's queries may stay in half precision after it is False: see ``_training_queries_follow_geometry``."""
         self._training_queries_follow_geometry = (
-            half and HALF_DTYPES.get(self.config.geometry_autocast) == self._sampler_dtype
+            half
+            and self.config.training_queries_follow_geometry
+            and HALF_DTYPES.get(self.config.geometry_autocast) == self._sampler_dtype
         )
         """The sampler's half precision is the one the geometry head trains in (``geometry-autocast``): training
         renders the SDF rounded as the queries round it, so the queries' error against float32, which the check

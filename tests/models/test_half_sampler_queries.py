@@ -243,11 +243,18 @@ def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch
         model._sampler_precision_callback(step)
 
 
-def test_training_queries_of_another_precision_than_the_geometry_head_switch_with_renders():
-    model = build(tiny_config(sampler_autocast="bfloat16", geometry_autocast="float16"))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sampler_autocast": "bfloat16", "geometry_autocast": "float16"},
+        {"sampler_autocast": "float16", "geometry_autocast": "float16", "training_queries_follow_geometry": False},
+    ],
+)
+def test_training_queries_switch_with_renders_unless_they_follow_the_geometry_head(overrides):
+    model = build(tiny_config(**overrides))
     model._check_sampler_precision(step=0)
     key = model.cuda_graph_key()
-    set_beta(model, 2e-4)
+    set_beta(model, 2e-5)
     model._check_sampler_precision(step=50)
     assert model._sampler_half is False and model.cuda_graph_key() != key and model._precision_settled()
 
