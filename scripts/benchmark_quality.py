@@ -103,8 +103,9 @@ def refuse_existing_files(runs: list[Run], folder: Path) -> None:
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample deviation / sqrt(n)); the error is nan below two values."""
-    if not values:
+    """Mean and its standard error (sample deviation / sqrt(n)); the error is nan below two values. A nan among the
+    values (a run whose mesh had no surface: Chamfer nan) makes both nan: a mean over the others would hide it."""
+    if not values or any(math.isnan(value) for value in values):
         return math.nan, math.nan
     error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.fmean(values), error

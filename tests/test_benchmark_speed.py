@@ -272,6 +272,12 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | +0.79 (0.74) | 0 |"
     assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
 
+    results[("recipe", 2)] = {**results[("recipe", 1)], "chamfer": math.nan}  # a mesh without a surface
+    table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
+    assert "| 2 | recipe | 20.68 | 14.51 | nan | 0.0200 |" in table
+    assert "| mean of 3 | recipe | 20.98 | 14.87 | nan | |" in table
+    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | +nan (nan) | 0 |"
+
 
 FAKE_SPEED_SCRIPT = """
 import argparse, json, sys
