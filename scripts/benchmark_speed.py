@@ -201,12 +201,12 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model: CocoInrMod
     model.mix_order_reduction = False
 
 
-def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_switch(model: CocoInrModelConfig) -> None:
-    """graph+fields+bf16+sdpa+points+flash+fp16+geo16+split with training's sampler queries switched to float32
-    along with renders' when the precision check finds their error too large against beta (the behaviour before
-    round twenty-three; ``--pipeline.model.training-queries-follow-geometry False``)."""
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_follow(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16+geo16+split with training's sampler queries kept in float16, the
+    geometry head's precision, when the precision check switches renders' queries to float32
+    (``--pipeline.model.training-queries-follow-geometry True``, experimental)."""
     _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
-    model.training_queries_follow_geometry = False
+    model.training_queries_follow_geometry = True
 
 
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
@@ -265,8 +265,8 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1": (
         _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split
     ),
-    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+switch+adam1": (
-        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_switch
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+follow+adam1": (
+        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_follow
     ),
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,

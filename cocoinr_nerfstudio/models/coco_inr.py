@@ -119,13 +119,14 @@ class CocoInrModelConfig(SurfaceModelConfig):
     scene's ball first cross the surface (the field run eagerly: compiled code, which does not round between fused
     operations, should err no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
     fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
-    precision throughout, never checked. Where geometry-autocast is the same half precision, training's queries
-    stay in it unless one overflows: the SDF that training renders is rounded as they are, so float32 queries would
-    miss it by the error measured here; renders (evaluation, the viewer) use the float32 SDF and switch."""
-    training_queries_follow_geometry: bool = True
-    """Where geometry-autocast is sampler-autocast's precision, keep training's sampler queries in it when the
-    precision check switches renders' queries to float32 (an overflow still switches both). False: training's
-    queries switch too (a new CUDA-graph capture, and float32 queries for the rest of the run)."""
+    precision throughout, never checked (see also training-queries-follow-geometry)."""
+    training_queries_follow_geometry: bool = False
+    """Experimental. Where geometry-autocast is sampler-autocast's precision, keep training's sampler queries in it
+    when the precision check switches renders' queries to float32 (an overflow still switches both): training
+    renders the SDF that precision computes. It spares the switch's CUDA-graph capture and the float32 queries'
+    cost (ns-train's loop, late in training: 55.3 it/s instead of 48.4 on an H200), but its quality is not shown
+    equal: with the switch at the first step, one run of six collapsed (docs/benchmarks.md, round twenty-three).
+    False: training's queries switch with renders'."""
     sdf_field: CocoFieldConfig = field(default_factory=CocoFieldConfig)  # type: ignore[assignment]
     """Foreground SDF and colour field."""
     background_field: CocoBackgroundFieldConfig = field(default_factory=CocoBackgroundFieldConfig)
@@ -257,8 +258,8 @@ class CocoInrModelConfig(SurfaceModelConfig):
     """Train the geometry head (its coordinate attention, the SDF MLP and the SDF's gradient, where the losses
     differentiate them) under this autocast; their outputs, the density and the losses stay float32. float16 keeps
     10 mantissa bits, as the TF32 products of ``tf32-matmul`` already round to, and needs geometry-gradient-scale
-    for its range; bfloat16 keeps 7. Evaluation, mesh extraction and the viewer query the float32 SDF; the
-    sampler's queries follow sampler-autocast (in training, this precision where the two agree)."""
+    for its range; bfloat16 keeps 7. Evaluation, mesh extraction, the viewer and the sampler (see sampler-autocast)
+    query the float32 SDF."""
     geometry_gradient_scale: float = 1024.0
     """With geometry-autocast: the gradients reaching the geometry head are multiplied by this power of two inside
     it, and divided again at its parameters and prototypes, so that per-point gradients of losses averaged over
@@ -445,11 +446,11 @@ class CocoInrModel(SurfaceModel):
             and self.config.training_queries_follow_geometry
             and HALF_DTYPES.get(self.config.geometry_autocast) == self._sampler_dtype
         )
-        """The sampler's half precision is the one the geometry head trains in (``geometry-autocast``): training
-        renders the SDF rounded as the queries round it, so the queries' error against float32, which the check
-        measures for the float32 SDF of renders, is not an error against what training renders. Switched to
-        float32, training's queries would differ from its rendered SDF by that error. They stay in half precision
-        unless a probe finds an overflow (``_sampler_overflowed``)."""
+        """``training-queries-follow-geometry``, and the sampler's half precision is the one the geometry head trains
+        in (``geometry-autocast``): training renders the SDF rounded as the queries round it, so the queries' error
+        against float32, which the check measures for the float32 SDF of renders, is not an error against what
+        training renders. Training's queries then stay in half precision unless a probe finds an overflow
+        (``_sampler_overflowed``)."""
         self._sampler_overflowed = False
         """A probe found a half-precision query that overflows in the scene's ball (float16 past 65504)."""
         self._next_precision_check = 0

@@ -188,6 +188,9 @@ def test_an_overflow_in_the_probe_means_float32(capsys):
     assert "Sampler: float16 SDF queries overflow in the scene's ball at step 0: they run in float32" in printed
 
 
+FOLLOW = {"training_queries_follow_geometry": True}
+
+
 def overflow_anywhere(model: CocoInrModel) -> None:
     """Makes every float16 query of ``model`` overflow (finite in float32, past float16's range under autocast)."""
     sdf_values = model.field.get_sdf_values
@@ -203,7 +206,7 @@ def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch
     """With the geometry head trained in float16, training renders a float16 SDF: the sampler's float16 queries
     stay on in training (no new capture) when the error against float32 outgrows beta; renders switch. Only an
     overflow, which a cheaper probe then watches for, switches training's queries too."""
-    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16"))
+    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16", **FOLLOW))
     model._check_sampler_precision(step=0)
     key = model.cuda_graph_key()
     set_beta(model, 2e-5)  # float16's error is no longer small against beta
@@ -246,8 +249,8 @@ def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"sampler_autocast": "bfloat16", "geometry_autocast": "float16"},
-        {"sampler_autocast": "float16", "geometry_autocast": "float16", "training_queries_follow_geometry": False},
+        {"sampler_autocast": "bfloat16", "geometry_autocast": "float16", **FOLLOW},
+        {"sampler_autocast": "float16", "geometry_autocast": "float16"},  # the default: they do not follow it
     ],
 )
 def test_training_queries_switch_with_renders_unless_they_follow_the_geometry_head(overrides):
@@ -260,7 +263,7 @@ def test_training_queries_switch_with_renders_unless_they_follow_the_geometry_he
 
 
 def test_an_overflow_at_the_first_check_switches_training_queries_too():
-    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16"))
+    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16", **FOLLOW))
     overflow_anywhere(model)
     model._check_sampler_precision(step=0)
     assert model._sampler_half is False and model._sampler_overflowed and model._precision_settled()
