@@ -12,6 +12,11 @@ eleven). One row per precision.
 in float32 both times) at each given beta, and compares the renders: what the check guards against. The rays look at
 the origin from 2.5 units (the normalised frame's object sits there); the model's own beta and sampler precision are
 put back afterwards.
+
+The float32 reference computes its matrix products as the model does: in TF32 where it sets ``tf32-matmul`` (a
+trained ``coco-inr-fast`` run), which rounds their operands to float16's 10 mantissa bits. ``--tf32`` adds a row
+for that reference's own error, |TF32 products - IEEE float32 products| at the same points (0 where the device has
+no TF32, as a CPU), to tell how much a switch of the queries to float32 gains in such a run.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 
-from cocoinr_nerfstudio.model_components.sampler_precision import HALF_DTYPES, rounding_is_safe
+from cocoinr_nerfstudio.model_components.sampler_precision import HALF_DTYPES, first_crossings, rounding_is_safe
 from cocoinr_nerfstudio.models.coco_inr import CocoInrModel, CocoInrModelConfig
 from cocoinr_nerfstudio.scripts.extract_mesh import eval_setup
 
@@ -44,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rays", type=int, default=2048, help="rays of each render comparison")
     parser.add_argument(
         "--dtypes", nargs="+", default=list(HALF_DTYPES), choices=list(HALF_DTYPES), help="half precisions measured"
+    )
+    parser.add_argument(
+        "--tf32", action="store_true", help="a row for TF32 products against IEEE float32 ones (see above)"
     )
     args = parser.parse_args(argv)
     if any(not beta > 0 for beta in args.render_betas) or args.rays < 1:
@@ -124,6 +132,37 @@ def _difference_row(beta: float, dtype: str, exact: dict, rounded: dict) -> list
     ]
 
 
+@contextlib.contextmanager
+def matmul_precision(level: str) -> Iterator[None]:
+    """torch's float32 matmul precision (``highest``: IEEE products; ``high``: TF32) inside the block only."""
+    kept = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(kept)
+
+
+@torch.no_grad()
+def tf32_error(model: CocoInrModel, quantiles: tuple[float, ...]) -> tuple[float, ...]:
+    """``quantiles`` of |SDF with TF32 products - SDF with IEEE float32 products| where the probe's chords first
+    cross the surface (found with IEEE products); nan where none cross."""
+
+    def sdf(points: torch.Tensor) -> torch.Tensor:  # eager, as the check's probe
+        return model.field.get_sdf_values(points, compiled=False).float()
+
+    device = model.density.beta_param.device
+    with matmul_precision("highest"):
+        points = first_crossings(sdf, model.scene_radius, device)
+        exact = sdf(points)
+    if not len(points):
+        return tuple(float("nan") for _ in quantiles)
+    with matmul_precision("high"):
+        rounded = sdf(points)
+    levels = torch.tensor(quantiles, device=device)
+    return tuple(torch.quantile((rounded - exact).abs().flatten(), levels).tolist())
+
+
 def load_model(args: argparse.Namespace) -> tuple[CocoInrModel, str]:
     """The trained model of ``--load-config``, or the paper's model at its geometric initialisation."""
     if args.load_config is not None:
@@ -157,6 +196,12 @@ def main(argv: list[str] | None = None) -> str:
         rows.append(
             f"| {name} | {beta:.3g} | {dtype} | {errors[0]:.2e} | {errors[1]:.2e} | {errors[2]:.2e} | "
             f"{errors[2] / beta:.3f} | {keeps} | {kept_while:.3g} |"
+        )
+    if args.tf32:
+        errors = tf32_error(model, QUANTILES)
+        rows.append(
+            f"| {name} | {beta:.3g} | float32, TF32 against IEEE products | {errors[0]:.2e} | {errors[1]:.2e} | "
+            f"{errors[2]:.2e} | {errors[2] / beta:.3f} | - | - |"
         )
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = "\n".join(
