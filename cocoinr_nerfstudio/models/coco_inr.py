@@ -1012,25 +1012,20 @@ class CocoInrModel(SurfaceModel):
         self, quantiles: tuple[float, ...] = (0.99,), dtype: torch.dtype | None = None
     ) -> Tensor:
         """:meth:`sampler_rounding_error` as a tensor on the model's device: queued, not read."""
-
-        def sdf(points: Tensor) -> Tensor:  # eager: a probe of this shape and precision compiles nothing
-            return self.field.get_sdf_values(points, compiled=False)
-
         dtype = dtype or self._sampler_dtype or torch.bfloat16
         return surface_rounding_error_on_device(
-            sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles
+            self._probe_sdf, self.scene_radius, self.density.beta_param.device, dtype, quantiles
         )
 
     def sampler_overflows_on_device(self) -> Tensor:
         """Whether a query in the sampler's half precision overflows along the probe's chords through the scene's
         ball where float32's does not (:func:`overflows_on_device`): a boolean on the model's device, not read."""
+        points = probe_points(self.scene_radius, self.density.beta_param.device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS)
+        return overflows_on_device(self._probe_sdf, points, self._sampler_dtype or torch.bfloat16)
 
-        def sdf(points: Tensor) -> Tensor:  # eager, as the full probe's
-            return self.field.get_sdf_values(points, compiled=False)
-
-        device = self.density.beta_param.device
-        points = probe_points(self.scene_radius, device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS)
-        return overflows_on_device(sdf, points, self._sampler_dtype or torch.bfloat16)
+    def _probe_sdf(self, points: Tensor) -> Tensor:
+        """The precision probes' SDF queries, eager: a probe of its shapes and precisions compiles nothing."""
+        return self.field.get_sdf_values(points, compiled=False)
 
     def _precision_settled(self) -> bool:
         """Nothing a probe could find would change the queries' precision any more: renders' queries run in
