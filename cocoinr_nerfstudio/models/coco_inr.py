@@ -451,6 +451,12 @@ class CocoInrModel(SurfaceModel):
         against float32, which the check measures for the float32 SDF of renders, is not an error against what
         training renders. Training's queries then stay in half precision unless a probe finds an overflow
         (``_sampler_overflowed``)."""
+        if self.config.training_queries_follow_geometry and not self._training_queries_follow_geometry:
+            CONSOLE.print(
+                "[bold yellow]--pipeline.model.training-queries-follow-geometry True has no effect: it needs "
+                "--pipeline.model.sampler-autocast and --pipeline.model.geometry-autocast to be one half precision "
+                f"(got {self.config.sampler_autocast} and {self.config.geometry_autocast})."
+            )
         self._sampler_overflowed = False
         """A probe found a half-precision query that overflows in the scene's ball (float16 past 65504)."""
         self._next_precision_check = 0

@@ -262,6 +262,19 @@ def test_training_queries_switch_with_renders_unless_they_follow_the_geometry_he
     assert model._sampler_half is False and model.cuda_graph_key() != key and model._precision_settled()
 
 
+@pytest.mark.parametrize(("sampler", "geometry"), [("float16", "none"), ("bfloat16", "float16"), ("none", "float16")])
+def test_following_the_geometry_head_without_its_precision_says_it_has_no_effect(capsys, sampler, geometry):
+    model = build(tiny_config(sampler_autocast=sampler, geometry_autocast=geometry, **FOLLOW))
+    assert not model._training_queries_follow_geometry
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "training-queries-follow-geometry True has no effect: it needs --pipeline.model.sampler-autocast and " in (
+        printed
+    )
+    assert f"(got {sampler} and {geometry})" in printed
+    build(tiny_config(sampler_autocast="float16", geometry_autocast="float16", **FOLLOW))
+    assert "no effect" not in capsys.readouterr().out
+
+
 def test_an_overflow_at_the_first_check_switches_training_queries_too():
     model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16", **FOLLOW))
     overflow_anywhere(model)
