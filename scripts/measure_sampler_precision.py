@@ -16,7 +16,8 @@ put back afterwards.
 The float32 reference computes its matrix products as the model does: in TF32 where it sets ``tf32-matmul`` (a
 trained ``coco-inr-fast`` run), which rounds their operands to float16's 10 mantissa bits. ``--tf32`` adds a row
 for that reference's own error, |TF32 products - IEEE float32 products| at the same points (0 where the device has
-no TF32, as a CPU), to tell how much a switch of the queries to float32 gains in such a run.
+no TF32, as a CPU), and a row per half precision against IEEE products: how much of the check's error is the
+reference's own, and how much a switch of the queries to float32 (TF32) gains in such a run.
 """
 
 from __future__ import annotations
@@ -198,11 +199,14 @@ def main(argv: list[str] | None = None) -> str:
             f"{errors[2] / beta:.3f} | {keeps} | {kept_while:.3g} |"
         )
     if args.tf32:
-        errors = tf32_error(model, QUANTILES)
-        rows.append(
-            f"| {name} | {beta:.3g} | float32, TF32 against IEEE products | {errors[0]:.2e} | {errors[1]:.2e} | "
+        ieee_rows = [("float32, TF32", tf32_error(model, QUANTILES))]
+        with matmul_precision("highest"):  # the reference in IEEE products; half precision's own are unaffected
+            ieee_rows += [(dtype, model.sampler_rounding_error(QUANTILES, HALF_DTYPES[dtype])) for dtype in args.dtypes]
+        rows += [
+            f"| {name} | {beta:.3g} | {label} against IEEE products | {errors[0]:.2e} | {errors[1]:.2e} | "
             f"{errors[2]:.2e} | {errors[2] / beta:.3f} | - | - |"
-        )
+            for label, errors in ieee_rows
+        ]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = "\n".join(
         [

@@ -623,17 +623,20 @@ def test_half_precision_sdf_error_of_the_fresh_model_on_cpu(monkeypatch):
 
 
 def test_the_tf32_row_measures_the_float32_reference_and_restores_the_precision(monkeypatch):
-    """--tf32: one row more, for float32 with TF32 products against IEEE ones. A CPU has no TF32, so it is exactly
-    0 there; torch's matmul precision is as it was."""
+    """--tf32: a row for float32 with TF32 products against IEEE ones, and one per half precision against IEEE
+    products. A CPU has no TF32: the first is exactly 0 there, and the half row repeats the check's own figures;
+    torch's matmul precision is as it was."""
     import torch
 
     module = load_script("measure_sampler_precision", monkeypatch)
     before = torch.get_float32_matmul_precision()
     argv = ["--device", "cpu", "--codebook-entries", "64", "--dtypes", "float16", "--tf32"]
     lines = run_main(module, argv).splitlines()
-    row = lines[5].strip("| ").split(" | ")
-    assert row[2:] == ["float32, TF32 against IEEE products", *["0.00e+00"] * 3, "0.000", "-", "-"]
-    assert lines[6:] == [] and torch.get_float32_matmul_precision() == before
+    checked, tf32, ieee = (line.strip("| ").split(" | ") for line in lines[4:7])
+    assert tf32[2:] == ["float32, TF32 against IEEE products", *["0.00e+00"] * 3, "0.000", "-", "-"]
+    assert ieee[2:] == ["float16 against IEEE products", *checked[3:7], "-", "-"]
+    assert float(ieee[5]) > 0
+    assert lines[7:] == [] and torch.get_float32_matmul_precision() == before
 
 
 def test_geometry_gradients_in_float16_with_and_without_the_loss_scale(monkeypatch):
