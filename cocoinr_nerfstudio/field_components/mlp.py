@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cocoinr_nerfstudio.field_components.attention import half_precision_autocast
+
 
 class WeightNormLinear(nn.Module):
     """``y = x (g v / |v|)^T + b`` with the norm taken per output row (Salimans & Kingma).
@@ -104,9 +106,14 @@ class SDFMLP(nn.Module):
 
 
 def _first_rows(layer: nn.Module, x: Tensor, rows: int) -> Tensor:
-    """``layer(x)[..., :rows]`` without the other rows' products (``layer``: nn.Linear or WeightNormLinear)."""
+    """``layer(x)[..., :rows]`` without the other rows' products (``layer``: nn.Linear or WeightNormLinear).
+
+    One row under half-precision autocast is a weighted sum summed in float32 (:func:`_weighted_sum`), eager or
+    compiled: cuBLAS's half-precision product for one output column accumulates in half precision, and the SDF,
+    a near-zero sum of terms up to about 1 against the bias, came out on a grid of 4.9e-4 (float16) or 3.9e-3
+    (bfloat16) in the normalised frame (H200, docs/benchmarks.md round twenty-four)."""
     weight, bias = layer.weight[:rows], layer.bias[:rows] if layer.bias is not None else None
-    if rows == 1 and torch.compiler.is_compiling():
+    if rows == 1 and (torch.compiler.is_compiling() or half_precision_autocast(x.device.type)):
         return _weighted_sum(x, weight[0], bias)
     return F.linear(x, weight, bias)
 

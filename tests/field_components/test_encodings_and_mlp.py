@@ -3,6 +3,7 @@
 import functools
 import math
 
+import pytest
 import torch
 
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
@@ -125,3 +126,39 @@ def test_sdf_column_alone_rounds_as_autocast_and_keeps_float64():
     x64 = x.double()
     assert compiled64(x64).dtype == torch.float64
     torch.testing.assert_close(compiled64(x64), mlp64(x64)[:, :1], rtol=1e-12, atol=1e-12)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sdf_column_sums_in_float32_when_its_terms_cancel(device, dtype):
+    """Under half-precision autocast the SDF column alone is the exact sum of the rounded products, rounded once:
+    near a surface 256 terms of about 0.1 cancel against the bias to about 1e-3. cuBLAS's one-column product in
+    half precision (CUDA) accumulated in half precision and was off by up to 4e-3 here."""
+    generator = torch.Generator().manual_seed(0)
+    mlp = SDFMLP(in_dim=3, hidden_dims=(256,), out_dim=4, weight_norm=False).to(device)
+    x = (torch.rand(1, 256, generator=generator) + 1e-3 * torch.rand(1024, 256, generator=generator)).to(device)
+    last = mlp.layers[-1]
+    with torch.no_grad():
+        last.weight[0] = 0.11 + 0.01 * torch.randn(256, generator=generator)
+        last.bias[0] = -float((x.double() @ last.weight[0].double().to(dtype).double()).mean())
+    rounded = [tensor.detach().to(dtype).double() for tensor in (x, last.weight[0], last.bias[0])]
+    exact = (rounded[0] @ rounded[1] + rounded[2])[:, None]
+    magnitude = (rounded[0].abs() @ rounded[1].abs())[:, None]  # about 14: the terms cancel to 1e-3 of it
+    assert (exact.abs() < 0.1).all() and (magnitude > 10).all()
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
+        sdf = mlp_last_layer_sdf(mlp, x)
+    assert sdf.dtype == dtype
+    # one rounding of the output, and a float32 sum's typical error (sqrt(256) roundings of the running sum)
+    bound = torch.finfo(dtype).eps * exact.abs() + 16 * 2**-24 * magnitude
+    assert ((sdf.double() - exact).abs() <= bound).all()
+
+
+def mlp_last_layer_sdf(mlp: SDFMLP, hidden: torch.Tensor) -> torch.Tensor:
+    """The SDF column of ``mlp``'s last layer applied to ``hidden`` (its last hidden layer's activations), as
+    ``SDFMLP.forward(outputs=1)`` computes it."""
+    from cocoinr_nerfstudio.field_components.mlp import _first_rows
+
+    return _first_rows(mlp.layers[-1], hidden, 1)
