@@ -14,6 +14,9 @@ anywhere is unsafe.
 
 The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
 between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
+Both sum the SDF column in float32 (``mlp._first_rows``): cuBLAS's eager one-column product had accumulated in half
+precision, and the probe measured that rounding grid instead of the queries' error (docs/benchmarks.md, round
+twenty-four).
 """
 
 from __future__ import annotations
