@@ -209,6 +209,13 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_follow(model: Coc
     model.training_queries_follow_geometry = True
 
 
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_hold(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16+geo16+split with a sampler round shrunk only after four low checks
+    in a row (``--pipeline.model.refine-budget-shrink-checks 4``): fewer graph captures late in training."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.refine_budget_shrink_checks = 4
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -267,6 +274,9 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     ),
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+follow+adam1": (
         _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_follow
+    ),
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1": (
+        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_hold
     ),
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,

@@ -219,11 +219,13 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split", False),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+follow+adam1", True),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1", True),
     ]:
         config = benchmark._trainer_config(args, tmp_path, name, tmp_path)
         assert {group["optimizer"].multi_tensor_kernel for group in config.optimizers.values()} == {expected}
         assert config.pipeline.model.mix_order_reduction is ("+split" not in name)
         assert config.pipeline.model.training_queries_follow_geometry is ("+follow" in name)
+        assert config.pipeline.model.refine_budget_shrink_checks == (4 if "+hold4" in name else 1)
 
 
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):

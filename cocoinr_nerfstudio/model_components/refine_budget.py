@@ -7,14 +7,15 @@ each step's demand per round (rays that ran the round + rays cut off before it) 
 maximum on the device (no host synchronisation), and every ``interval`` steps each round's budget is compared
 with that maximum plus headroom (read without draining the GPU's queue when requested a step before). A round
 grows as soon as its demand plus headroom exceeds its budget, and then takes twice the headroom; it shrinks only
-where that roomier target falls clearly below its budget. Each change
-means a new graph capture, 0.3-0.6 s on an H200 (round twenty of docs/benchmarks.md): the equal of 15-25 steps,
-so spare rays that spare a capture are cheap.
+where that roomier target falls clearly below its budget (optionally only after several checks in a row: see
+``shrink_checks``). Each change means a new graph capture, 0.2-0.6 s on an H200 (rounds twenty and twenty-three of
+docs/benchmarks.md): the equal of 10-25 steps, so spare rays that spare a capture are cheap.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -38,6 +39,10 @@ class AdaptiveRefineBudget:
             capture (set to their bare targets, such rounds grew back at a later check: a capture more each time).
         min_observations: a check with fewer steps observed since the previous check that read them keeps observing (the first
             step, whose initial sphere fills much of the image, does not set the budget alone).
+        shrink_checks: a round shrinks only when this many checks in a row found it shrinkable, and then to the
+            largest of their roomy targets; 1: at the first. Late in training the last round's demand swings
+            between windows (about 8 and 21% of the rays), and each dip shrank it and the next peak grew it back:
+            two captures each time.
     """
 
     def __init__(
@@ -49,7 +54,10 @@ class AdaptiveRefineBudget:
         quantum: float = 1 / 32,
         shrink_hysteresis: float = 0.125,
         min_observations: int = 10,
+        shrink_checks: int = 1,
     ) -> None:
+        if shrink_checks < 1:
+            raise ValueError(f"shrink_checks must be at least 1, got {shrink_checks}")
         self.sampler = sampler
         self.margin = margin
         self.growth_margin = growth_margin
@@ -57,6 +65,9 @@ class AdaptiveRefineBudget:
         self.quantum = quantum
         self.shrink_hysteresis = shrink_hysteresis
         self.min_observations = min_observations
+        self.shrink_checks = shrink_checks
+        self._recent: deque[tuple[float, ...]] = deque(maxlen=shrink_checks - 1)
+        """The demand read at the ``shrink_checks - 1`` checks before the next, oldest first."""
         sampler.static_refine_budget = 1.0
         self._demand: Tensor | None = None
         self._observed = 0
@@ -80,16 +91,27 @@ class AdaptiveRefineBudget:
         wanted = demand * (1.0 + (self.margin if margin is None else margin)) + self.floor
         return min(1.0, math.ceil(wanted / self.quantum - 1e-6) * self.quantum)  # demand arrives as float32
 
-    def next_budgets(self, demand: tuple[float, ...]) -> tuple[float, ...]:
+    def next_budgets(
+        self, demand: tuple[float, ...], earlier: tuple[tuple[float, ...], ...] | None = None
+    ) -> tuple[float, ...]:
         """Each round's budget after a check, never above the round before's (a round's rays come from it).
 
         A round whose target (``margin``) exceeds its budget grows to its demand plus ``growth_margin``; one whose
-        demand plus ``growth_margin`` is ``shrink_hysteresis`` below its budget shrinks to that; others hold. Both
-        moves land on the same roomy target, so a round that just grew does not shrink at the next small dip."""
+        demand plus ``growth_margin`` is ``shrink_hysteresis`` below its budget, at this check and at the
+        ``shrink_checks - 1`` before it (``earlier``, oldest first; None: this check alone), shrinks to the largest
+        of those roomy targets; others hold. Both moves land on a roomy target, so a round that just grew does not
+        shrink at the next small dip."""
+        if earlier is None:
+            checks, may_shrink = (demand,), True
+        else:
+            checks = (*earlier[max(0, len(earlier) + 1 - self.shrink_checks) :], demand)
+            may_shrink = len(checks) == self.shrink_checks
         shares, limit = [], 1.0
-        for round_demand, held in zip(demand, self.budgets, strict=True):
-            roomy = self.target_share(round_demand, self.growth_margin)
-            if self.target_share(round_demand) > held or roomy <= held - self.shrink_hysteresis:
+        for index, (round_demand, held) in enumerate(zip(demand, self.budgets, strict=True)):
+            roomy = max(self.target_share(check[index], self.growth_margin) for check in checks)
+            if self.target_share(round_demand) > held:
+                share = self.target_share(round_demand, self.growth_margin)
+            elif may_shrink and roomy <= held - self.shrink_hysteresis:
                 share = roomy
             else:
                 share = held
@@ -115,7 +137,9 @@ class AdaptiveRefineBudget:
             return False
         demand = tuple(float(value) for value in self._requested.result().reshape(-1).tolist())
         self._requested = None
-        new = self.next_budgets(demand)
+        # the first sizing, from every ray, waits for no run of checks
+        new = self.next_budgets(demand, tuple(self._recent) if self.history else None)
+        self._recent.append(demand)
         if new == self.budgets:
             return False
         self.sampler.refine_budgets = new

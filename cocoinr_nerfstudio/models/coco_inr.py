@@ -285,6 +285,12 @@ class CocoInrModelConfig(SurfaceModelConfig):
     also when training falls back to eager steps. Training logs the share of rays that got more than one round
     (``sampler_refined``), that needed a round but were cut off (``sampler_truncated``) and round 2's budget
     (``sampler_budget``). Needs per_ray_convergence."""
+    refine_budget_shrink_checks: int = 1
+    """With static-refine-budget auto: a round shrinks only once this many checks in a row (50 steps apart) found it
+    shrinkable, and then to the largest of their targets; 1 shrinks at the first. Each change is a graph capture
+    (0.2-0.34 s on an H200). Late in training the last round's demand swings between about 8% and 21% of the rays
+    from one check to the next, and 26-40 captures came in 13,000 steps, most of them that round shrinking and
+    growing back (docs/benchmarks.md, round twenty-four). Above 1 not yet timed."""
 
 
 def _capturing() -> bool:
@@ -405,6 +411,11 @@ class CocoInrModel(SurfaceModel):
         budget = self.config.static_refine_budget
         if budget != "auto" and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
             raise ValueError(f"--pipeline.model.static-refine-budget must be in (0, 1] or 'auto', got {budget!r}")
+        if self.config.refine_budget_shrink_checks < 1:
+            raise ValueError(
+                "--pipeline.model.refine-budget-shrink-checks must be at least 1 (checks in a row), got "
+                f"{self.config.refine_budget_shrink_checks}"
+            )
         if budget != 1.0 and not self.config.per_ray_convergence:
             raise ValueError(
                 "--pipeline.model.static-refine-budget below 1 (or auto) needs --pipeline.model.per-ray-convergence "
@@ -466,7 +477,7 @@ class CocoInrModel(SurfaceModel):
         self._requested_overflows: DeferredRead | None = None
         """The geometry head's overflow count, requested a step before its check."""
         self.refine_budget = (
-            AdaptiveRefineBudget(self.sampler)
+            AdaptiveRefineBudget(self.sampler, shrink_checks=self.config.refine_budget_shrink_checks)
             if self.config.cuda_graph and self.config.static_refine_budget == "auto"
             else None
         )

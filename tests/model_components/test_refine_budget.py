@@ -82,3 +82,38 @@ def test_a_request_reads_the_demand_so_far_and_the_next_adapt_acts_on_it():
     budget.observe(demand(0.9, 0.9, 0.9, 0.9))
     assert budget.adapt(step=50) and sampler.refine_budgets == pytest.approx((11 / 32, 6 / 32, 1 / 32, 1 / 32))
     assert budget.adapt(step=100) and sampler.refine_budgets == (1.0,) * 4  # 0.9 * 1.5 + 1/32 > 1
+
+
+def changes_under(shrink_checks: int, last_round_demand: list[float]) -> list[tuple[int, tuple[float, ...]]]:
+    """The (check, budgets) changes of ``auto`` budgets over checks whose demand is 0.3 in rounds 2-4 and the
+    given share in round 5, one observed step a check."""
+    sampler = ErrorBoundedSampler(static_shapes=True)
+    budget = AdaptiveRefineBudget(sampler, min_observations=1, shrink_checks=shrink_checks)
+    for check, share in enumerate(last_round_demand):
+        budget.observe(demand(0.3, 0.3, 0.3, share))
+        budget.adapt(step=check)
+    return [(step, budgets) for step, _, budgets in budget.history]
+
+
+def test_a_swinging_last_round_shrinks_only_after_a_run_of_low_checks():
+    """Late in training the last round's demand swings from one check to the next. Shrinking at the first low check
+    (``shrink_checks`` 1) shrinks and regrows it again and again: a graph capture each time. With 3 it holds; a
+    fall that lasts three checks shrinks it, to the largest of their targets. The first sizing, from every ray,
+    waits for no run."""
+    swings = [0.2, 0.08, 0.2, 0.08, 0.2, 0.08, 0.2]
+    first = (16 / 32, 16 / 32, 16 / 32, 11 / 32)  # 0.3 * 1.5 + 1/32 = 0.48125 -> 16/32; 0.2 * 1.5 + 1/32 -> 11/32
+    at_once = changes_under(1, swings)
+    assert [step for step, _ in at_once] == [0, 1, 2, 3, 4, 5, 6]
+    assert at_once[0][1] == pytest.approx(first)
+    # 0.08 * 1.5 + 1/32 = 0.15125 -> 5/32, 1/8 below 11/32: shrinks; 0.2 * 1.25 + 1/32 > 5/32: grows back
+    assert at_once[1][1][3] == pytest.approx(5 / 32) and at_once[2][1][3] == pytest.approx(11 / 32)
+    assert changes_under(3, swings) == [(0, pytest.approx(first))]
+    # checks 1-3 lie 1/8 below 11/32 (targets 5/32, 4/32, 5/32): check 3 shrinks to 5/32. At check 4 (target
+    # 2/32) the largest of checks 2-4 is 5/32, not 1/8 below: it holds
+    fall = changes_under(3, [0.2, 0.08, 0.05, 0.08, 0.02])
+    assert fall == [(0, pytest.approx(first)), (3, pytest.approx((*first[:3], 5 / 32)))]
+
+
+def test_shrink_checks_must_be_positive():
+    with pytest.raises(ValueError, match="shrink_checks must be at least 1, got 0"):
+        AdaptiveRefineBudget(ErrorBoundedSampler(static_shapes=True), shrink_checks=0)

@@ -410,6 +410,10 @@ def test_auto_refine_budget_follows_the_demand_and_asks_for_a_new_graph():
         build(tiny_config(static_refine_budget=1.5))
     with pytest.raises(ValueError, match=r"needs --pipeline\.model\.per-ray-convergence"):
         build(tiny_config(cuda_graph=True, static_refine_budget="auto", per_ray_convergence=False))
+    with pytest.raises(ValueError, match=r"--pipeline\.model\.refine-budget-shrink-checks must be at least 1"):
+        build(tiny_config(cuda_graph=True, static_refine_budget="auto", refine_budget_shrink_checks=0))
+    held = build(tiny_config(cuda_graph=True, static_refine_budget="auto", refine_budget_shrink_checks=4))
+    assert held.refine_budget is not None and held.refine_budget.shrink_checks == 4
     with pytest.raises(ValueError, match=r"--pipeline\.model\.num-samples-extra \(17\) must not exceed "):
         build(tiny_config(num_samples_extra=17))  # the tiny model's first round has 16
 
