@@ -111,16 +111,17 @@ def test_sdf_column_alone_is_the_first_output_column():
 
 
 def test_sdf_column_alone_rounds_as_autocast_and_keeps_float64():
-    """The compiled form of the SDF column: under autocast, bf16 operands and output as F.linear's; float64 stays
-    float64."""
+    """The compiled form of the SDF column: under autocast, bf16 operands and output as F.linear's, and the same
+    formula as the eager SDF column (what the precision probe measures); float64 stays float64."""
     torch.manual_seed(0)
     mlp = SDFMLP(in_dim=10, hidden_dims=(16, 16), out_dim=5, weight_norm=False)
     compiled = torch.compile(lambda points: mlp(points, outputs=1), backend="aot_eager", fullgraph=True)
     x = torch.randn(64, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager, traced = mlp(x)[:, :1], compiled(x)
+        eager, traced, column = mlp(x)[:, :1], compiled(x), mlp(x, outputs=1)
     assert traced.dtype == eager.dtype == torch.bfloat16
     assert (traced.float() - eager.float()).abs().max() <= 2 * eager.float().abs().max() * 2**-8  # one bf16 step
+    assert torch.equal(column, traced)
     mlp64 = mlp.double()
     compiled64 = torch.compile(lambda points: mlp64(points, outputs=1), backend="aot_eager", fullgraph=True)
     x64 = x.double()
