@@ -118,10 +118,21 @@ def _first_rows(layer: nn.Module, x: Tensor, rows: int) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+EAGER_SUM_ROWS = 1 << 16
+"""Rows per chunk of an eager :func:`_weighted_sum`: its float32 copies stay at 128 MiB for 256 columns whatever the
+batch (a render's pass of 2^19 points would otherwise hold 1 GiB of them)."""
+
+
 def _weighted_sum(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight[None], bias)`` as a sum over x's last dimension, which inductor fuses with x's producer,
     rounded as autocast rounds the product: operands and output in autocast's dtype, exact products summed in
-    float32 or wider (compiled and eager SDF queries then agree up to the order of the sum)."""
+    float32 or wider (compiled and eager SDF queries then agree up to the order of the sum). Eagerly, in chunks of
+    :data:`EAGER_SUM_ROWS` rows."""
+    # compiled code fuses the sum (no copies); its symbolic row count is never compared (no guard on it)
+    if not torch.compiler.is_compiling() and (rows := x.shape[:-1].numel()) > EAGER_SUM_ROWS:
+        flat = x.reshape(rows, x.shape[-1])
+        parts = [_weighted_sum(part, weight, bias) for part in flat.split(EAGER_SUM_ROWS)]
+        return torch.cat(parts).reshape(*x.shape[:-1], 1)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

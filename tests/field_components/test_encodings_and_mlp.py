@@ -163,3 +163,18 @@ def mlp_last_layer_sdf(mlp: SDFMLP, hidden: torch.Tensor) -> torch.Tensor:
     from cocoinr_nerfstudio.field_components.mlp import _first_rows
 
     return _first_rows(mlp.layers[-1], hidden, 1)
+
+
+def test_an_eager_weighted_sum_in_chunks_is_the_whole_one(monkeypatch):
+    """Eager SDF columns are summed a chunk of rows at a time (bounded float32 copies): the same values, bit for
+    bit, and the same shape, for any leading shape."""
+    from cocoinr_nerfstudio.field_components import mlp as mlp_module
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((5, 7, 32), (32,), (1,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = mlp_module._weighted_sum(x, weight, bias)
+        monkeypatch.setattr(mlp_module, "EAGER_SUM_ROWS", 4)  # 35 rows: 9 chunks, the last of 3
+        chunked = mlp_module._weighted_sum(x, weight, bias)
+    assert chunked.shape == whole.shape == (5, 7, 1) and chunked.dtype == torch.bfloat16
+    assert torch.equal(chunked, whole)
