@@ -101,11 +101,8 @@ class AdaptiveRefineBudget:
         ``shrink_checks - 1`` before it (``earlier``, oldest first; None: this check alone), shrinks to the largest
         of those roomy targets; others hold. Both moves land on a roomy target, so a round that just grew does not
         shrink at the next small dip."""
-        if earlier is None:
-            checks, may_shrink = (demand,), True
-        else:
-            checks = (*earlier[max(0, len(earlier) + 1 - self.shrink_checks) :], demand)
-            may_shrink = len(checks) == self.shrink_checks
+        checks = (*(earlier or ()), demand)[-self.shrink_checks :]
+        may_shrink = earlier is None or len(checks) == self.shrink_checks
         shares, limit = [], 1.0
         for index, (round_demand, held) in enumerate(zip(demand, self.budgets, strict=True)):
             roomy = max(self.target_share(check[index], self.growth_margin) for check in checks)
