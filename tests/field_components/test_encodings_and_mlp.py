@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cocoinr_nerfstudio.field_components.encodings import IDRFrequencyEncoding
-from cocoinr_nerfstudio.field_components.mlp import SDFMLP, WeightNormLinear
+from cocoinr_nerfstudio.field_components.mlp import SDFMLP, WeightNormLinear, _first_rows
 
 # Zero level set of the initial SDF vs the sphere of radius ``bias`` (radius step 0.01):
 WIDE_SPHERE_TOLERANCE = 0.08  # ReLU, width 2048: measured crossings 0.58-0.66 for bias 0.6
@@ -150,19 +150,11 @@ def test_half_precision_sdf_column_sums_in_float32_when_its_terms_cancel(device,
     magnitude = (rounded[0].abs() @ rounded[1].abs())[:, None]  # about 14: the terms cancel to 1e-3 of it
     assert (exact.abs() < 0.1).all() and (magnitude > 10).all()
     with torch.no_grad(), torch.autocast(device, dtype=dtype):
-        sdf = mlp_last_layer_sdf(mlp, x)
+        sdf = _first_rows(last, x, 1)  # the SDF column of SDFMLP.forward(outputs=1), x as its last hidden layer
     assert sdf.dtype == dtype
     # one rounding of the output, and a float32 sum's typical error (sqrt(256) roundings of the running sum)
     bound = torch.finfo(dtype).eps * exact.abs() + 16 * 2**-24 * magnitude
     assert ((sdf.double() - exact).abs() <= bound).all()
-
-
-def mlp_last_layer_sdf(mlp: SDFMLP, hidden: torch.Tensor) -> torch.Tensor:
-    """The SDF column of ``mlp``'s last layer applied to ``hidden`` (its last hidden layer's activations), as
-    ``SDFMLP.forward(outputs=1)`` computes it."""
-    from cocoinr_nerfstudio.field_components.mlp import _first_rows
-
-    return _first_rows(mlp.layers[-1], hidden, 1)
 
 
 def test_an_eager_weighted_sum_in_chunks_is_the_whole_one(monkeypatch):
