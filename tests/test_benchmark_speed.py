@@ -641,6 +641,30 @@ def test_the_tf32_row_measures_the_float32_reference_and_restores_the_precision(
     assert lines[7:] == [] and torch.get_float32_matmul_precision() == before
 
 
+def test_half_products_table_tells_a_bias_added_after_rounding(monkeypatch):
+    """scripts/measure_half_products.py: a CPU's products sum in float32 and add the bias before rounding, so with
+    the cancelling bias they err by far less than half a unit in the last place of the terms' sum (about 14: 3.9e-3
+    in float16). A product that rounds that sum before adding the bias (cuBLAS's one-column one on a GPU) errs by
+    about that half unit, with the bias and not without it."""
+    import torch
+
+    module = load_script("measure_half_products", monkeypatch)
+    lines = run_main(module, ["--device", "cpu", "--rows", "256", "--dtypes", "float16"]).splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [(row[1], row[2]) for row in rows] == [(str(k), str(n)) for k, n in module.SHAPES]
+    for row in rows:
+        without_bias, with_bias, half_ulp = (float(value) for value in row[4:])
+        assert without_bias < 1e-5 and with_bias < 1e-5 and round(half_ulp, 5) in (0.00391, 0.00781)
+
+    def rounded_before_bias(x, weight, bias=None):
+        product = (x.float() @ weight.float().T).to(x.dtype)
+        return product if bias is None else product + bias
+
+    monkeypatch.setattr(module.F, "linear", rounded_before_bias)
+    errors = module.measure(256, 256, 1, torch.float16, "cpu")
+    assert errors.without_bias < 1e-5 and 0.5 * errors.half_ulp_of_sum < errors.with_bias <= errors.half_ulp_of_sum
+
+
 def test_geometry_gradients_in_float16_with_and_without_the_loss_scale(monkeypatch):
     """scripts/measure_geometry_gradients.py, the paper's model at its initialisation: without a scale float16 loses
     gradients to underflow, with 2^10 their error is several times smaller; nothing overflows at either."""
