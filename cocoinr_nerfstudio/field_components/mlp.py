@@ -109,9 +109,10 @@ def _first_rows(layer: nn.Module, x: Tensor, rows: int) -> Tensor:
     """``layer(x)[..., :rows]`` without the other rows' products (``layer``: nn.Linear or WeightNormLinear).
 
     One row under half-precision autocast is a weighted sum summed in float32 (:func:`_weighted_sum`), eager or
-    compiled: cuBLAS's half-precision product for one output column accumulates in half precision, and the SDF,
-    a near-zero sum of terms up to about 1 against the bias, came out on a grid of 4.9e-4 (float16) or 3.9e-3
-    (bfloat16) in the normalised frame (H200, docs/benchmarks.md round twenty-four)."""
+    compiled: cuBLAS's half-precision product for one output column rounds the sum of its terms to half precision
+    before it adds the bias, and the SDF, a near-zero sum of terms up to about 1 against the bias, came out on a
+    grid of 4.9e-4 (float16) or 3.9e-3 (bfloat16) in the normalised frame (H200, docs/benchmarks.md rounds
+    twenty-four and twenty-five)."""
     weight, bias = layer.weight[:rows], layer.bias[:rows] if layer.bias is not None else None
     if rows == 1 and (torch.compiler.is_compiling() or half_precision_autocast(x.device.type)):
         return _weighted_sum(x, weight[0], bias)

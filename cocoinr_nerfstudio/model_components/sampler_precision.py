@@ -14,9 +14,9 @@ anywhere is unsafe.
 
 The probe runs the field eagerly. Compiled code (what the sampler runs under ``compile-fields``) does not round
 between the operations inductor fuses, so it should err no more: the check errs on the safe side (not measured).
-Both sum the SDF column in float32 (``mlp._first_rows``): cuBLAS's eager one-column product had accumulated in half
-precision, and the probe measured that rounding grid instead of the queries' error (docs/benchmarks.md, round
-twenty-four).
+Both sum the SDF column and its bias in float32 (``mlp._first_rows``): cuBLAS's eager one-column product had rounded
+the terms' sum to half precision before adding the bias, and the probe measured that rounding grid instead of the
+queries' error (docs/benchmarks.md, rounds twenty-four and twenty-five).
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def test_half_precision_sdf_column_sums_in_float32_when_its_terms_cancel(device, dtype):
     """Under half-precision autocast the SDF column alone is the exact sum of the rounded products, rounded once:
     near a surface 256 terms of about 0.1 cancel against the bias to about 1e-3. cuBLAS's one-column product in
-    half precision (CUDA) accumulated in half precision and was off by up to 4e-3 here."""
+    half precision (CUDA) rounded the terms' sum to half precision before adding the bias and was off by up to 4e-3
+    here."""
     generator = torch.Generator().manual_seed(0)
     mlp = SDFMLP(in_dim=3, hidden_dims=(256,), out_dim=4, weight_norm=False).to(device)
     x = (torch.rand(1, 256, generator=generator) + 1e-3 * torch.rand(1024, 256, generator=generator)).to(device)
