@@ -9,6 +9,9 @@ its own process, several at once with ``--parallel`` (runs sharing a GPU are not
 and pairs the runs by seed.
 A run that fails is reported with the end of its log and left out of the pairs it belongs to, and the script then
 exits non-zero. Every run's arguments are checked with benchmark_speed.py's own parser before the first starts.
+A run whose mesh has no surface (Chamfer nan; from a sharp ``--beta-init`` the reference's runs fail so as well,
+round twenty-five) is counted per configuration and left out of the Chamfer figures only. Each run's row says in
+which precision its sampler's queries ran, and from which step in float32 if the precision check switched them.
 
     python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
         --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
@@ -104,50 +107,70 @@ def refuse_existing_files(runs: list[Run], folder: Path) -> None:
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample deviation / sqrt(n)); the error is nan below two values. A nan among the
-    values (a run whose mesh had no surface: Chamfer nan) makes both nan: a mean over the others would hide it."""
+    values makes both nan, so that no failed value is averaged away unsaid (:func:`summarize` takes runs without a
+    surface, Chamfer nan, out of Chamfer's figures and counts them)."""
     if not values or any(math.isnan(value) for value in values):
         return math.nan, math.nan
     error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.fmean(values), error
 
 
-def summarize(results: dict[tuple[str, int], dict[str, float]], configs: list[str], seeds: list[int]) -> str:
+def _chamfer_mean(rows: list[dict]) -> str:
+    """The mean Chamfer of the runs with a surface; how many had none (Chamfer nan) is said, not averaged in."""
+    values = [r["chamfer"] for r in rows]
+    surfaces = [value for value in values if not math.isnan(value)]
+    mean = mean_and_standard_error(surfaces)[0]
+    return (
+        f"{mean:.2f}"
+        if len(surfaces) == len(values)
+        else f"{mean:.2f} ({len(values) - len(surfaces)} without a surface)"
+    )
+
+
+def summarize(results: dict[tuple[str, int], dict], configs: list[str], seeds: list[int]) -> str:
     """Markdown: one row per (seed, configuration), the means per configuration, then each configuration minus the
-    first, over the seeds where both finished (higher PSNR is better, lower Chamfer is better)."""
+    first, over the seeds where both finished (higher PSNR is better, lower Chamfer is better). A run whose mesh has
+    no surface (Chamfer nan) is counted apart: Chamfer means and differences are over the runs with one."""
     lines = [
-        "| seed | config | held-out PSNR | masked PSNR | Chamfer | final loss |",
-        "|---|---|---:|---:|---:|---:|",
+        "| seed | config | held-out PSNR | masked PSNR | Chamfer | final loss | sampler's queries |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for seed in seeds:
         for config in configs:
             row = results.get((config, seed))
             cells = (
                 " | ".join(f"{row[m]:.4f}" if m == "final_loss" else f"{row[m]:.2f}" for m in METRICS)
+                + f" | {row.get('sampler_queries', '-')}"
                 if row
-                else "failed | - | - | -"
+                else "failed | - | - | - | -"
             )
             lines.append(f"| {seed} | {config} | {cells} |")
     for config in configs:
         rows = [results[(config, s)] for s in seeds if (config, s) in results]
-        means = [mean_and_standard_error([r[m] for r in rows])[0] for m in METRICS[:3]]
-        lines.append(f"| mean of {len(rows)} | {config} | " + " | ".join(f"{v:.2f}" for v in means) + " | |")
+        psnr, masked = (mean_and_standard_error([r[m] for r in rows])[0] for m in METRICS[:2])
+        lines.append(f"| mean of {len(rows)} | {config} | {psnr:.2f} | {masked:.2f} | {_chamfer_mean(rows)} | | |")
     base = configs[0]
     lines += [
         "",
         f"Paired by seed, each configuration minus `{base}`: mean (standard error). A positive PSNR difference and a "
-        "negative Chamfer difference (world units) are improvements.",
+        "negative Chamfer difference (world units) are improvements. Chamfer pairs: those where both runs have a "
+        "surface.",
         "",
-        "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer difference | seeds with lower Chamfer |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer pairs | Chamfer difference | "
+        f"seeds with lower Chamfer | runs without a surface (config / {base}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for config in configs[1:]:
         paired = [s for s in seeds if (config, s) in results and (base, s) in results]
         psnr = [results[(config, s)]["psnr"] - results[(base, s)]["psnr"] for s in paired]
         chamfer = [results[(config, s)]["chamfer"] - results[(base, s)]["chamfer"] for s in paired]
+        chamfer = [difference for difference in chamfer if not math.isnan(difference)]
         (psnr_mean, psnr_error), (chamfer_mean, chamfer_error) = map(mean_and_standard_error, (psnr, chamfer))
+        failed = [sum(math.isnan(results[(c, s)]["chamfer"]) for s in paired) for c in (config, base)]
         lines.append(
             f"| {config} | {len(paired)} | {psnr_mean:+.2f} ({psnr_error:.2f}) | {sum(d > 0 for d in psnr)} | "
-            f"{chamfer_mean:+.2f} ({chamfer_error:.2f}) | {sum(d < 0 for d in chamfer)} |"
+            f"{len(chamfer)} | {chamfer_mean:+.2f} ({chamfer_error:.2f}) | {sum(d < 0 for d in chamfer)} | "
+            f"{failed[0]} / {failed[1]} |"
         )
     return "\n".join(lines)
 
@@ -213,6 +236,8 @@ def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> 
         print(f"{label}: failed ({why}, {seconds:.0f} s); log {run.log} ends:\n{tail}", flush=True)
         return False
     results[(run.config, run.seed)] = {metric: float(rows[0][metric]) for metric in METRICS}
+    if "sampler_queries" in rows[0]:
+        results[(run.config, run.seed)]["sampler_queries"] = rows[0]["sampler_queries"]
     print(f"{label}: PSNR {rows[0]['psnr']:.2f}, Chamfer {rows[0]['chamfer']:.3f} ({seconds:.0f} s)", flush=True)
     return True
 

@@ -317,6 +317,9 @@ class Result:
     """Share of rays that needed another round but were cut off by the graph's refine budget (mean)."""
     refine_budgets: tuple[float, ...]
     """Share of rays each of the sampler's rounds 2.. ran on at the end (1 each without a budget)."""
+    sampler_queries: str = "float32"
+    """The precision of training's sampler queries: float32, a half precision throughout, or one until the
+    precision check's step that turned them float32 (a run's quality depends on it)."""
 
 
 def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerConfig:
@@ -552,7 +555,16 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         sampler_refined=float(np.mean(sampler_shares["sampler_refined"])),
         sampler_truncated=float(np.mean(sampler_shares["sampler_truncated"])),
         refine_budgets=pipeline.model.sampler.refine_budgets if pipeline.model.sampler.static_shapes else (1.0,),
+        sampler_queries=sampler_query_precision(pipeline.model),
     )
+
+
+def sampler_query_precision(model) -> str:
+    """``Result.sampler_queries`` of a trained model."""
+    half, switched = model.config.sampler_autocast, model.training_queries_float32_from
+    if half == "none":
+        return "float32"
+    return f"{half}, float32 from step {switched}" if switched is not None else f"{half} throughout"
 
 
 def format_table(results: list[Result], args) -> str:
@@ -565,8 +577,9 @@ def format_table(results: list[Result], args) -> str:
         f"{'; batches drawn on the host' if args.host_batches else ''}",
         "",
         f"| config | it/s | ms/step | x reference | peak GiB (timed steps) | held-out PSNR | masked PSNR | Chamfer | "
-        f"{args.frame_size}px frame s (volume / surface) | loss | rays refined / cut % | rounds 2.. on % of rays |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{args.frame_size}px frame s (volume / surface) | loss | rays refined / cut % | rounds 2.. on % of rays | "
+        "sampler's queries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r.iters_per_sec / reference.iters_per_sec if reference else float("nan")
@@ -574,7 +587,7 @@ def format_table(results: list[Result], args) -> str:
             f"| {r.name} | {r.iters_per_sec:.2f} | {r.ms_per_step:.1f} | {ratio:.2f} | {r.peak_memory_gib:.2f} ({r.timed_peak_memory_gib:.2f}) | "
             f"{r.psnr:.2f} | {r.psnr_masked:.2f} | {r.chamfer:.3f} | {r.frame_seconds:.2f} / {r.frame_surface_seconds:.2f} | "
             f"{r.final_loss:.4f} | {100 * r.sampler_refined:.1f} / {100 * r.sampler_truncated:.1f} | "
-            f"{' / '.join(f'{100 * share:.0f}' for share in r.refine_budgets)} |"
+            f"{' / '.join(f'{100 * share:.0f}' for share in r.refine_budgets)} | {r.sampler_queries} |"
         )
     return "\n".join(lines)
 

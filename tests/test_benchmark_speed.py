@@ -79,10 +79,27 @@ def test_speed_benchmark_on_cpu(tmp_path):
         assert row["device"] == "CPU" and row["iters_per_sec"] > 0 and math.isfinite(row["final_loss"])
         assert 5.0 < row["psnr"] < 60.0
         assert 0.0 <= row["sampler_refined"] <= 1.0 and row["sampler_truncated"] == 0.0  # no budget in these
+        assert row["sampler_queries"] == "float32"  # neither config queries in half precision
     table = out.with_suffix(".md").read_text()
     assert table.startswith("Device: CPU; 64 rays/step; 3 timed steps") and "| graph |" in table
     printed = " ".join(proc.stdout.split())
     assert "--pipeline.model.cuda-graph: not used because the device is cpu, not CUDA" in printed
+
+
+def test_the_sampler_queries_precision_a_run_reports(monkeypatch):
+    """benchmark_speed.py's ``sampler_queries``: float32, a half precision throughout, or the check's switch step."""
+    from types import SimpleNamespace
+
+    module = load_script("benchmark_speed", monkeypatch)
+
+    def reported(half: str, switched: int | None) -> str:
+        config = SimpleNamespace(sampler_autocast=half)
+        return module.sampler_query_precision(SimpleNamespace(config=config, training_queries_float32_from=switched))
+
+    assert reported("none", None) == "float32"
+    assert reported("float16", None) == "float16 throughout"
+    assert reported("float16", 50) == "float16, float32 from step 50"
+    assert reported("bfloat16", 0) == "bfloat16, float32 from step 0"
 
 
 def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys):
@@ -260,25 +277,31 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
         key: dict(zip(("psnr", "psnr_masked", "chamfer", "final_loss"), (*v, 0.02), strict=True))
         for key, v in runs.items()
     }
+    results[("recipe", 1)]["sampler_queries"] = "float16, float32 from step 50"  # benchmark_speed.py's, when given
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
-    assert "| 2 | recipe | 21.07 | 14.87 | 9.40 | 0.0200 |" in table
-    assert "| mean of 3 | reference | 20.99 | 14.80 | 9.67 | |" in table
-    assert "| mean of 3 | recipe | 21.11 | 14.99 | 10.55 | |" in table
+    assert "| 1 | recipe | 20.68 | 14.51 | 9.90 | 0.0200 | float16, float32 from step 50 |" in table
+    assert "| 2 | recipe | 21.07 | 14.87 | 9.40 | 0.0200 | - |" in table
+    assert "| mean of 3 | reference | 20.99 | 14.80 | 9.67 | | |" in table
+    assert "| mean of 3 | recipe | 21.11 | 14.99 | 10.55 | | |" in table
     # PSNR -0.23, +0.45, +0.13; Chamfer +0.055, +1.054, +1.530
-    assert table[-1] == "| recipe | 3 | +0.12 (0.20) | 2 | +0.88 (0.43) | 0 |"
+    assert table[-1] == "| recipe | 3 | +0.12 (0.20) | 2 | 3 | +0.88 (0.43) | 0 | 0 / 0 |"
 
     del results[("recipe", 2)]  # a failed run leaves its seed out of the pairs
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
-    assert "| 2 | recipe | failed | - | - | - |" in table
+    assert "| 2 | recipe | failed | - | - | - | - |" in table
     assert any(line.startswith("| mean of 2 | recipe | ") for line in table)
-    assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | +0.79 (0.74) | 0 |"
+    assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | 2 | +0.79 (0.74) | 0 | 0 / 0 |"
     assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
 
-    results[("recipe", 2)] = {**results[("recipe", 1)], "chamfer": math.nan}  # a mesh without a surface
+    # a mesh without a surface: counted apart, the Chamfer means and pairs over the runs with one
+    results[("recipe", 2)] = {**results[("recipe", 1)], "chamfer": math.nan, "sampler_queries": "float16 throughout"}
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
-    assert "| 2 | recipe | 20.68 | 14.51 | nan | 0.0200 |" in table
-    assert "| mean of 3 | recipe | 20.98 | 14.87 | nan | |" in table
-    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | +nan (nan) | 0 |"
+    assert "| 2 | recipe | 20.68 | 14.51 | nan | 0.0200 | float16 throughout |" in table
+    assert "| mean of 3 | recipe | 20.98 | 14.87 | 11.13 (1 without a surface) | | |" in table
+    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 0 |"
+    results[("reference", 2)] = {**results[("reference", 2)], "chamfer": math.nan}  # both without one
+    table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
+    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 1 |"
 
 
 FAKE_SPEED_SCRIPT = """
@@ -333,7 +356,7 @@ def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path
     assert [(r["config"], r["seed"]) for r in rows] == [("a", 1), ("b", 1), ("a", 2)]  # the order of --configs
     table = (out / "quality.md").read_text()
     assert table.startswith("5 steps after 1 warm-up --eval-stride 8")
-    assert "| b | 1 | +1.00 (nan) | 1 | +0.00 (nan) | 0 |" in table  # seed 2 has no pair
+    assert "| b | 1 | +1.00 (nan) | 1 | 1 | +0.00 (nan) | 0 | 0 / 0 |" in table  # seed 2 has no pair
     with pytest.raises(SystemExit, match=f"{out / 'quality.md'} exists"):
         quality.main(argv)
 
@@ -396,6 +419,7 @@ def test_quality_benchmark_on_cpu(tmp_path):
     assert [(r["config"], r["seed"]) for r in rows] == [("default", 7)]
     assert math.isfinite(rows[0]["psnr"]) and math.isfinite(rows[0]["chamfer"])
     assert "| 7 | default |" in (tmp_path / "quality.md").read_text() and "--device cpu" in proc.stdout
+    assert rows[0]["sampler_queries"] == "float32" and " | float32 |" in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "default_seed7.log").exists() and "[1/1] default, seed 7: PSNR" in proc.stdout
 
 

@@ -470,6 +470,10 @@ class CocoInrModel(SurfaceModel):
             )
         self._sampler_overflowed = False
         """A probe found a half-precision query that overflows in the scene's ball (float16 past 65504)."""
+        self.training_queries_float32_from: int | None = None
+        """The step from which a check ran training's sampler queries in float32 instead of half precision (the
+        first check's step where it found them unsafe at once); None while they stay in half precision, or never
+        were. What a quality comparison needs to know of a run (``scripts/benchmark_speed.py``)."""
         self._next_precision_check = 0
         """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
         self._sampler_probe: DeferredRead | None = None
@@ -1063,6 +1067,7 @@ class CocoInrModel(SurfaceModel):
         from a probe launched ``SAMPLER_PRECISION_LEAD`` steps before it."""
         if self._precision_settled():
             return
+        was_half = self._sampler_half is None or self._queries_half(training=True)
         if self._sampler_half is None:
             self._check_sampler_precision(step)
         elif self._sampler_probe is not None:
@@ -1071,6 +1076,8 @@ class CocoInrModel(SurfaceModel):
                 self._check_sampler_precision(step, probe)
         elif step >= self._next_precision_check - SAMPLER_PRECISION_LEAD:
             self._sampler_probe = self._probe_sampler_precision()
+        if was_half and not self._queries_half(training=True):
+            self.training_queries_float32_from = step
 
     def _check_sampler_precision(self, step: int | None = None, probe: DeferredRead | None = None) -> None:
         """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``) from

@@ -140,6 +140,21 @@ def test_once_off_no_probe_runs(monkeypatch):
     monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: pytest.fail("probed while off"))
     for step in range(300, 600):
         model._sampler_precision_callback(step)
+    assert model.training_queries_float32_from == 0  # unsafe at the first check: never in half precision
+
+
+def test_the_step_training_queries_turn_float32_is_kept(monkeypatch):
+    """What benchmark_speed.py reports of a run: the check's step, not the step its probe was launched at."""
+    model = build(tiny_config(sampler_autocast="float16"))
+    errors = iter([0.001] * 3 + [1.0])  # checks at 0 (0.001 < 0.0125: relaxed), 200, 400, then 600 finds 10x beta
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: torch.tensor([next(errors)]))
+    for step in range(0, 600):
+        model._sampler_precision_callback(step)
+        assert model.training_queries_float32_from is None and model._sampler_half is True
+    for step in range(600, 700):
+        model._sampler_precision_callback(step)
+    assert model.training_queries_float32_from == 600 and model._sampler_half is False
+    assert build(tiny_config()).training_queries_float32_from is None  # float32 throughout: nothing switched
 
 
 def test_the_probe_leaves_the_model_as_it_was():
@@ -231,10 +246,12 @@ def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch
     for step in range(51, 400):
         model._sampler_precision_callback(step)
     assert model._sampler_half is False and model.cuda_graph_key() == key and not model._sampler_overflowed
+    assert model.training_queries_float32_from is None  # renders' queries switched, training's did not
     overflow_anywhere(model)
     for step in range(400, 700):
         model._sampler_precision_callback(step)
     assert model._sampler_overflowed and model.cuda_graph_key() != key
+    assert model.training_queries_float32_from == 500
     printed = " ".join(capsys.readouterr().out.split())
     assert "overflow in the scene's ball at step 500: training's queries run in float32 from now on too." in printed
     seen.clear()
