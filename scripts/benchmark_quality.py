@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Quality at equal steps over several seeds: held-out PSNR and Chamfer per configuration and seed, the means, and
-each configuration's difference to the first one, paired by seed.
+each configuration's difference to the first one, paired by seed and over all runs unpaired.
 
 One run per configuration says little at a few hundred steps: on the generated scene the spread between seeds of one
 configuration (up to 0.8 dB of held-out PSNR and 3 Chamfer units in round nine, docs/benchmarks.md) is larger than
@@ -13,9 +13,18 @@ A run whose mesh has no surface (Chamfer nan; from a sharp ``--beta-init`` the r
 round twenty-five) is counted per configuration and left out of the Chamfer figures only. Each run's row says in
 which precision its sampler's queries ran, and from which step in float32 if the precision check switched them.
 
+A seed fixes the initial weights and the batches, but on a GPU two runs of one seed still differ (atomic sums,
+nondeterministic kernels) and 600 steps amplify that: in round twenty-six two runs of one seed and configuration
+gave 20.12 and 20.89 dB, Chamfer 25.4 and 9.1. Pairing by seed then removes only part of the spread, so the
+unpaired difference of all runs' means (Welch's standard error) is printed beside the paired one. ``--repeats N``
+runs each (configuration, seed) N times and prints how much runs of one seed spread against all runs. Device calls
+are short, so a study is often split over several: ``--merge`` summarises their output folders as one study.
+
     python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
         --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
     python scripts/benchmark_quality.py --device cpu --configs reference --seeds 1 2 --steps 2 --warmup 1   # smoke
+    python scripts/benchmark_quality.py --device cuda --configs reference --seeds 1 2 3 --repeats 2 ...  # same-seed spread
+    python scripts/benchmark_quality.py --configs reference recipe --merge call1 call2   # one study from two folders
 
 Options this script does not know are passed on to benchmark_speed.py (``--eval-stride``, ``--frame-size``, ...).
 """
@@ -47,8 +56,18 @@ class Run:
     seed: int
     log: Path
     output: Path
+    repeat: int = 1
+    """Which run of this (configuration, seed) it is, from 1 (``--repeats``)."""
     process: subprocess.Popen | None = None
     started: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.config, self.seed, self.repeat
+
+    @property
+    def label(self) -> str:
+        return f"{self.config}, seed {self.seed}" + (f" (run {self.repeat})" if self.repeat > 1 else "")
 
     def arguments(self, args: argparse.Namespace, passed_on: list[str]) -> list[str]:
         """benchmark_speed.py's arguments for this run: what this script sets, then what it passes on."""
@@ -60,12 +79,15 @@ class Run:
 
 
 def plan(args: argparse.Namespace, folder: Path) -> list[Run]:
-    """Every (configuration, seed), seed by seed so that early pairs complete first."""
-    return [
-        Run(config, seed, folder / f"{config}_seed{seed}.log", folder / f"{config}_seed{seed}")
-        for seed in args.seeds
-        for config in args.configs
-    ]
+    """Every (configuration, seed), ``--repeats`` times, seed by seed so that early pairs complete first. A repeat
+    after the first has ``_run<k>`` in its file names."""
+    runs = []
+    for seed in args.seeds:
+        for repeat in range(1, args.repeats + 1):
+            for config in args.configs:
+                stem = f"{config}_seed{seed}" + (f"_run{repeat}" if repeat > 1 else "")
+                runs.append(Run(config, seed, folder / f"{stem}.log", folder / stem, repeat))
+    return runs
 
 
 def check_runs(runs: list[Run], args: argparse.Namespace, passed_on: list[str]) -> None:
@@ -127,50 +149,124 @@ def _chamfer_mean(rows: list[dict]) -> str:
     )
 
 
-def summarize(results: dict[tuple[str, int], dict], configs: list[str], seeds: list[int]) -> str:
-    """Markdown: one row per (seed, configuration), the means per configuration, then each configuration minus the
-    first, over the seeds where both finished (higher PSNR is better, lower Chamfer is better). A run whose mesh has
-    no surface (Chamfer nan) is counted apart: Chamfer means and differences are over the runs with one."""
+def welch_difference(values: list[float], base: list[float]) -> tuple[float, float]:
+    """mean(values) - mean(base) and its standard error sqrt(var/n + var_base/n_base) (Welch's), for runs that are
+    not paired; the error is nan unless both sides have two values or more."""
+    if not values or not base:
+        return math.nan, math.nan
+    difference = statistics.fmean(values) - statistics.fmean(base)
+    if len(values) < 2 or len(base) < 2:
+        return difference, math.nan
+    return difference, math.sqrt(statistics.variance(values) / len(values) + statistics.variance(base) / len(base))
+
+
+def within_seed_deviation(groups: list[list[float]]) -> float:
+    """The pooled standard deviation of values within their groups (runs of one seed): sqrt(sum of squared
+    deviations from each group's mean / sum of (group size - 1)). nan where no group has two values."""
+    squares = sum(sum((v - statistics.fmean(g)) ** 2 for v in g) for g in groups if len(g) > 1)
+    freedom = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(squares / freedom) if freedom else math.nan
+
+
+def _surfaces(values: list[float]) -> list[float]:
+    return [value for value in values if not math.isnan(value)]
+
+
+def _stdev(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarize(
+    results: dict[tuple[str, int, int], dict],
+    configs: list[str],
+    seeds: list[int],
+    repeats: int = 1,
+    missing: str = "failed",
+) -> str:
+    """Markdown: one row per run, the means per configuration, with ``repeats`` > 1 the spread of runs of one seed
+    against that of all runs, then each configuration minus the first (higher PSNR is better, lower Chamfer is
+    better): paired by seed (each seed's mean over its runs, over the seeds where both finished), and unpaired over
+    all runs. ``results`` is keyed by (configuration, seed, repeat); a run without a result reads ``missing``. A
+    run whose mesh has no surface (Chamfer nan) is counted apart: Chamfer means and differences are over the runs
+    with one."""
+
+    def runs(config: str, seed: int | None = None) -> list[dict]:
+        return [row for (c, s, _), row in sorted(results.items()) if c == config and seed in (None, s)]
+
     lines = [
         "| seed | config | held-out PSNR | masked PSNR | Chamfer | final loss | sampler's queries |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for seed in seeds:
-        for config in configs:
-            row = results.get((config, seed))
-            cells = (
-                " | ".join(f"{row[m]:.4f}" if m == "final_loss" else f"{row[m]:.2f}" for m in METRICS)
-                + f" | {row.get('sampler_queries', '-')}"
-                if row
-                else "failed | - | - | - | -"
-            )
-            lines.append(f"| {seed} | {config} | {cells} |")
+        for repeat in range(1, repeats + 1):
+            if repeat > 1 and not any((config, seed, repeat) in results for config in configs):
+                continue  # merged studies: not every seed was run again
+            for config in configs:
+                row = results.get((config, seed, repeat))
+                cells = (
+                    " | ".join(f"{row[m]:.4f}" if m == "final_loss" else f"{row[m]:.2f}" for m in METRICS)
+                    + f" | {row.get('sampler_queries', '-')}"
+                    if row
+                    else f"{missing} | - | - | - | -"
+                )
+                which = f"{seed}" if repeat == 1 else f"{seed} (run {repeat})"
+                lines.append(f"| {which} | {config} | {cells} |")
     for config in configs:
-        rows = [results[(config, s)] for s in seeds if (config, s) in results]
+        rows = runs(config)
         psnr, masked = (mean_and_standard_error([r[m] for r in rows])[0] for m in METRICS[:2])
         lines.append(f"| mean of {len(rows)} | {config} | {psnr:.2f} | {masked:.2f} | {_chamfer_mean(rows)} | | |")
+    if repeats > 1:
+        lines += [
+            "",
+            "Runs of one seed against all runs: standard deviations. Where the two are alike, a seed does not fix "
+            "a run's outcome, and the unpaired differences below are the ones to quote.",
+            "",
+            "| config | runs | PSNR, all runs | PSNR, runs of one seed | Chamfer, all runs | Chamfer, runs of one seed |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for config in configs:
+            by_seed = [runs(config, seed) for seed in seeds]
+            psnr = [[r["psnr"] for r in group] for group in by_seed]
+            chamfer = [_surfaces([r["chamfer"] for r in group]) for group in by_seed]
+            every_psnr, every_chamfer = ([v for group in groups for v in group] for groups in (psnr, chamfer))
+            lines.append(
+                f"| {config} | {len(every_psnr)} | {_stdev(every_psnr):.2f} | {within_seed_deviation(psnr):.2f} | "
+                f"{_stdev(every_chamfer):.2f} | {within_seed_deviation(chamfer):.2f} |"
+            )
     base = configs[0]
     lines += [
         "",
-        f"Paired by seed, each configuration minus `{base}`: mean (standard error). A positive PSNR difference and a "
-        "negative Chamfer difference (world units) are improvements. Chamfer pairs: those where both runs have a "
-        "surface.",
+        f"Each configuration minus `{base}`: mean (standard error). A positive PSNR difference and a negative Chamfer "
+        "difference (world units) are improvements. Paired: by seed, each seed's mean over its runs; Chamfer pairs "
+        "are those where both sides have a surface. Unpaired: the means of all runs, Welch's standard error.",
         "",
         "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer pairs | Chamfer difference | "
-        f"seeds with lower Chamfer | runs without a surface (config / {base}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"seeds with lower Chamfer | runs without a surface (config / {base}) | PSNR difference, unpaired | "
+        "Chamfer difference, unpaired |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
+
+    def seed_mean(config: str, seed: int, metric: str) -> float:
+        values = [r[metric] for r in runs(config, seed)]
+        values = _surfaces(values) if metric == "chamfer" else values
+        return statistics.fmean(values) if values else math.nan
+
     for config in configs[1:]:
-        paired = [s for s in seeds if (config, s) in results and (base, s) in results]
-        psnr = [results[(config, s)]["psnr"] - results[(base, s)]["psnr"] for s in paired]
-        chamfer = [results[(config, s)]["chamfer"] - results[(base, s)]["chamfer"] for s in paired]
-        chamfer = [difference for difference in chamfer if not math.isnan(difference)]
+        paired = [s for s in seeds if runs(config, s) and runs(base, s)]
+        psnr = [seed_mean(config, s, "psnr") - seed_mean(base, s, "psnr") for s in paired]
+        chamfer = _surfaces([seed_mean(config, s, "chamfer") - seed_mean(base, s, "chamfer") for s in paired])
         (psnr_mean, psnr_error), (chamfer_mean, chamfer_error) = map(mean_and_standard_error, (psnr, chamfer))
-        failed = [sum(math.isnan(results[(c, s)]["chamfer"]) for s in paired) for c in (config, base)]
+        failed = [sum(math.isnan(r["chamfer"]) for s in paired for r in runs(c, s)) for c in (config, base)]
+        unpaired = []
+        for metric in ("psnr", "chamfer"):
+            sides = [[r[metric] for r in runs(c)] for c in (config, base)]
+            unpaired.append(welch_difference(*(map(_surfaces, sides) if metric == "chamfer" else sides)))
         lines.append(
             f"| {config} | {len(paired)} | {psnr_mean:+.2f} ({psnr_error:.2f}) | {sum(d > 0 for d in psnr)} | "
             f"{len(chamfer)} | {chamfer_mean:+.2f} ({chamfer_error:.2f}) | {sum(d < 0 for d in chamfer)} | "
-            f"{failed[0]} / {failed[1]} |"
+            f"{failed[0]} / {failed[1]} | "
+            + " | ".join(f"{difference:+.2f} ({error:.2f})" for difference, error in unpaired)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -181,18 +277,57 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--configs", nargs="+", required=True, help="benchmark_speed.py configs; the first is the base")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 1 2 3; with --merge, all found")
     parser.add_argument("--steps", type=int, default=600, help="training steps of every run (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each (configuration, seed)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the device)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take before it is stopped")
     parser.add_argument("--output-dir", type=Path, default=None, help="logs, per-run results and the table (.md/.json)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: summarise these earlier studies' --output-dir folders as one study",
+    )
     args, passed_on = parser.parse_known_args(argv)
-    if len(set(args.configs)) != len(args.configs) or len(set(args.seeds)) != len(args.seeds):
+    if args.merge is not None and passed_on:
+        parser.error(f"--merge runs nothing, so options for benchmark_speed.py ({' '.join(passed_on)}) do not apply")
+    if args.seeds is None and args.merge is None:
+        args.seeds = [1, 2, 3]
+    if len(set(args.configs)) != len(args.configs) or len(set(args.seeds or [])) != len(args.seeds or []):
         parser.error("--configs and --seeds must not repeat a value")
-    if args.parallel < 1:
-        parser.error(f"--parallel must be at least 1 (got {args.parallel})")
+    for option in ("parallel", "repeats"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1 (got {getattr(args, option)})")
     return args, passed_on
+
+
+def merge_studies(
+    folders: list[Path], configs: list[str], seeds: list[int] | None
+) -> tuple[dict[tuple[str, int, int], dict], list[int], int]:
+    """The runs of earlier studies (each folder's ``quality.json``) as one study: device calls are short, so a
+    study is often split over several. A (configuration, seed) found again is that seed's next repeat. Runs of
+    other configurations (and, given ``seeds``, of other seeds) are left out. Returns the results, the seeds and
+    the most repeats of a seed."""
+    results: dict[tuple[str, int, int], dict] = {}
+    for folder in folders:
+        path = folder / "quality.json"
+        try:
+            rows = json.loads(path.read_text())
+            for row in rows:
+                config, seed = row["config"], int(row["seed"])
+                if config not in configs or (seeds is not None and seed not in seeds):
+                    continue
+                repeat = 1 + sum((c, s) == (config, seed) for c, s, _ in results)
+                results[(config, seed, repeat)] = {metric: float(row[metric]) for metric in METRICS}
+                if "sampler_queries" in row:
+                    results[(config, seed, repeat)]["sampler_queries"] = row["sampler_queries"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            sys.exit(f"benchmark_quality.py: --merge {folder}: cannot read {path} as a study's results ({error!r}).")
+    found = sorted({seed for _, seed, _ in results})
+    return results, seeds if seeds is not None else found, max((r for *_, r in results), default=1)
 
 
 def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:
@@ -217,7 +352,7 @@ def _stop(run: Run, grace: float = 10.0) -> None:
 def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> bool:
     """Reads a finished run's result; reports a failed one with the end of its log. True if it succeeded."""
     seconds = time.monotonic() - run.started
-    label = f"[{done}/{total}] {run.config}, seed {run.seed}"
+    label = f"[{done}/{total}] {run.label}"
     json_path = run.output.with_suffix(".json")
     rows = (
         json.loads(json_path.read_text())
@@ -235,16 +370,16 @@ def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> 
         tail = "".join(run.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         print(f"{label}: failed ({why}, {seconds:.0f} s); log {run.log} ends:\n{tail}", flush=True)
         return False
-    results[(run.config, run.seed)] = {metric: float(rows[0][metric]) for metric in METRICS}
+    results[run.key] = {metric: float(rows[0][metric]) for metric in METRICS}
     if "sampler_queries" in rows[0]:
-        results[(run.config, run.seed)]["sampler_queries"] = rows[0]["sampler_queries"]
+        results[run.key]["sampler_queries"] = rows[0]["sampler_queries"]
     print(f"{label}: PSNR {rows[0]['psnr']:.2f}, Chamfer {rows[0]['chamfer']:.3f} ({seconds:.0f} s)", flush=True)
     return True
 
 
 def run_all(
     runs: list[Run], args: argparse.Namespace, passed_on: list[str]
-) -> tuple[dict[tuple[str, int], dict[str, float]], int]:
+) -> tuple[dict[tuple[str, int, int], dict[str, float]], int]:
     """Runs at most ``--parallel`` at once; returns the results and the number of runs that failed."""
     pending, running, results, done, failed = list(runs), [], {}, 0, 0
     try:
@@ -274,8 +409,26 @@ def _exit_on(signum: int, _frame) -> None:
     sys.exit(128 + signum)  # unwinds through run_all's finally, which stops the runs
 
 
+def merge(args: argparse.Namespace) -> str:
+    """--merge: the earlier studies' summary, written to --output-dir if given (never over an earlier one)."""
+    results, seeds, repeats = merge_studies(args.merge, args.configs, args.seeds)
+    table = (
+        f"merged from {' '.join(map(str, args.merge))}\n\n{summarize(results, args.configs, seeds, repeats, 'not run')}"
+    )
+    print(table)
+    if args.output_dir is not None:
+        refuse_existing_files([], args.output_dir)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "quality.md").write_text(table + "\n")
+        rows = [{"config": c, "seed": s, "repeat": r, **metrics} for (c, s, r), metrics in results.items()]
+        (args.output_dir / "quality.json").write_text(json.dumps(rows, indent=2))
+    return table
+
+
 def main(argv: list[str] | None = None) -> str:
     args, passed_on = parse_args(argv)
+    if args.merge is not None:
+        return merge(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.output_dir if args.output_dir is not None else Path(tmp)
         runs = plan(args, folder)
@@ -287,14 +440,14 @@ def main(argv: list[str] | None = None) -> str:
         print(f"{len(runs)} run(s) of {args.steps} steps, {args.parallel} at once; logs in {folder}", flush=True)
         results, failed = run_all(runs, args, passed_on)
         settings = " ".join([f"{args.steps} steps after {args.warmup} warm-up", *passed_on])
-        table = f"{settings}\n\n{summarize(results, args.configs, args.seeds)}"
+        table = f"{settings}\n\n{summarize(results, args.configs, args.seeds, args.repeats)}"
         print(table)
         if args.output_dir is not None:
             (folder / "quality.md").write_text(table + "\n")
-            order = {(run.config, run.seed): index for index, run in enumerate(runs)}
+            order = {run.key: index for index, run in enumerate(runs)}
             rows = [
-                {"config": c, "seed": s, **metrics}
-                for (c, s), metrics in sorted(results.items(), key=lambda item: order[item[0]])
+                {"config": c, "seed": s, "repeat": r, **metrics}
+                for (c, s, r), metrics in sorted(results.items(), key=lambda item: order[item[0]])
             ]
             (folder / "quality.json").write_text(json.dumps(rows, indent=2))
     if failed:

@@ -216,6 +216,13 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_hold(model: CocoI
     model.refine_budget_shrink_checks = 4
 
 
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_color32(model: CocoInrModelConfig) -> None:
+    """graph+fields+bf16+sdpa+points+flash+fp16+geo16+split with the colour heads and the background field in
+    float32 (TF32 products; ``--pipeline.model.bf16-color-heads False``): what bfloat16 colour costs in quality."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.bf16_color_heads = False
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -277,6 +284,9 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     ),
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1": (
         _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_hold
+    ),
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+color32+adam1": (
+        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_color32
     ),
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,

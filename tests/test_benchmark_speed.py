@@ -237,12 +237,15 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+follow+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1", True),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+color32+adam1", True),
     ]:
         config = benchmark._trainer_config(args, tmp_path, name, tmp_path)
         assert {group["optimizer"].multi_tensor_kernel for group in config.optimizers.values()} == {expected}
         assert config.pipeline.model.mix_order_reduction is ("+split" not in name)
         assert config.pipeline.model.training_queries_follow_geometry is ("+follow" in name)
         assert config.pipeline.model.refine_budget_shrink_checks == (4 if "+hold4" in name else 1)
+        assert config.pipeline.model.bf16_color_heads is ("+color32" not in name)
+        assert config.pipeline.model.geometry_autocast == "float16"
 
 
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
@@ -266,42 +269,101 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     """Round nine's reference and recipe runs (docs/benchmarks.md): the means and paired differences printed there."""
     quality = load_script("benchmark_quality", monkeypatch)
     runs = {
-        ("reference", 1): (20.91, 14.76, 9.847),
-        ("reference", 2): (20.62, 14.32, 8.343),
-        ("reference", 3): (21.44, 15.33, 10.828),
-        ("recipe", 1): (20.68, 14.51, 9.902),
-        ("recipe", 2): (21.07, 14.87, 9.397),
-        ("recipe", 3): (21.57, 15.60, 12.358),
+        ("reference", 1, 1): (20.91, 14.76, 9.847),
+        ("reference", 2, 1): (20.62, 14.32, 8.343),
+        ("reference", 3, 1): (21.44, 15.33, 10.828),
+        ("recipe", 1, 1): (20.68, 14.51, 9.902),
+        ("recipe", 2, 1): (21.07, 14.87, 9.397),
+        ("recipe", 3, 1): (21.57, 15.60, 12.358),
     }
     results = {
         key: dict(zip(("psnr", "psnr_masked", "chamfer", "final_loss"), (*v, 0.02), strict=True))
         for key, v in runs.items()
     }
-    results[("recipe", 1)]["sampler_queries"] = "float16, float32 from step 50"  # benchmark_speed.py's, when given
+    results[("recipe", 1, 1)]["sampler_queries"] = "float16, float32 from step 50"  # benchmark_speed.py's, when given
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
     assert "| 1 | recipe | 20.68 | 14.51 | 9.90 | 0.0200 | float16, float32 from step 50 |" in table
     assert "| 2 | recipe | 21.07 | 14.87 | 9.40 | 0.0200 | - |" in table
     assert "| mean of 3 | reference | 20.99 | 14.80 | 9.67 | | |" in table
     assert "| mean of 3 | recipe | 21.11 | 14.99 | 10.55 | | |" in table
-    # PSNR -0.23, +0.45, +0.13; Chamfer +0.055, +1.054, +1.530
-    assert table[-1] == "| recipe | 3 | +0.12 (0.20) | 2 | 3 | +0.88 (0.43) | 0 | 0 / 0 |"
+    # PSNR -0.23, +0.45, +0.13; Chamfer +0.055, +1.054, +1.530. Unpaired: the same means, Welch's errors
+    # sqrt(var/3 + var/3) of 0.35 and 1.17 dB, larger than the paired ones where the seeds' values move together
+    assert table[-1] == "| recipe | 3 | +0.12 (0.20) | 2 | 3 | +0.88 (0.43) | 0 | 0 / 0 | +0.12 (0.35) | +0.88 (1.17) |"
+    assert not any(line.startswith("| 1 (run 2)") for line in table)  # one run a seed: no repeat rows, no spread
+    assert not any("runs of one seed" in line for line in table)
 
-    del results[("recipe", 2)]  # a failed run leaves its seed out of the pairs
+    del results[("recipe", 2, 1)]  # a failed run leaves its seed out of the pairs
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
     assert "| 2 | recipe | failed | - | - | - | - |" in table
     assert any(line.startswith("| mean of 2 | recipe | ") for line in table)
-    assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | 2 | +0.79 (0.74) | 0 | 0 / 0 |"
+    assert table[-1].startswith("| recipe | 2 | -0.05 (0.18) | 1 | 2 | +0.79 (0.74) | 0 | 0 / 0 | ")
     assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
 
     # a mesh without a surface: counted apart, the Chamfer means and pairs over the runs with one
-    results[("recipe", 2)] = {**results[("recipe", 1)], "chamfer": math.nan, "sampler_queries": "float16 throughout"}
+    results[("recipe", 2, 1)] = {
+        **results[("recipe", 1, 1)],
+        "chamfer": math.nan,
+        "sampler_queries": "float16 throughout",
+    }
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
     assert "| 2 | recipe | 20.68 | 14.51 | nan | 0.0200 | float16 throughout |" in table
     assert "| mean of 3 | recipe | 20.98 | 14.87 | 11.13 (1 without a surface) | | |" in table
-    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 0 |"
-    results[("reference", 2)] = {**results[("reference", 2)], "chamfer": math.nan}  # both without one
+    assert table[-1].startswith("| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 0 | ")
+    results[("reference", 2, 1)] = {**results[("reference", 2, 1)], "chamfer": math.nan}  # both without one
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
-    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 1 |"
+    assert table[-1].startswith("| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 1 | ")
+
+
+def test_quality_benchmark_statistics_on_small_inputs(monkeypatch):
+    """Welch's difference and the pooled within-seed deviation, by hand."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    assert quality.welch_difference([1.0, 3.0], [0.0, 0.0, 0.0]) == (2.0, 1.0)  # sqrt(2 / 2 + 0 / 3)
+    difference, error = quality.welch_difference([1.0, 3.0], [0.5])
+    assert difference == 1.5 and math.isnan(error)
+    assert all(math.isnan(v) for v in quality.welch_difference([], [1.0, 2.0]))
+    # squares about each group's mean: 1 + 1 and 4 + 0 + 4; degrees of freedom 1 + 2 (a single run adds none)
+    assert quality.within_seed_deviation([[1.0, 3.0], [5.0], [2.0, 4.0, 6.0]]) == pytest.approx(math.sqrt(10 / 3))
+    assert math.isnan(quality.within_seed_deviation([[1.0], [2.0]]))
+
+
+def _quality_rows(psnr: float, chamfer: float, queries: str | None = None) -> dict:
+    row = {"psnr": psnr, "psnr_masked": psnr - 6.0, "chamfer": chamfer, "final_loss": 0.02}
+    return row if queries is None else {**row, "sampler_queries": queries}
+
+
+def test_quality_benchmark_repeats_a_seed(monkeypatch):
+    """Two runs of seed 1: both rows, their spread against all runs', and each seed's mean paired; the unpaired
+    difference over every run."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    args = quality.parse_args(["--configs", "a", "b", "--seeds", "1", "--repeats", "2"])[0]
+    planned = [(run.output.name, run.label) for run in quality.plan(args, Path("study"))]
+    assert planned == [
+        ("a_seed1", "a, seed 1"),
+        ("b_seed1", "b, seed 1"),
+        ("a_seed1_run2", "a, seed 1 (run 2)"),
+        ("b_seed1_run2", "b, seed 1 (run 2)"),
+    ]
+    results = {
+        ("reference", 1, 1): _quality_rows(20.0, 10.0),
+        ("reference", 1, 2): _quality_rows(21.0, 12.0),
+        ("reference", 2, 1): _quality_rows(22.0, 8.0),
+        ("reference", 2, 2): _quality_rows(22.0, 8.0),
+        ("recipe", 1, 1): _quality_rows(20.0, 30.0),
+        ("recipe", 1, 2): _quality_rows(22.0, 10.0),
+        ("recipe", 2, 1): _quality_rows(23.0, 9.0),
+    }
+    table = quality.summarize(results, ["reference", "recipe"], [1, 2], repeats=2).splitlines()
+    assert "| 1 (run 2) | recipe | 22.00 | 16.00 | 10.00 | 0.0200 | - |" in table
+    assert "| 2 (run 2) | recipe | failed | - | - | - | - |" in table
+    assert "| mean of 4 | reference | 21.25 | 15.25 | 9.50 | | |" in table
+    assert "| mean of 3 | recipe | 21.67 | 15.67 | 16.33 | | |" in table
+    # reference: all runs' PSNR deviation 0.96; within seeds sqrt((0.25 + 0.25 + 0 + 0) / 2) = 0.5; Chamfer 1.91 and 1
+    assert "| reference | 4 | 0.96 | 0.50 | 1.91 | 1.00 |" in table
+    # recipe: within seed 1 only (seed 2 ran once): sqrt(2 / 1) = 1.41 dB and sqrt(200 / 1) = 14.14
+    assert "| recipe | 3 | 1.53 | 1.41 | 11.85 | 14.14 |" in table
+    # paired on seed means: PSNR 21 - 20.5 and 23 - 22 (+0.75, error 0.25); Chamfer 20 - 11 and 9 - 8 (+5, error 4)
+    # unpaired: PSNR 21.67 - 21.25, Chamfer 16.33 - 9.5, Welch's errors from every run
+    assert table[-1] == "| recipe | 2 | +0.75 (0.25) | 2 | 2 | +5.00 (4.00) | 0 | 0 / 0 | +0.42 (1.00) | +6.83 (6.91) |"
 
 
 FAKE_SPEED_SCRIPT = """
@@ -384,6 +446,46 @@ def test_quality_benchmark_refuses_options_it_sets(monkeypatch, tmp_path):
     assert not (tmp_path / "study").exists()  # nothing started, nothing written
     args, passed_on = quality.parse_args(["--configs", "reference", "--eval-stride", "8", "--frame-size", "0"])
     assert passed_on == ["--eval-stride", "8", "--frame-size", "0"] and args.seeds == [1, 2, 3]
+    for wrong in (["--repeats", "0"], ["--merge", "x", "--eval-stride", "8"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--configs", "a", *wrong])
+
+
+def test_quality_benchmark_merges_studies(monkeypatch, tmp_path, capsys):
+    """Studies split over device calls summarised as one: a seed found again is its next repeat, runs of other
+    configurations are left out, rows no study has read "not run"; an unreadable folder is named; nothing is
+    overwritten."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    first, second = tmp_path / "call1", tmp_path / "call2"
+    for folder, rows in (
+        (first, [("a", 1, 20.0, 10.0), ("b", 1, 21.0, 9.0), ("a", 2, 22.0, 8.0), ("b", 2, 21.0, math.nan)]),
+        (second, [("b", 1, 23.0, 7.0), ("c", 1, 0.0, 0.0)]),
+    ):
+        folder.mkdir()
+        dumped = [{"config": c, "seed": s, **_quality_rows(p, ch, "float32")} for c, s, p, ch in rows]
+        (folder / "quality.json").write_text(json.dumps(dumped))
+    out = tmp_path / "merged"
+    argv = ["--configs", "a", "b", "--merge", str(first), str(second), "--output-dir", str(out)]
+    table = quality.main(argv).splitlines()
+    assert "| 1 (run 2) | b | 23.00 | 17.00 | 7.00 | 0.0200 | float32 |" in table
+    assert "| 1 (run 2) | a | not run | - | - | - | - |" in table
+    assert "| 2 | b | 21.00 | 15.00 | nan | 0.0200 | float32 |" in table
+    assert not any("| c |" in line for line in table)
+    # paired: seed 1 (22 - 20), seed 2 (21 - 22); Chamfer only seed 1 (8 - 10); b's seed 2 has no surface
+    assert table[-1].startswith("| b | 2 | +0.50 (1.50) | 1 | 1 | -2.00 (nan) | 1 | 1 / 0 | +0.67 (1.20) |")
+    rows = json.loads((out / "quality.json").read_text())
+    assert [(r["config"], r["seed"], r["repeat"]) for r in rows] == [
+        ("a", 1, 1),
+        ("b", 1, 1),
+        ("a", 2, 1),
+        ("b", 2, 1),
+        ("b", 1, 2),
+    ]
+    with pytest.raises(SystemExit, match=r"quality\.md exists"):
+        quality.main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=f"--merge {tmp_path / 'nowhere'}: cannot read"):
+        quality.main(["--configs", "a", "--merge", str(tmp_path / "nowhere")])
 
 
 def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, capsys):
