@@ -570,11 +570,17 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
 
 
 def sampler_query_precision(model) -> str:
-    """``Result.sampler_queries`` of a trained model."""
-    half, switched = model.config.sampler_autocast, model.training_queries_float32_from
+    """``Result.sampler_queries`` of a trained model: float32, a half precision throughout, or the half precision
+    and each of the precision check's switches ("float16, float32 from step 50, float16 again from step 100")."""
+    half, switches = model.config.sampler_autocast, model.training_query_switches
     if half == "none":
         return "float32"
-    return f"{half}, float32 from step {switched}" if switched is not None else f"{half} throughout"
+    if not switches:
+        return f"{half} throughout"
+    changes = [
+        f"{half} again from step {step}" if to_half else f"float32 from step {step}" for step, to_half in switches
+    ]
+    return ", ".join([half, *changes])
 
 
 def format_table(results: list[Result], args) -> str:

@@ -87,19 +87,23 @@ def test_speed_benchmark_on_cpu(tmp_path):
 
 
 def test_the_sampler_queries_precision_a_run_reports(monkeypatch):
-    """benchmark_speed.py's ``sampler_queries``: float32, a half precision throughout, or the check's switch step."""
+    """benchmark_speed.py's ``sampler_queries``: float32, a half precision throughout, or the check's switches."""
     from types import SimpleNamespace
 
     module = load_script("benchmark_speed", monkeypatch)
 
-    def reported(half: str, switched: int | None) -> str:
+    def reported(half: str, switches: list[tuple[int, bool]]) -> str:
         config = SimpleNamespace(sampler_autocast=half)
-        return module.sampler_query_precision(SimpleNamespace(config=config, training_queries_float32_from=switched))
+        return module.sampler_query_precision(SimpleNamespace(config=config, training_query_switches=switches))
 
-    assert reported("none", None) == "float32"
-    assert reported("float16", None) == "float16 throughout"
-    assert reported("float16", 50) == "float16, float32 from step 50"
-    assert reported("bfloat16", 0) == "bfloat16, float32 from step 0"
+    assert reported("none", []) == "float32"
+    assert reported("float16", []) == "float16 throughout"
+    assert reported("float16", [(50, False)]) == "float16, float32 from step 50"
+    assert reported("bfloat16", [(0, False)]) == "bfloat16, float32 from step 0"
+    assert (
+        reported("float16", [(0, False), (100, True), (900, False)])
+        == "float16, float32 from step 0, float16 again from step 100, float32 from step 900"
+    )
 
 
 def test_memory_trace_prints_only_steps_that_raise_the_peak(monkeypatch, capsys):

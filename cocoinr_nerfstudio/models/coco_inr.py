@@ -117,9 +117,11 @@ class CocoInrModelConfig(SurfaceModelConfig):
     half this limit: beta would have to halve to break it; a check costs about 50 ms on an H200) and before a
     loaded model's first render: the 99th percentile of |half - float32| where 1024 fixed chords through the
     scene's ball first cross the surface (the field run eagerly: compiled code, which does not round between fused
-    operations, should err no more). Once too large, if a query overflows there or anywhere along the chords (float16 past 65504), or if
-    fewer than 64 chords cross the surface, the queries run in float32 for the rest of the process. inf: half
-    precision throughout, never checked (see also training-queries-follow-geometry)."""
+    operations, should err no more). Once too large, or if a query overflows there or anywhere along the chords
+    (float16 past 65504), the queries run in float32 for the rest of the process. While fewer than 64 chords cross
+    the surface (none has formed yet, or it has collapsed) the error cannot be measured: they run in float32 until a
+    check measures it. inf: half precision throughout, never checked (see also
+    training-queries-follow-geometry)."""
     training_queries_follow_geometry: bool = False
     """Experimental. Where geometry-autocast is sampler-autocast's precision, keep training's sampler queries in it
     when the precision check switches renders' queries to float32 (an overflow still switches both): training
@@ -470,10 +472,13 @@ class CocoInrModel(SurfaceModel):
             )
         self._sampler_overflowed = False
         """A probe found a half-precision query that overflows in the scene's ball (float16 past 65504)."""
-        self.training_queries_float32_from: int | None = None
-        """The step from which a check ran training's sampler queries in float32 instead of half precision (the
-        first check's step where it found them unsafe at once); None while they stay in half precision, or never
-        were. What a quality comparison needs to know of a run (``scripts/benchmark_speed.py``)."""
+        self._sampler_unmeasured = False
+        """The last check could not measure the queries' error: too few of the probe's chords cross the surface.
+        The queries then run in float32 until a check measures it, not for good."""
+        self.training_query_switches: list[tuple[int, bool]] = []
+        """Each step at which a check changed the precision of training's sampler queries, and whether they run in
+        half precision from it (they start in it). What a quality comparison needs to know of a run
+        (``scripts/benchmark_speed.py``)."""
         self._next_precision_check = 0
         """The training step of the next precision check (see ``sampler_autocast_max_error``)."""
         self._sampler_probe: DeferredRead | None = None
@@ -1048,15 +1053,29 @@ class CocoInrModel(SurfaceModel):
         """The precision probes' SDF queries, eager: a probe of its shapes and precisions compiles nothing."""
         return self.field.get_sdf_values(points, compiled=False)
 
+    @property
+    def training_queries_float32_from(self) -> int | None:
+        """The step from which training's sampler queries run in float32 for the rest of the run so far (the
+        first check's step where it found them unsafe at once); None while they run in half precision, or where
+        they never did."""
+        if self.training_query_switches and not self.training_query_switches[-1][1]:
+            return self.training_query_switches[-1][0]
+        return None
+
     def _precision_settled(self) -> bool:
         """Nothing a probe could find would change the queries' precision any more: renders' queries run in
-        float32, and so do training's, unless they follow the geometry head's precision and nothing overflowed."""
-        return self._sampler_half is False and (not self._training_queries_follow_geometry or self._sampler_overflowed)
+        float32 on a measured error, and so do training's, unless they follow the geometry head's precision and
+        nothing overflowed."""
+        return (
+            self._sampler_half is False
+            and not self._sampler_unmeasured
+            and (not self._training_queries_follow_geometry or self._sampler_overflowed)
+        )
 
     def _probe_sampler_precision(self) -> DeferredRead:
         """The precision check's measurements, the probe's error and beta, queued on their way to the host. Once
         renders' queries are float32, only an overflow is left to find (error inf, or 0)."""
-        if self._sampler_half is False:
+        if self._sampler_half is False and not self._sampler_unmeasured:
             error = torch.where(self.sampler_overflows_on_device(), math.inf, 0.0)
         else:
             error = self.sampler_rounding_error_on_device()
@@ -1076,12 +1095,13 @@ class CocoInrModel(SurfaceModel):
                 self._check_sampler_precision(step, probe)
         elif step >= self._next_precision_check - SAMPLER_PRECISION_LEAD:
             self._sampler_probe = self._probe_sampler_precision()
-        if was_half and not self._queries_half(training=True):
-            self.training_queries_float32_from = step
+        if was_half != self._queries_half(training=True):
+            self.training_query_switches.append((step, not was_half))
 
     def _check_sampler_precision(self, step: int | None = None, probe: DeferredRead | None = None) -> None:
         """Sets whether the sampler's queries run in half precision (see ``sampler_autocast_max_error``) from
-        ``probe`` (by default one made now): the SDF in both precisions, and beta. Once off, it stays off."""
+        ``probe`` (by default one made now): the SDF in both precisions, and beta. Once off on a measured error or
+        an overflow, it stays off; off because nothing could be measured, it is checked again."""
         if self._precision_settled():
             return
         error, beta = (probe or self._probe_sampler_precision()).result().tolist()
@@ -1089,7 +1109,7 @@ class CocoInrModel(SurfaceModel):
         when = f"at step {step}" if step is not None else "before rendering"
         overflowed = self._training_queries_follow_geometry and math.isinf(error)
         if overflowed and self._sampler_half is False:  # renders' queries switched before; now training's too
-            self._sampler_overflowed = True
+            self._sampler_overflowed, self._sampler_unmeasured = True, False
             CONSOLE.print(
                 f"Sampler: {self.config.sampler_autocast} SDF queries overflow in the scene's ball {when}: "
                 "training's queries run in float32 from now on too."
@@ -1101,8 +1121,10 @@ class CocoInrModel(SurfaceModel):
             relaxed = rounding_is_safe(error, beta, 0.5 * self.config.sampler_autocast_max_error)
             interval = SAMPLER_PRECISION_RELAXED_INTERVAL if relaxed else SAMPLER_PRECISION_INTERVAL
             self._next_precision_check = (step // SAMPLER_PRECISION_INTERVAL) * SAMPLER_PRECISION_INTERVAL + interval
-        if not safe:
-            if math.isnan(error):
+        unmeasured = math.isnan(error)
+        until = "until a check can measure them" if unmeasured else "from now on"
+        if not safe and not (unmeasured and self._sampler_unmeasured):  # said once while nothing can be measured
+            if unmeasured:
                 measured = (
                     f"could not be checked (fewer than {MIN_SURFACE_POINTS} of the probe's chords cross the surface)"
                 )
@@ -1115,14 +1137,22 @@ class CocoInrModel(SurfaceModel):
                 )
             if self._training_queries_follow_geometry and not overflowed:
                 which = (
-                    "renders' queries run in float32 from now on; training's stay "
+                    f"renders' queries run in float32 {until}; training's stay "
                     f"{self.config.sampler_autocast}, the precision the geometry head trains in "
                     "(--pipeline.model.sampler-autocast-max-error, --pipeline.model.geometry-autocast)."
                 )
             else:
-                which = "they run in float32 from now on (--pipeline.model.sampler-autocast-max-error)."
+                which = f"they run in float32 {until} (--pipeline.model.sampler-autocast-max-error)."
             CONSOLE.print(f"Sampler: {self.config.sampler_autocast} SDF queries {measured} {when}: {which}")
-        self._sampler_half = safe and self._sampler_half is not False  # renders' queries: once off, off
+        elif safe and self._sampler_unmeasured:
+            CONSOLE.print(
+                f"Sampler: {self.config.sampler_autocast} SDF queries err by {error:.2e} (99th percentile at the "
+                f"surface) {when}, within {self.config.sampler_autocast_max_error:g} x beta ({beta:.2e}): they run "
+                f"in {self.config.sampler_autocast} again."
+            )
+        # renders' queries: once off on a measured error, off
+        self._sampler_half = safe and (self._sampler_half is not False or self._sampler_unmeasured)
+        self._sampler_unmeasured = unmeasured
 
     def cuda_graph_key(self) -> tuple:
         """What a captured training step bakes in besides tensors: a new value means capturing again."""

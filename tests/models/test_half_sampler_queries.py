@@ -1,5 +1,5 @@
 """Half-precision sampler queries are used only while their SDF error is a small share of beta, then float32 for
-good."""
+good; while no error can be measured (no surface), float32 until one is."""
 
 from __future__ import annotations
 
@@ -169,16 +169,47 @@ def test_the_probe_leaves_the_model_as_it_was():
     assert model.prior._cache.keys() == cache.keys() and all(model.prior._cache[k] is v for k, v in cache.items())
 
 
-def test_no_surface_in_the_probe_means_float32(capsys):
+def test_no_surface_in_the_probe_means_float32_until_one_is_measured(capsys):
     model = build(tiny_config(sampler_autocast="bfloat16"))
     model.field.get_sdf_values = lambda points, compiled=True: points.norm(dim=-1, keepdim=True) + 1.0
     model._check_sampler_precision(step=0)
-    assert model._sampler_half is False
+    assert model._sampler_half is False and not model._precision_settled()  # no error measured: checked again
     printed = " ".join(capsys.readouterr().out.split())
     assert (
         "could not be checked (fewer than 64 of the probe's chords cross the surface) at step 0: they run in "
-        in printed
+        "float32 until a check can measure them" in printed
     )
+    del model.field.get_sdf_values  # the tiny model's sphere: the probe measures its error
+    model._check_sampler_precision(step=50)
+    assert model._sampler_half is True
+    assert "at step 50, within 0.25 x beta (1.00e-01): they run in bfloat16 again." in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_checks_go_on_while_nothing_can_be_measured(monkeypatch, capsys):
+    """Training from a collapsed surface: float32 while no error can be measured (said once), checked every 50
+    steps, back in half precision once one is measured small; the switches are kept. A measured error too large
+    after that is final."""
+    model = build(tiny_config(sampler_autocast="float16"))
+    # the first check (step 0) and the probes for the checks at 50, 100, then 300 (relaxed: 0.001 < 0.0125)
+    errors = iter([math.nan, math.nan, 0.001, 1.0])
+    monkeypatch.setattr(model, "sampler_rounding_error_on_device", lambda: torch.tensor([next(errors)]))
+    for step in range(0, 100):
+        model._sampler_precision_callback(step)
+        assert model._sampler_half is False
+    float32_key = model.cuda_graph_key()
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("could not be checked") == 1  # at step 0, not again at 50
+    for step in range(100, 300):
+        model._sampler_precision_callback(step)
+        assert model._sampler_half is True and model.cuda_graph_key() != float32_key  # captured again
+    assert "at step 100, within 0.25 x beta" in " ".join(capsys.readouterr().out.split())
+    for step in range(300, 400):
+        model._sampler_precision_callback(step)
+    assert model._sampler_half is False and model._precision_settled()
+    assert model.training_query_switches == [(0, False), (100, True), (300, False)]
+    assert model.training_queries_float32_from == 300
 
 
 def test_float16_stays_on_where_bfloat16_is_switched_off():
