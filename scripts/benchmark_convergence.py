@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Quality against training time: how soon a configuration reaches a held-out PSNR and Chamfer.
 
-Issue 5's stretch goal is the quality of the original's full schedule in 20 minutes on one GPU. benchmark_speed.py
-measures a step and benchmark_quality.py the quality after a fixed number of steps; this script trains one run per
-configuration for ``--steps`` steps, with the learning rate decaying over ``--schedule-steps`` (default: the run,
-as ``ns-train`` decays over ``--max-num-iterations``), and evaluates it at each of ``--eval-at`` steps, at the last,
-and once ``--time-limit`` seconds of training have passed (where the run then ends). The clock counts training as a user waits for it (its steps,
-callbacks, compilation and graph captures); evaluations pause it. Each row gives the step, the training seconds,
-the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and the geometry's learning rate.
+Issue 5's stretch goal is the quality of the original's full schedule in 20 minutes on one GPU.
+benchmark_speed.py measures a step and benchmark_quality.py the quality after a fixed number of steps; this script
+trains one run per configuration for ``--steps`` steps, with the learning rate decaying over ``--schedule-steps``
+(default: the run, as ``ns-train`` decays over ``--max-num-iterations``), and evaluates it at each of ``--eval-at``
+steps, at the last, and once ``--time-limit`` seconds of training have passed (where the run then ends). The clock
+counts training as a user waits for it (its steps, callbacks, compilation and graph captures), not the setup before
+the first step (the scene, the model); evaluations pause it and leave the random streams as they found them. Each
+row gives the step, the training time, the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and
+the geometry's learning rate; rows are written to ``--output`` as they come.
 
-    python scripts/benchmark_convergence.py --device cuda --configs graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1 \\
+    python scripts/benchmark_convergence.py --device cuda \\
+        --configs graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1 \\
         --steps 20000 --eval-at 2500 5000 10000 20000 --time-limit 540 --eval-stride 8 --frame-size 0
     python scripts/benchmark_convergence.py --device cpu --configs default --steps 4 --eval-at 2 4   # smoke
 
@@ -21,11 +24,14 @@ Options this script does not know are passed on to benchmark_speed.py's parser (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,8 +119,24 @@ def _evaluate(trainer, config: str, scene: Path, speed, step: int, seconds: floa
     return point
 
 
-def run_config(args, speed, scene: Path, name: str, output_dir: Path) -> list[Point]:
-    """One run of configuration ``name``: trained and evaluated as the module says."""
+@contextlib.contextmanager
+def _random_streams_kept(device: str) -> Iterator[None]:
+    """Torch's CPU (and the device's) random state as it was before the block."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state() if device.startswith("cuda") else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def run_config(
+    args, speed, scene: Path, name: str, output_dir: Path, on_point: Callable[[Point], None] = lambda point: None
+) -> list[Point]:
+    """One run of configuration ``name``: trained and evaluated as the module says; ``on_point`` is called with
+    each row as it comes."""
     torch.manual_seed(speed.seed)
     config = benchmark_speed._trainer_config(speed, scene, name, output_dir)
     config.max_num_iterations = args.schedule_steps  # the decays' length (CocoTrainer), not where the run stops
@@ -134,7 +156,11 @@ def run_config(args, speed, scene: Path, name: str, output_dir: Path) -> list[Po
         benchmark_speed._sync(device)
         trained += time.perf_counter() - start
         rate = (done - last_step) / max(trained - last_seconds, 1e-9)
-        points.append(_evaluate(trainer, name, scene, speed, done, trained, rate, over_time and done != speed.steps))
+        with _random_streams_kept(device):  # a row's step must not change the training that follows it
+            points.append(
+                _evaluate(trainer, name, scene, speed, done, trained, rate, over_time and done != speed.steps)
+            )
+        on_point(points[-1])
         last_step, last_seconds = done, trained
         if over_time:
             break
@@ -170,22 +196,36 @@ def main(argv: list[str] | None = None) -> list[Point]:
         for path in (args.output.with_suffix(".md"), args.output.with_suffix(".json")):
             if path.exists():
                 sys.exit(f"benchmark_convergence.py: {path} exists (an earlier run?); choose another --output.")
+    device = torch.cuda.get_device_name() if speed.device == "cuda" else "CPU"
     points: list[Point] = []
+    failed = []
+
+    def keep(point: Point) -> None:
+        """Each row is written as it comes: a run stopped from outside (a host's time limit) keeps what it had."""
+        points.append(point)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.with_suffix(".md").write_text(format_table(points, device, args, speed) + "\n")
+            args.output.with_suffix(".json").write_text(json.dumps([asdict(p) for p in points], indent=2))
+
+    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
+
+    writers_before = list(writer.EVENT_WRITERS)  # each trainer adds writers that log into the temporary folder
     with tempfile.TemporaryDirectory() as tmp:
         scene = benchmark_speed.scene_or_generated(speed, Path(tmp), mesh_resolution=128)
         for name in speed.configs:
             try:
-                points += run_config(args, speed, scene, name, Path(tmp) / "outputs")
+                run_config(args, speed, scene, name, Path(tmp) / "outputs", keep)
+            except Exception:  # one broken configuration must not cost the others' rows
+                traceback.print_exc()
+                failed.append(name)
             finally:
+                writer.EVENT_WRITERS[:] = writers_before
                 torch.set_float32_matmul_precision("highest")  # tf32 is process-wide: reset between configs
                 torch._dynamo.reset()
-    device = torch.cuda.get_device_name() if speed.device == "cuda" else "CPU"
-    table = format_table(points, device, args, speed)
-    print(table)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.with_suffix(".md").write_text(table + "\n")
-        args.output.with_suffix(".json").write_text(json.dumps([asdict(p) for p in points], indent=2))
+    print(format_table(points, device, args, speed))
+    if failed:
+        sys.exit(f"benchmark_convergence.py: {', '.join(failed)} failed (tracebacks above).")
     return points
 
 

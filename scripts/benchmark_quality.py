@@ -238,7 +238,8 @@ def summarize(
         "",
         f"Each configuration minus `{base}`: mean (standard error). A positive PSNR difference and a negative Chamfer "
         "difference (world units) are improvements. Paired: by seed, each seed's mean over its runs; Chamfer pairs "
-        "are those where both sides have a surface. Unpaired: the means of all runs, Welch's standard error.",
+        "are those where both sides have a surface. Unpaired: the means of all runs of each (whichever seeds they "
+        "had), Welch's standard error.",
         "",
         "| config | pairs | PSNR difference (dB) | seeds with higher PSNR | Chamfer pairs | Chamfer difference | "
         f"seeds with lower Chamfer | runs without a surface (config / {base}) | PSNR difference, unpaired | "
@@ -294,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args, passed_on = parser.parse_known_args(argv)
     if args.merge is not None and passed_on:
         parser.error(f"--merge runs nothing, so options for benchmark_speed.py ({' '.join(passed_on)}) do not apply")
+    if args.merge is not None and (args.repeats, args.parallel, args.timeout) != (1, 1, None):
+        parser.error("--merge runs nothing: --repeats, --parallel and --timeout do not apply")
     if args.seeds is None and args.merge is None:
         args.seeds = [1, 2, 3]
     if len(set(args.configs)) != len(args.configs) or len(set(args.seeds or [])) != len(args.seeds or []):
@@ -304,13 +307,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, passed_on
 
 
+MERGED = "merged from"
+"""How a merged study's table starts (its first line), where a study that ran starts with its settings."""
+
+
+def study_settings(folder: Path) -> str:
+    """A study's settings: the first line of its ``quality.md`` ("600 steps after 25 warm-up --device cuda ...")."""
+    path = folder / "quality.md"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        sys.exit(f"benchmark_quality.py: --merge {folder}: cannot read {path} ({error.strerror or error}).")
+    if not lines or lines[0].startswith(MERGED):
+        sys.exit(f"benchmark_quality.py: --merge {folder}: {path} is not the table of a study that ran (merge those).")
+    return lines[0]
+
+
 def merge_studies(
     folders: list[Path], configs: list[str], seeds: list[int] | None
-) -> tuple[dict[tuple[str, int, int], dict], list[int], int]:
+) -> tuple[dict[tuple[str, int, int], dict], list[int], int, str]:
     """The runs of earlier studies (each folder's ``quality.json``) as one study: device calls are short, so a
     study is often split over several. A (configuration, seed) found again is that seed's next repeat. Runs of
-    other configurations (and, given ``seeds``, of other seeds) are left out. Returns the results, the seeds and
-    the most repeats of a seed."""
+    other configurations (and, given ``seeds``, of other seeds) are left out. The studies must have run with the
+    same settings, each once (no folder twice, no merged folder). Returns the results, the seeds, the most repeats
+    of a seed and the settings."""
+    if len({folder.resolve() for folder in folders}) != len(folders):
+        sys.exit("benchmark_quality.py: --merge names a folder twice: its runs would count as repeats.")
+    settings = {folder: study_settings(folder) for folder in folders}
+    if len(set(settings.values())) > 1:
+        listed = "; ".join(f"{folder}: {line}" for folder, line in settings.items())
+        sys.exit(f"benchmark_quality.py: --merge: the studies ran with different settings ({listed}).")
     results: dict[tuple[str, int, int], dict] = {}
     for folder in folders:
         path = folder / "quality.json"
@@ -326,8 +352,11 @@ def merge_studies(
                     results[(config, seed, repeat)]["sampler_queries"] = row["sampler_queries"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             sys.exit(f"benchmark_quality.py: --merge {folder}: cannot read {path} as a study's results ({error!r}).")
+    missing = [config for config in configs if not any(c == config for c, _, _ in results)]
+    if missing:
+        sys.exit(f"benchmark_quality.py: --configs {' '.join(missing)}: no run of it in the --merge folders.")
     found = sorted({seed for _, seed, _ in results})
-    return results, seeds if seeds is not None else found, max((r for *_, r in results), default=1)
+    return results, seeds if seeds is not None else found, max(r for *_, r in results), settings[folders[0]]
 
 
 def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:
@@ -411,10 +440,9 @@ def _exit_on(signum: int, _frame) -> None:
 
 def merge(args: argparse.Namespace) -> str:
     """--merge: the earlier studies' summary, written to --output-dir if given (never over an earlier one)."""
-    results, seeds, repeats = merge_studies(args.merge, args.configs, args.seeds)
-    table = (
-        f"merged from {' '.join(map(str, args.merge))}\n\n{summarize(results, args.configs, seeds, repeats, 'not run')}"
-    )
+    results, seeds, repeats, settings = merge_studies(args.merge, args.configs, args.seeds)
+    summary = summarize(results, args.configs, seeds, repeats, "not run")
+    table = f"{MERGED} {' '.join(map(str, args.merge))}: {settings}\n\n{summary}"
     print(table)
     if args.output_dir is not None:
         refuse_existing_files([], args.output_dir)

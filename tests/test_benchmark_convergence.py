@@ -36,11 +36,22 @@ def test_convergence_rows_follow_the_schedule(monkeypatch, tmp_path):
         run_main(convergence, argv)
 
 
-def test_convergence_stops_at_the_time_limit(monkeypatch, tmp_path):
-    """Past --time-limit the run is evaluated at the step under way and ends there, marked."""
+def test_convergence_stops_at_the_time_limit_and_survives_a_broken_config(monkeypatch, tmp_path):
+    """Past --time-limit a run is evaluated at the step under way and ends there, marked. A configuration that
+    fails is reported and the others still run; their rows are written, and the script exits non-zero."""
     convergence = load_script("benchmark_convergence", monkeypatch)
-    points = run_main(convergence, [*SMOKE, "--steps", "5", "--time-limit", "1e-6"])
-    assert [(p.step, p.time_limit) for p in points] == [(1, True)]
+
+    def broken(model):
+        raise RuntimeError("this lever is broken")
+
+    monkeypatch.setitem(convergence.benchmark_speed.CONFIGS, "broken", broken)
+    out = tmp_path / "limited"
+    argv = [*SMOKE, "--steps", "5", "--time-limit", "1e-6", "--output", str(out)]
+    with pytest.raises(SystemExit, match="broken failed"):
+        run_main(convergence, [*argv, "--configs", "broken", "default"])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(row["config"], row["step"], row["time_limit"]) for row in rows] == [("default", 1, True)]
+    assert "| default | 1 (time limit) |" in out.with_suffix(".md").read_text()
 
 
 def test_convergence_refuses_what_it_cannot_do(monkeypatch, capsys):

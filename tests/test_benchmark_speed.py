@@ -300,7 +300,8 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
     assert "| 2 | recipe | failed | - | - | - | - |" in table
     assert any(line.startswith("| mean of 2 | recipe | ") for line in table)
-    assert table[-1].startswith("| recipe | 2 | -0.05 (0.18) | 1 | 2 | +0.79 (0.74) | 0 | 0 / 0 | ")
+    # unpaired: seed 2's reference run stays in (21.13 - 20.99), Welch's errors over 2 and 3 runs
+    assert table[-1] == "| recipe | 2 | -0.05 (0.18) | 1 | 2 | +0.79 (0.74) | 0 | 0 / 0 | +0.14 (0.51) | +1.46 (1.42) |"
     assert quality.mean_and_standard_error([1.5])[0] == 1.5 and math.isnan(quality.mean_and_standard_error([1.5])[1])
 
     # a mesh without a surface: counted apart, the Chamfer means and pairs over the runs with one
@@ -312,10 +313,10 @@ def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
     assert "| 2 | recipe | 20.68 | 14.51 | nan | 0.0200 | float16 throughout |" in table
     assert "| mean of 3 | recipe | 20.98 | 14.87 | 11.13 (1 without a surface) | | |" in table
-    assert table[-1].startswith("| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 0 | ")
+    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 0 | -0.01 (0.38) | +1.46 (1.42) |"
     results[("reference", 2, 1)] = {**results[("reference", 2, 1)], "chamfer": math.nan}  # both without one
     table = quality.summarize(results, ["reference", "recipe"], [1, 2, 3]).splitlines()
-    assert table[-1].startswith("| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 1 | ")
+    assert table[-1] == "| recipe | 3 | -0.01 (0.11) | 2 | 2 | +0.79 (0.74) | 0 | 1 / 1 | -0.01 (0.38) | +0.79 (1.32) |"
 
 
 def test_quality_benchmark_statistics_on_small_inputs(monkeypatch):
@@ -455,28 +456,35 @@ def test_quality_benchmark_refuses_options_it_sets(monkeypatch, tmp_path):
             quality.parse_args(["--configs", "a", *wrong])
 
 
+SETTINGS = "600 steps after 25 warm-up --device cuda --eval-stride 8"
+
+
+def write_study(folder, rows, settings: str = SETTINGS) -> None:
+    """A study's output folder as benchmark_quality.py leaves it: its table (settings first) and its rows."""
+    folder.mkdir()
+    (folder / "quality.md").write_text(f"{settings}\n\n| seed | config | ... |\n")
+    dumped = [{"config": c, "seed": s, **_quality_rows(p, ch, "float32")} for c, s, p, ch in rows]
+    (folder / "quality.json").write_text(json.dumps(dumped))
+
+
 def test_quality_benchmark_merges_studies(monkeypatch, tmp_path, capsys):
     """Studies split over device calls summarised as one: a seed found again is its next repeat, runs of other
-    configurations are left out, rows no study has read "not run"; an unreadable folder is named; nothing is
-    overwritten."""
+    configurations are left out, rows no study has read "not run"; nothing is overwritten."""
     quality = load_script("benchmark_quality", monkeypatch)
     first, second = tmp_path / "call1", tmp_path / "call2"
-    for folder, rows in (
-        (first, [("a", 1, 20.0, 10.0), ("b", 1, 21.0, 9.0), ("a", 2, 22.0, 8.0), ("b", 2, 21.0, math.nan)]),
-        (second, [("b", 1, 23.0, 7.0), ("c", 1, 0.0, 0.0)]),
-    ):
-        folder.mkdir()
-        dumped = [{"config": c, "seed": s, **_quality_rows(p, ch, "float32")} for c, s, p, ch in rows]
-        (folder / "quality.json").write_text(json.dumps(dumped))
+    write_study(first, [("a", 1, 20.0, 10.0), ("b", 1, 21.0, 9.0), ("a", 2, 22.0, 8.0), ("b", 2, 21.0, math.nan)])
+    write_study(second, [("b", 1, 23.0, 7.0), ("c", 1, 0.0, 0.0)])
     out = tmp_path / "merged"
     argv = ["--configs", "a", "b", "--merge", str(first), str(second), "--output-dir", str(out)]
     table = quality.main(argv).splitlines()
+    assert table[0] == f"merged from {first} {second}: {SETTINGS}"
     assert "| 1 (run 2) | b | 23.00 | 17.00 | 7.00 | 0.0200 | float32 |" in table
     assert "| 1 (run 2) | a | not run | - | - | - | - |" in table
     assert "| 2 | b | 21.00 | 15.00 | nan | 0.0200 | float32 |" in table
     assert not any("| c |" in line for line in table)
-    # paired: seed 1 (22 - 20), seed 2 (21 - 22); Chamfer only seed 1 (8 - 10); b's seed 2 has no surface
-    assert table[-1].startswith("| b | 2 | +0.50 (1.50) | 1 | 1 | -2.00 (nan) | 1 | 1 / 0 | +0.67 (1.20) |")
+    # paired: seed 1 (22 - 20), seed 2 (21 - 22); Chamfer only seed 1 (8 - 10), b's seed 2 has no surface.
+    # unpaired: PSNR 21.67 - 21 (error sqrt(1.33 / 3 + 2 / 2)); Chamfer over the surfaces, 8 - 9 (sqrt(2 / 2 + 2 / 2))
+    assert table[-1] == "| b | 2 | +0.50 (1.50) | 1 | 1 | -2.00 (nan) | 1 | 1 / 0 | +0.67 (1.20) | -1.00 (1.41) |"
     rows = json.loads((out / "quality.json").read_text())
     assert [(r["config"], r["seed"], r["repeat"]) for r in rows] == [
         ("a", 1, 1),
@@ -487,9 +495,30 @@ def test_quality_benchmark_merges_studies(monkeypatch, tmp_path, capsys):
     ]
     with pytest.raises(SystemExit, match=r"quality\.md exists"):
         quality.main(argv)
-    capsys.readouterr()
-    with pytest.raises(SystemExit, match=f"--merge {tmp_path / 'nowhere'}: cannot read"):
-        quality.main(["--configs", "a", "--merge", str(tmp_path / "nowhere")])
+
+
+def test_quality_benchmark_refuses_merges_that_would_mislead(monkeypatch, tmp_path, capsys):
+    """A folder that cannot be read, named twice, a merge of merges, studies run with other settings, a config
+    no study ran, and options that only shape runs: each refused with what is wrong."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    first, other, merged = tmp_path / "call1", tmp_path / "other", tmp_path / "merged"
+    write_study(first, [("a", 1, 20.0, 10.0)])
+    write_study(other, [("a", 2, 20.0, 10.0)], settings="300 steps after 25 warm-up --device cuda")
+    write_study(merged, [("a", 3, 20.0, 10.0)], settings=f"merged from {first}: {SETTINGS}")
+    for folders, message in (
+        ([tmp_path / "nowhere"], f"--merge {tmp_path / 'nowhere'}: cannot read"),
+        ([first, tmp_path / "." / "call1"], "names a folder twice"),
+        ([first, merged], f"--merge {merged}: {merged / 'quality.md'} is not the table of a study that ran"),
+        ([first, other], f"different settings ({first}: {SETTINGS}; {other}: 300 steps"),
+    ):
+        with pytest.raises(SystemExit) as raised:
+            quality.main(["--configs", "a", "--merge", *map(str, folders)])
+        assert message in str(raised.value)
+    with pytest.raises(SystemExit, match="--configs b: no run of it in the --merge folders"):
+        quality.main(["--configs", "a", "b", "--merge", str(first)])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--configs", "a", "--merge", str(first), "--repeats", "2"])
+    assert "--merge runs nothing: --repeats, --parallel and --timeout do not apply" in capsys.readouterr().err
 
 
 def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, capsys):

@@ -190,8 +190,8 @@ def surface_rounding_error(
 ) -> tuple[float, ...]:
     """``dtype``'s SDF error where the sampler's samples gather: at the probe's chords' first crossings of the
     surface. NaNs where fewer than ``MIN_SURFACE_POINTS`` chords cross it (no surface in the ball); infs where a
-    query overflows there or along ``OVERFLOW_CHORDS`` chords through the whole ball (:func:`probe_points`).
-    One host read."""
+    query overflows there or along ``OVERFLOW_CHORDS`` chords through the whole ball (:func:`probe_points`), with
+    or without a surface. One host read."""
     return tuple(surface_rounding_error_on_device(sdf_fn, radius, device, dtype, quantiles).tolist())
 
 
@@ -207,8 +207,8 @@ def surface_rounding_error_on_device(
     points, crossed = crossing_chords(sdf_fn, radius, device)
     overflowed = overflows_on_device(sdf_fn, probe_points(radius, device, OVERFLOW_CHORDS, OVERFLOW_INTERVALS), dtype)
     errors = rounding_error_on_device(sdf_fn, points, dtype, quantiles, valid=crossed)
-    errors = torch.where(overflowed, math.inf, errors)
-    return torch.where(crossed.sum() < MIN_SURFACE_POINTS, math.nan, errors)
+    errors = torch.where(crossed.sum() < MIN_SURFACE_POINTS, math.nan, errors)
+    return torch.where(overflowed, math.inf, errors)  # an overflow is found without a surface too
 
 
 def rounding_is_safe(error: float, beta: float, max_share: float) -> bool:

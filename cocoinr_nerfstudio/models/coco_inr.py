@@ -1055,9 +1055,8 @@ class CocoInrModel(SurfaceModel):
 
     @property
     def training_queries_float32_from(self) -> int | None:
-        """The step from which training's sampler queries run in float32 for the rest of the run so far (the
-        first check's step where it found them unsafe at once); None while they run in half precision, or where
-        they never did."""
+        """The step of the last switch of training's sampler queries, where it was to float32 (0 where the first
+        check found them unsafe at once); None while they run in half precision, or where they never did."""
         if self.training_query_switches and not self.training_query_switches[-1][1]:
             return self.training_query_switches[-1][0]
         return None

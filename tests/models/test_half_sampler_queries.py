@@ -294,6 +294,29 @@ def test_training_queries_keep_the_geometry_heads_precision_after_renders_switch
         model._sampler_precision_callback(step)
 
 
+def test_following_the_geometry_head_without_a_surface_to_measure(capsys):
+    """No surface to measure: renders' queries run in float32 until one is measured, training's stay float16 (no
+    switch). An overflow is still found without a surface, and switches training's queries too."""
+    model = build(tiny_config(sampler_autocast="float16", geometry_autocast="float16", **FOLLOW))
+    sdf_values = model.field.get_sdf_values
+    model.field.get_sdf_values = lambda points, compiled=True: sdf_values(points, compiled=compiled).abs() + 5.0
+    model._sampler_precision_callback(0)
+    assert model._sampler_half is False and model._queries_half(training=True) and not model._precision_settled()
+    assert model.training_query_switches == []
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "at step 0: renders' queries run in float32 until a check can measure them; training's stay float16" in (
+        printed
+    )
+    overflow_anywhere(model)  # still no surface: the overflow must not hide behind the unmeasured error
+    for step in range(1, 51):
+        model._sampler_precision_callback(step)
+    assert model._sampler_overflowed and model._precision_settled() and not model._queries_half(training=True)
+    assert model.training_query_switches == [(50, False)]
+    assert "overflow in the scene's ball at step 50: training's queries run in float32 from now on too." in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
