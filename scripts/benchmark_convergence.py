@@ -208,21 +208,17 @@ def main(argv: list[str] | None = None) -> list[Point]:
             args.output.with_suffix(".md").write_text(format_table(points, device, args, speed) + "\n")
             args.output.with_suffix(".json").write_text(json.dumps([asdict(p) for p in points], indent=2))
 
-    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
-
-    writers_before = list(writer.EVENT_WRITERS)  # each trainer adds writers that log into the temporary folder
     with tempfile.TemporaryDirectory() as tmp:
         scene = benchmark_speed.scene_or_generated(speed, Path(tmp), mesh_resolution=128)
         for name in speed.configs:
             try:
-                run_config(args, speed, scene, name, Path(tmp) / "outputs", keep)
+                with benchmark_speed.process_state_kept():  # the trainer's writers log into the temporary folder
+                    run_config(args, speed, scene, name, Path(tmp) / "outputs", keep)
             except Exception:  # one broken configuration must not cost the others' rows
                 traceback.print_exc()
                 failed.append(name)
             finally:
-                writer.EVENT_WRITERS[:] = writers_before
-                torch.set_float32_matmul_precision("highest")  # tf32 is process-wide: reset between configs
-                torch._dynamo.reset()
+                torch._dynamo.reset()  # compiled code of the previous model would count against recompile limits
     print(format_table(points, device, args, speed))
     if failed:
         sys.exit(f"benchmark_convergence.py: {', '.join(failed)} failed (tracebacks above).")

@@ -463,27 +463,33 @@ def train_step(trainer, step: int):
 
 
 @contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """nerfstudio's event writers and the float32 matmul precision as they were before the block: a trainer set up
+    in it adds writers that log into its (often temporary) folder, and its model may set TF32 process-wide."""
+    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
+
+    writers_before = list(writer.EVENT_WRITERS)
+    precision_before = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision_before)
+        writer.EVENT_WRITERS[:] = writers_before
+
+
+@contextlib.contextmanager
 def trained(args, name: str, steps: int) -> Iterator[Any]:
     """A Trainer of configuration ``name`` set up in a temporary folder (on ``args.scene``, or a scene generated
     there) and trained ``steps`` steps as ``ns-train`` runs them: what the profiling scripts start from. Afterwards
-    the folder is gone, and the process-wide state the trainer changed (nerfstudio's event writers, the float32
-    matmul precision) is as before."""
-    from nerfstudio.utils import writer  # not at the top: imported before nerfstudio's configs, it is circular
-
-    writers_before = list(writer.EVENT_WRITERS)  # the trainer's writers log into the temporary folder
-    precision_before = torch.get_float32_matmul_precision()  # the model may set TF32 process-wide
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = Path(tmp)
-            scene = scene_or_generated(args, folder, mesh_resolution=32)
-            trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
-            trainer.setup()
-            for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
-                train_step(trainer, step)
-            yield trainer
-        finally:
-            torch.set_float32_matmul_precision(precision_before)
-            writer.EVENT_WRITERS[:] = writers_before
+    the folder is gone, and the process-wide state the trainer changed is as before (:func:`process_state_kept`)."""
+    with tempfile.TemporaryDirectory() as tmp, process_state_kept():
+        folder = Path(tmp)
+        scene = scene_or_generated(args, folder, mesh_resolution=32)
+        trainer = _trainer_config(args, scene, name, folder / "outputs").setup(local_rank=0, world_size=1)
+        trainer.setup()
+        for step in range(steps):  # with the callbacks: they adapt the sampler's refine budget and check bf16
+            train_step(trainer, step)
+        yield trainer
 
 
 def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
