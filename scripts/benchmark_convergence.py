@@ -5,10 +5,10 @@ Issue 5's stretch goal is the quality of the original's full schedule in 20 minu
 benchmark_speed.py measures a step and benchmark_quality.py the quality after a fixed number of steps; this script
 trains one run per configuration for ``--steps`` steps, with the learning rate decaying over ``--schedule-steps``
 (default: the run, as ``ns-train`` decays over ``--max-num-iterations``), and evaluates it at each of ``--eval-at``
-steps, at the last, and once ``--time-limit`` seconds of training have passed (where the run then ends). The clock
-counts training as a user waits for it (its steps, callbacks, compilation and graph captures), not the setup before
-the first step (the scene, the model); evaluations pause it and leave the random streams as they found them. Each
-row gives the step, the training time, the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and
+steps, once each of ``--eval-at-seconds`` of training has passed, at the last step, and once ``--time-limit``
+seconds of training have passed (where the run then ends). The clock counts training as a user waits for it (its
+steps, callbacks, compilation and graph captures), not the setup before the first step (the scene, the model);
+evaluations pause it and leave the random streams as they found them. Each row gives the step, the training time, the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and
 the geometry's learning rate; rows are written to ``--output`` as they come.
 
     python scripts/benchmark_convergence.py --device cuda \\
@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         help="steps over which the learning rates decay (default: --steps, the run)",
     )
     parser.add_argument(
+        "--eval-at-seconds",
+        type=float,
+        nargs="+",
+        default=[],
+        help="seconds of training after which to evaluate (at the step under way), besides --eval-at",
+    )
+    parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds of training after which a run is evaluated and ends"
     )
     parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and rows (.json)")
@@ -90,6 +97,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
         parser.error(f"--schedule-steps must be at least 1, got {args.schedule_steps}")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f"--time-limit must be positive, got {args.time_limit}")
+    if any(not seconds > 0 for seconds in args.eval_at_seconds):
+        parser.error(f"--eval-at-seconds takes positive seconds, got {args.eval_at_seconds}")
+    args.eval_at_seconds = sorted(set(args.eval_at_seconds))
     if not (speed.eval and speed.mesh):
         parser.error("this script evaluates held-out views and meshes: drop --no-eval and --no-mesh")
     return args, speed
@@ -146,12 +156,14 @@ def run_config(
     points: list[Point] = []
     trained = 0.0  # seconds, evaluations excluded
     last_step, last_seconds = 0, 0.0
+    marks = list(args.eval_at_seconds)  # --eval-at-seconds not yet passed
     start = time.perf_counter()
     for step in range(speed.steps):
         benchmark_speed.train_step(trainer, step)
         done = step + 1
-        over_time = args.time_limit is not None and trained + time.perf_counter() - start > args.time_limit
-        if done not in args.eval_at and not over_time:
+        elapsed = trained + time.perf_counter() - start
+        over_time = args.time_limit is not None and elapsed > args.time_limit
+        if done not in args.eval_at and not over_time and not (marks and elapsed >= marks[0]):
             continue
         benchmark_speed._sync(device)
         trained += time.perf_counter() - start
@@ -162,6 +174,7 @@ def run_config(
             )
         on_point(points[-1])
         last_step, last_seconds = done, trained
+        marks = [mark for mark in marks if mark > trained]
         if over_time:
             break
         start = time.perf_counter()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import types
 
 import pytest
 from test_benchmark_speed import load_script, run_main
@@ -37,21 +39,29 @@ def test_convergence_rows_follow_the_schedule(monkeypatch, tmp_path):
 
 
 def test_convergence_stops_at_the_time_limit_and_survives_a_broken_config(monkeypatch, tmp_path):
-    """Past --time-limit a run is evaluated at the step under way and ends there, marked. A configuration that
-    fails is reported and the others still run; their rows are written, and the script exits non-zero."""
+    """Once --eval-at-seconds pass, a run is evaluated at the step under way (marks passed together give one row);
+    past --time-limit it is evaluated and ends there, marked. A configuration that fails is reported and the others
+    still run; their rows are written, and the script exits non-zero."""
     convergence = load_script("benchmark_convergence", monkeypatch)
 
     def broken(model):
         raise RuntimeError("this lever is broken")
 
     monkeypatch.setitem(convergence.benchmark_speed.CONFIGS, "broken", broken)
+    ticks = itertools.count(1.0)  # the script's clock: one second a reading
+    monkeypatch.setattr(convergence, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     out = tmp_path / "limited"
-    argv = [*SMOKE, "--steps", "5", "--time-limit", "1e-6", "--output", str(out)]
+    argv = [*SMOKE, "--steps", "9", "--eval-at-seconds", "2.5", "1.5", "--time-limit", "4.5", "--output", str(out)]
     with pytest.raises(SystemExit, match="broken failed"):
         run_main(convergence, [*argv, "--configs", "broken", "default"])
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert [(row["config"], row["step"], row["time_limit"]) for row in rows] == [("default", 1, True)]
-    assert "| default | 1 (time limit) |" in out.with_suffix(".md").read_text()
+    # start 1; step 1 read at 2 (1 s); step 2 at 3 (2 s >= 1.5): the row's clock stops at 4 (3 s, past 2.5 too);
+    # restart at 5; step 3 at 6 (4 s); step 4 at 7 (5 s > 4.5): the row at 8 (6 s) ends the run
+    assert [(row["config"], row["step"], row["train_seconds"], row["time_limit"]) for row in rows] == [
+        ("default", 2, 3.0, False),
+        ("default", 4, 6.0, True),
+    ]
+    assert "| default | 4 (time limit) |" in out.with_suffix(".md").read_text()
 
 
 def test_convergence_refuses_what_it_cannot_do(monkeypatch, capsys):
@@ -61,6 +71,7 @@ def test_convergence_refuses_what_it_cannot_do(monkeypatch, capsys):
         (["--steps", "3", "--eval-at", "0"], "--eval-at takes steps from 1 to --steps (3), got [0, 3]"),
         (["--schedule-steps", "0"], "--schedule-steps must be at least 1, got 0"),
         (["--time-limit", "0"], "--time-limit must be positive, got 0.0"),
+        (["--eval-at-seconds", "5", "0"], "--eval-at-seconds takes positive seconds, got [5.0, 0.0]"),
         (["--no-mesh"], "drop --no-eval and --no-mesh"),
     ):
         with pytest.raises(SystemExit):
