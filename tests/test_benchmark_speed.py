@@ -242,6 +242,7 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+follow+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+color32+adam1", True),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+batch+adam1", True),
     ]:
         config = benchmark._trainer_config(args, tmp_path, name, tmp_path)
         assert {group["optimizer"].multi_tensor_kernel for group in config.optimizers.values()} == {expected}
@@ -249,6 +250,8 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         assert config.pipeline.model.training_queries_follow_geometry is ("+follow" in name)
         assert config.pipeline.model.refine_budget_shrink_checks == (4 if "+hold4" in name else 1)
         assert config.pipeline.model.bf16_color_heads is ("+color32" not in name)
+        assert config.pipeline.model.per_ray_convergence is ("+batch" not in name)
+        assert config.pipeline.model.static_refine_budget == (1.0 if "+batch" in name else "auto")
         assert config.pipeline.model.geometry_autocast == "float16"
 
 
