@@ -8,8 +8,10 @@ trains one run per configuration for ``--steps`` steps, with the learning rate d
 steps, once each of ``--eval-at-seconds`` of training has passed, at the last step, and once ``--time-limit``
 seconds of training have passed (where the run then ends). The clock counts training as a user waits for it (its
 steps, callbacks, compilation and graph captures), not the setup before the first step (the scene, the model);
-evaluations pause it and leave the random streams as they found them. Each row gives the step, the training time, the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and
-the geometry's learning rate; rows are written to ``--output`` as they come.
+evaluations pause it and leave the random streams as they found them. Each row gives the step, the training time,
+the speed since the last row, held-out PSNR, masked PSNR, Chamfer, beta and the geometry's learning rate; rows are
+written to ``--output`` as they come. A row's time is read after waiting for the GPU; whether a time has passed is
+judged on the host's clock, which may run ahead of the GPU, so a row can come a few steps after its time.
 
     python scripts/benchmark_convergence.py --device cuda \\
         --configs graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+adam1 \\
