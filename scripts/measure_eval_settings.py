@@ -15,7 +15,8 @@ each row.
     python scripts/measure_eval_settings.py --device cuda --configs default --steps 600 --eval-stride 8 --frame-size 0
     python scripts/measure_eval_settings.py --device cpu --configs default --steps 2   # smoke
 
-Options are benchmark_speed.py's (the first of ``--configs`` is trained; ``--steps`` are its training steps).
+Options are benchmark_speed.py's (``--configs`` names the one configuration trained; ``--steps`` are its training
+steps).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = benchmark_speed.parse_args(argv)
     if not args.eval:
         sys.exit("measure_eval_settings.py evaluates held-out views: drop --no-eval")
+    if len(args.configs) != 1:
+        sys.exit(f"measure_eval_settings.py trains one configuration: give --configs one name, not {len(args.configs)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
     config = args.configs[0]

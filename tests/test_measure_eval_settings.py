@@ -50,3 +50,11 @@ def test_settings_are_put_back_even_when_an_evaluation_fails(monkeypatch):
     assert seen == [(1e-4, True), (0.0, True), (1e-4, False), (1e-4, True), (0.0, False)]
     assert (model.config.eval_weight_threshold, model.sampler.per_ray_convergence) == (1e-4, True)
     assert model.sampler.batched_bisection is True
+
+
+def test_one_configuration_is_trained(monkeypatch):
+    script = load_script("measure_eval_settings", monkeypatch)
+    with pytest.raises(SystemExit, match="give --configs one name, not 2"):
+        script.main(["--device", "cpu", "--configs", "default", "reference"])
+    with pytest.raises(SystemExit, match="drop --no-eval"):
+        script.main(["--device", "cpu", "--configs", "default", "--no-eval"])
