@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cocoinr_nerfstudio.benchmarks.step_phases import replaced_methods  # (owner, name, value) set for a block
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_speed  # sibling scripts, not a package
 import measure_sampler_precision
@@ -44,26 +46,16 @@ class Row:
     seconds: float
 
 
-@contextlib.contextmanager
-def _attribute_set(owner, name: str, value) -> Iterator[None]:
-    kept = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, kept)
-
-
 def _every_sample(model):
-    return _attribute_set(model.config, "eval_weight_threshold", 0.0)
+    return replaced_methods([(model.config, "eval_weight_threshold", 0.0)])
 
 
 def _batch_convergence(model):
-    return _attribute_set(model.sampler, "per_ray_convergence", False)
+    return replaced_methods([(model.sampler, "per_ray_convergence", False)])
 
 
 def _sequential_bisection(model):
-    return _attribute_set(model.sampler, "batched_bisection", False)
+    return replaced_methods([(model.sampler, "batched_bisection", False)])
 
 
 def _float32_queries(model):
