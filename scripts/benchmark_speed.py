@@ -383,7 +383,7 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
             group["optimizer"].fused = False
     if args.beta_init is not None:
         model.beta_init = args.beta_init
-    if args.refine_budget is not None and model.cuda_graph:  # only graphs budget the sampler's rounds
+    if args.refine_budget is not None and model.cuda_graph and model.per_ray_convergence:  # only these budget rounds
         model.static_refine_budget = args.refine_budget
     return config
 

@@ -256,14 +256,16 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
 
 
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
-    """``--refine-budget`` sets the budget of configs whose sampler has one (CUDA-graph configs) and leaves the
-    others, whose sampler refuses a budget without per-ray convergence, as they are."""
+    """``--refine-budget`` sets the budget of configs whose sampler has one (CUDA-graph configs with per-ray
+    convergence) and leaves the others, whose sampler refuses a budget without per-ray convergence, as they are."""
     benchmark = load_script("benchmark_speed", monkeypatch)
     args = benchmark.parse_args(["--device", "cpu", "--refine-budget", "0.5"])
     recipe = benchmark._trainer_config(args, tmp_path, "graph+fields+bf16+sdpa+points+flash+fp16", tmp_path)
     reference = benchmark._trainer_config(args, tmp_path, "reference", tmp_path)
     assert recipe.pipeline.model.static_refine_budget == 0.5
     assert reference.pipeline.model.static_refine_budget == 1.0
+    batch = "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+batch+adam1"  # every ray in every round
+    assert benchmark._trainer_config(args, tmp_path, batch, tmp_path).pipeline.model.static_refine_budget == 1.0
     unpinned = benchmark._trainer_config(benchmark.parse_args(["--device", "cpu"]), tmp_path, "graph+auto", tmp_path)
     assert unpinned.pipeline.model.static_refine_budget == "auto"
     for share in ("0", "1.5"):
