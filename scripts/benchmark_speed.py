@@ -655,8 +655,8 @@ def parse_args(argv: list[str] | None = None):
         "--refine-budget",
         type=float,
         default=None,
-        help="pin the sampler's rounds 2.. to this share of the rays in configs that budget them (CUDA graph ones; "
-        "the recipe's is auto): A/Bs at equal work, whatever each run's trajectory asks for",
+        help="pin the sampler's rounds 2.. to this share of the rays in configs that budget them (CUDA-graph ones "
+        "with per-ray convergence; the recipe's is auto): A/Bs at equal work, whatever each run's trajectory asks for",
     )
     parser.add_argument("--eval-chunk", type=int, default=None, help="rays per chunk when rendering (model default)")
     parser.add_argument("--tiny", action="store_true", default=None, help="shrink the model (default on CPU)")
