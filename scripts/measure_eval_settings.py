@@ -10,7 +10,7 @@ once its own error bound is met (the original waits for every ray of the chunk),
 This trains one configuration of ``scripts/benchmark_speed.py`` for ``--steps`` steps, then evaluates the same
 weights on the held-out views with the model's own settings, with each of the original's in turn, and with all of
 them, and prints each row's PSNR and its difference to the model's own. The model's settings are put back after
-each row.
+each row. ``--output`` also writes the table (.md) and the rows (.json), never over an earlier run's.
 
     python scripts/measure_eval_settings.py --device cuda --configs default --steps 600 --eval-stride 8 --frame-size 0
     python scripts/measure_eval_settings.py --device cpu --configs default --steps 2   # smoke
@@ -22,11 +22,12 @@ steps).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sys.exit(f"measure_eval_settings.py trains one configuration: give --configs one name, not {len(args.configs)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
+    if args.output is not None:
+        for path in (args.output.with_suffix(".md"), args.output.with_suffix(".json")):
+            if path.exists():
+                sys.exit(f"measure_eval_settings.py: {path} exists (an earlier run?); choose another --output.")
     config = args.configs[0]
     torch.manual_seed(args.seed)
     with benchmark_speed.trained(args, config, args.steps) as trainer:
@@ -135,7 +140,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows = measure(pipeline)
         beta = float(pipeline.model.density.get_beta().detach())
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(format_table(rows, device, config, args.steps, beta))
+    table = format_table(rows, device, config, args.steps, beta)
+    print(table)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".md").write_text(table + "\n")
+        args.output.with_suffix(".json").write_text(json.dumps([asdict(row) for row in rows], indent=2))
     return rows
 
 

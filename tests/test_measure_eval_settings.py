@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import types
 
@@ -9,12 +10,13 @@ import pytest
 from test_benchmark_speed import load_script, run_main
 
 
-def test_each_setting_is_evaluated_and_put_back(monkeypatch, capsys):
+def test_each_setting_is_evaluated_and_put_back(monkeypatch, capsys, tmp_path):
     """On a tiny CPU model: the model's own row, one row per setting that applies (no half-precision queries to
     undo here), all of them together; refinements of the same sampling move PSNR by hundredths of a dB at most."""
     script = load_script("measure_eval_settings", monkeypatch)
     argv = ["--device", "cpu", "--configs", "default", "--steps", "2", "--rays", "64", "--scene-size", "8", "32", "24"]
-    rows = run_main(script, [*argv, "--eval-stride", "4"])
+    out = tmp_path / "settings"
+    rows = run_main(script, [*argv, "--eval-stride", "4", "--output", str(out)])
     assert [row.setting for row in rows] == [
         "the model's own",
         "every sample evaluated (eval-weight-threshold 0)",
@@ -25,6 +27,10 @@ def test_each_setting_is_evaluated_and_put_back(monkeypatch, capsys):
     for row in rows:
         assert math.isfinite(row.psnr) and abs(row.psnr - rows[0].psnr) < 0.05
     assert "| the model's own | " in capsys.readouterr().out
+    assert [row["setting"] for row in json.loads(out.with_suffix(".json").read_text())] == [r.setting for r in rows]
+    assert out.with_suffix(".md").read_text().startswith("Device: CPU; default trained 2 steps")
+    with pytest.raises(SystemExit, match="exists"):
+        script.main([*argv, "--output", str(out)])
 
 
 def test_settings_are_put_back_even_when_an_evaluation_fails(monkeypatch):
