@@ -235,6 +235,29 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_batch(model: Coco
     model.static_refine_budget = 1.0
 
 
+def _graph_fields_bf16_sdpa_points_flash_fp16_split(model: CocoInrModelConfig) -> None:
+    """The defaults with the geometry head trained in float32 (no ``+geo16``). Round twenty-eight traced the defaults'
+    0.26 dB lower PSNR at 600 steps to their half precisions (``graph+fields`` matches the reference); this and the
+    next two configs each leave one of them out."""
+    _graph_fields_bf16_sdpa_points_flash_fp16(model)
+    model.mix_order_reduction = False
+
+
+def _graph_fields_bf16_sdpa_points_fp16_geometry16_split(model: CocoInrModelConfig) -> None:
+    """The defaults without ``flash``: the bf16 heads' attention (differentiated once) through the point kernels
+    instead of torch's flash kernels. One half-precision lever of the defaults left out."""
+    _graph_fields_bf16_sdpa_points_fp16(model)
+    model.geometry_autocast = "float16"
+    model.mix_order_reduction = False
+
+
+def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_queries32(model: CocoInrModelConfig) -> None:
+    """The defaults with the sampler's SDF queries in float32 (``--pipeline.model.sampler-autocast none``): where
+    samples are placed, as ``graph+fields`` places them. One half-precision lever of the defaults left out."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.sampler_autocast = "none"
+
+
 def _graph_fields_points(model: CocoInrModelConfig) -> None:
     """graph+fields (no bf16) with the point-attention kernels in every differentiated coordinate attention."""
     _graph_fields(model)
@@ -302,6 +325,11 @@ CONFIGS: dict[str, Callable[[CocoInrModelConfig], None]] = {
     ),
     "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+batch+adam1": (
         _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_batch
+    ),
+    "graph+fields+bf16+sdpa+points+flash+fp16+split+adam1": _graph_fields_bf16_sdpa_points_flash_fp16_split,
+    "graph+fields+bf16+sdpa+points+fp16+geo16+split+adam1": _graph_fields_bf16_sdpa_points_fp16_geometry16_split,
+    "graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+q32+adam1": (
+        _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_queries32
     ),
     "graph+fields+points": _graph_fields_points,
     "default+sdpa": _default_sdpa,

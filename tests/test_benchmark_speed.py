@@ -232,7 +232,9 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
         assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
-def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path):
+def test_recipe_variants_set_what_their_names_say(monkeypatch, tmp_path):
+    """Each variant of the defaults' config differs from them in what its name adds or leaves out: only ``+adam1``
+    steps with the one-launch Adam, and the half-precision levers are those named."""
     benchmark = load_script("benchmark_speed", monkeypatch)
     args = benchmark.parse_args(["--device", "cpu"])
     for name, expected in [
@@ -243,6 +245,9 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+hold4+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+color32+adam1", True),
         ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+batch+adam1", True),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+split+adam1", True),
+        ("graph+fields+bf16+sdpa+points+fp16+geo16+split+adam1", True),
+        ("graph+fields+bf16+sdpa+points+flash+fp16+geo16+split+q32+adam1", True),
     ]:
         config = benchmark._trainer_config(args, tmp_path, name, tmp_path)
         assert {group["optimizer"].multi_tensor_kernel for group in config.optimizers.values()} == {expected}
@@ -252,7 +257,12 @@ def test_only_adam1_configs_step_with_the_one_launch_adam(monkeypatch, tmp_path)
         assert config.pipeline.model.bf16_color_heads is ("+color32" not in name)
         assert config.pipeline.model.per_ray_convergence is ("+batch" not in name)
         assert config.pipeline.model.static_refine_budget == (1.0 if "+batch" in name else "auto")
-        assert config.pipeline.model.geometry_autocast == "float16"
+        assert config.pipeline.model.geometry_autocast == ("float16" if "+geo16" in name else "none")
+        assert config.pipeline.model.sampler_autocast == ("none" if "+q32" in name else "float16")
+        for field in (config.pipeline.model.sdf_field, config.pipeline.model.background_field):
+            assert field.coordinate_attention.flash_first_order is ("+flash" in name)
+            assert field.coordinate_attention.point_kernels and field.coordinate_attention.fused_without_grad
+        assert config.pipeline.model.cuda_graph and config.pipeline.model.compile_fields
 
 
 def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys):
