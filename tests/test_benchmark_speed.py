@@ -232,6 +232,32 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
         assert model != coco_inr_fast.config.pipeline.model  # the comparison can fail
 
 
+def test_readme_float32_command_is_the_benchmarked_graph_fields(monkeypatch):
+    """README's command for equal quality per step trains the model that round twenty-eight measured as
+    ``graph+fields``."""
+    import shlex
+
+    import tyro
+
+    from cocoinr_nerfstudio.method_configs import coco_inr
+
+    benchmark = load_script("benchmark_speed", monkeypatch)
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
+    prefix = "ns-train coco-inr --pipeline.model.tf32-matmul"  # the one-line command, not the one option a line
+    (command,) = [line for line in lines if line.startswith(prefix) and "--data" in line]
+    words = shlex.split(command)[2:]
+    options = words[: words.index("--data")]
+    trainer = tyro.cli(
+        tyro.conf.FlagConversionOff[type(coco_inr.config)],
+        default=copy.deepcopy(coco_inr.config),
+        args=[*options, "idr-data"],
+    )
+    expected = copy.deepcopy(coco_inr.config.pipeline.model)
+    benchmark.CONFIGS["graph+fields"](expected)
+    assert trainer.pipeline.model == expected
+    assert trainer.pipeline.model != coco_inr.config.pipeline.model
+
+
 def test_recipe_variants_set_what_their_names_say(monkeypatch, tmp_path):
     """Each variant of the defaults' config differs from them in what its name adds or leaves out: only ``+adam1``
     steps with the one-launch Adam, and the half-precision levers are those named."""
