@@ -18,7 +18,9 @@ nondeterministic kernels) and 600 steps amplify that: in round twenty-six two ru
 gave 20.12 and 20.89 dB, Chamfer 25.4 and 9.1. Pairing by seed then removes only part of the spread, so the
 unpaired difference of all runs' means (Welch's standard error) is printed beside the paired one. ``--repeats N``
 runs each (configuration, seed) N times and prints how much runs of one seed spread against all runs. Device calls
-are short, so a study is often split over several: ``--merge`` summarises their output folders as one study.
+are short, so a study is often split over several: ``--merge`` summarises their output folders as one study. With
+``--output-dir`` the table and rows are rewritten as each run finishes, so a study stopped from outside (``timeout``'s
+SIGTERM at a call's limit) keeps the runs that had finished, and its table says how many of the planned ones.
 
     python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
         --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,9 +410,13 @@ def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> 
 
 
 def run_all(
-    runs: list[Run], args: argparse.Namespace, passed_on: list[str]
+    runs: list[Run],
+    args: argparse.Namespace,
+    passed_on: list[str],
+    on_result: Callable[[dict[tuple[str, int, int], dict[str, float]]], None] = lambda results: None,
 ) -> tuple[dict[tuple[str, int, int], dict[str, float]], int]:
-    """Runs at most ``--parallel`` at once; returns the results and the number of runs that failed."""
+    """Runs at most ``--parallel`` at once; returns the results and the number of runs that failed. ``on_result``
+    gets the results so far each time a run succeeds."""
     pending, running, results, done, failed = list(runs), [], {}, 0, 0
     try:
         while pending or running:
@@ -427,7 +434,10 @@ def run_all(
                     _stop(run)
                 running.remove(run)
                 done += 1
-                failed += not _finish(run, results, done, len(runs), timed_out)
+                if _finish(run, results, done, len(runs), timed_out):
+                    on_result(results)
+                else:
+                    failed += 1
     finally:  # Ctrl-C and the signals below reach only this process: the runs have sessions of their own
         for run in running:
             _stop(run)
@@ -453,6 +463,20 @@ def merge(args: argparse.Namespace) -> str:
     return table
 
 
+def write_study(folder: Path, runs: list[Run], results: dict, table: str) -> None:
+    """The study's table (``quality.md``) and rows in the order of ``runs`` (``quality.json``), each replaced whole:
+    a signal that stops the study while it writes leaves the previous version, never half of one."""
+    order = {run.key: index for index, run in enumerate(runs)}
+    rows = [
+        {"config": c, "seed": s, "repeat": r, **metrics}
+        for (c, s, r), metrics in sorted(results.items(), key=lambda item: order[item[0]])
+    ]
+    for name, text in (("quality.json", json.dumps(rows, indent=2)), ("quality.md", table + "\n")):
+        partial = folder / f".{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, folder / name)
+
+
 def main(argv: list[str] | None = None) -> str:
     args, passed_on = parse_args(argv)
     if args.merge is not None:
@@ -466,18 +490,25 @@ def main(argv: list[str] | None = None) -> str:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _exit_on)
         print(f"{len(runs)} run(s) of {args.steps} steps, {args.parallel} at once; logs in {folder}", flush=True)
-        results, failed = run_all(runs, args, passed_on)
         settings = " ".join([f"{args.steps} steps after {args.warmup} warm-up", *passed_on])
-        table = f"{settings}\n\n{summarize(results, args.configs, args.seeds, args.repeats)}"
+
+        def table_of(results: dict, finished: bool) -> str:
+            if finished:
+                return f"{settings}\n\n{summarize(results, args.configs, args.seeds, args.repeats)}"
+            summary = summarize(results, args.configs, args.seeds, args.repeats, "not finished")
+            return (
+                f"{settings}\n\n{summary}\n\n{len(results)} of the {len(runs)} planned runs had finished when this "
+                "was written: the study was stopped, or is still running."
+            )
+
+        def write(results: dict, finished: bool) -> None:
+            if args.output_dir is not None:
+                write_study(folder, runs, results, table_of(results, finished))
+
+        results, failed = run_all(runs, args, passed_on, on_result=lambda results: write(results, finished=False))
+        table = table_of(results, finished=True)
         print(table)
-        if args.output_dir is not None:
-            (folder / "quality.md").write_text(table + "\n")
-            order = {run.key: index for index, run in enumerate(runs)}
-            rows = [
-                {"config": c, "seed": s, "repeat": r, **metrics}
-                for (c, s, r), metrics in sorted(results.items(), key=lambda item: order[item[0]])
-            ]
-            (folder / "quality.json").write_text(json.dumps(rows, indent=2))
+        write(results, finished=True)
     if failed:
         sys.exit(f"benchmark_quality.py: {failed} of {len(runs)} runs failed (their logs are named above).")
     return table

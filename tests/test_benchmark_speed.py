@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -413,7 +415,7 @@ def test_quality_benchmark_repeats_a_seed(monkeypatch):
 
 
 FAKE_SPEED_SCRIPT = """
-import argparse, json, sys
+import argparse, json, sys, time
 from pathlib import Path
 
 def parse_args(argv=None):
@@ -432,6 +434,8 @@ if __name__ == "__main__":
     args = parse_args()
     if args.configs == ["b"] and args.seed == 2:
         sys.exit("boom: b cannot train at seed 2")
+    if args.configs == ["b"] and args.seed == 3:
+        time.sleep(120)  # a run still going when its study is stopped
     result = {"psnr": 20.0 + args.seed + (args.configs == ["b"]), "psnr_masked": 15.0, "chamfer": 10.0 - args.seed,
               "final_loss": 0.02, "argv": sys.argv[1:]}
     args.output.with_suffix(".json").write_text(json.dumps([result]))
@@ -467,6 +471,56 @@ def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path
     assert "| b | 1 | +1.00 (nan) | 1 | 1 | +0.00 (nan) | 0 | 0 / 0 |" in table  # seed 2 has no pair
     with pytest.raises(SystemExit, match=f"{out / 'quality.md'} exists"):
         quality.main(argv)
+
+
+def test_quality_benchmark_stopped_from_outside_keeps_finished_runs(monkeypatch, tmp_path):
+    """A study stopped by SIGTERM (``timeout`` at a device call's limit) leaves the table and rows of the runs that had
+    finished, says how many of the planned ones that is, stops the run under way, and can be merged."""
+    fake = tmp_path / "fake_speed.py"
+    fake.write_text(FAKE_SPEED_SCRIPT)
+    wrapper, script = tmp_path / "quality_with_fake_runs.py", str(REPO / "scripts" / "benchmark_quality.py")
+    wrapper.write_text(
+        "import importlib.util, sys\nfrom pathlib import Path\n"
+        f"spec = importlib.util.spec_from_file_location('benchmark_quality', {script!r})\n"
+        "module = importlib.util.module_from_spec(spec)\nsys.modules['benchmark_quality'] = module\n"
+        f"spec.loader.exec_module(module)\nmodule.SPEED_SCRIPT = Path({str(fake)!r})\nmodule.main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "study"
+    argv = ["--configs", "a", "b", "--seeds", "1", "3", "--steps", "5", "--warmup", "1", "--parallel", "1"]
+    process = subprocess.Popen(
+        [sys.executable, str(wrapper), *argv, "--output-dir", str(out)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "quality.json").exists() and len(json.loads((out / "quality.json").read_text())) == 3:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # b at seed 3 has started and sleeps
+        process.send_signal(signal.SIGTERM)
+        printed, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, printed
+    rows = json.loads((out / "quality.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [("a", 1), ("b", 1), ("a", 3)]
+    table = (out / "quality.md").read_text()
+    assert table.startswith("5 steps after 1 warm-up\n")
+    assert "| 3 | b | not finished | - | - | - | - |" in table
+    assert "3 of the 4 planned runs had finished when this was written" in table
+    assert not list(out.glob(".*.partial"))
+    assert not (out / "b_seed3.json").exists()
+    running = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that ended while we looked
+            running.append(cmdline.read_bytes())
+    assert not [line for line in running if str(fake).encode() in line]  # the run under way was stopped
+    merged = load_script("benchmark_quality", monkeypatch).main(["--configs", "a", "b", "--merge", str(out)])
+    assert "| 3 | b | not run | - | - | - | - |" in merged  # b's seed 3 is the one that never finished
+    assert merged.endswith("| b | 1 | +1.00 (nan) | 1 | 1 | +0.00 (nan) | 0 | 0 / 0 | +0.00 (nan) | +1.00 (nan) |")
 
 
 def test_quality_benchmark_refuses_options_it_sets(monkeypatch, tmp_path):
