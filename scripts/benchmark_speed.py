@@ -239,22 +239,22 @@ def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_batch(model: Coco
 def _graph_fields_bf16_sdpa_points_flash_fp16_split(model: CocoInrModelConfig) -> None:
     """The defaults with the geometry head trained in float32 (no ``+geo16``). Round twenty-eight traced the defaults'
     0.26 dB lower PSNR at 600 steps to their half precisions (``graph+fields`` matches the reference); this and the
-    next two configs each leave one of them out."""
-    _graph_fields_bf16_sdpa_points_flash_fp16(model)
-    model.mix_order_reduction = False
+    next two configs each leave one of them out of the defaults."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.geometry_autocast = "none"
 
 
 def _graph_fields_bf16_sdpa_points_fp16_geometry16_split(model: CocoInrModelConfig) -> None:
     """The defaults without ``flash``: the bf16 heads' attention (differentiated once) through the point kernels
-    instead of torch's flash kernels. One half-precision lever of the defaults left out."""
-    _graph_fields_bf16_sdpa_points_fp16(model)
-    model.geometry_autocast = "float16"
-    model.mix_order_reduction = False
+    instead of torch's flash kernels."""
+    _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
+    model.sdf_field.coordinate_attention.flash_first_order = False
+    model.background_field.coordinate_attention.flash_first_order = False
 
 
 def _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split_queries32(model: CocoInrModelConfig) -> None:
-    """The defaults with the sampler's SDF queries in float32 (``--pipeline.model.sampler-autocast none``): where
-    samples are placed, as ``graph+fields`` places them. One half-precision lever of the defaults left out."""
+    """The defaults with the sampler's SDF queries in float32 (``--pipeline.model.sampler-autocast none``): samples
+    placed as ``graph+fields`` places them."""
     _graph_fields_bf16_sdpa_points_flash_fp16_geometry16_split(model)
     model.sampler_autocast = "none"
 
