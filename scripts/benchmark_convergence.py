@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
     args, speed = parse_args(argv)
     if speed.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    if args.output is not None:
-        for path in (args.output.with_suffix(".md"), args.output.with_suffix(".json")):
-            if path.exists():
-                sys.exit(f"benchmark_convergence.py: {path} exists (an earlier run?); choose another --output.")
+    benchmark_speed.refuse_earlier_output("benchmark_convergence.py", args.output)
     device = torch.cuda.get_device_name() if speed.device == "cuda" else "CPU"
     points: list[Point] = []
     failed = []

@@ -619,6 +619,16 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
     )
 
 
+def refuse_earlier_output(script: str, output: Path | None) -> None:
+    """Exits, naming the file, where ``output``'s table (.md) or rows (.json) already exist: a later run must not
+    overwrite an earlier one's results (``--output`` of the scripts that write both)."""
+    if output is None:
+        return
+    for path in (output.with_suffix(".md"), output.with_suffix(".json")):
+        if path.exists():
+            sys.exit(f"{script}: {path} exists (an earlier run?); choose another --output.")
+
+
 def sampler_query_precision(model) -> str:
     """``Result.sampler_queries`` of a trained model: float32, a half precision throughout, or the half precision
     and each of the precision check's switches ("float16, float32 from step 50, float16 again from step 100")."""

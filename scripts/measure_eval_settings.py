@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sys.exit(f"measure_eval_settings.py trains one configuration: give --configs one name, not {len(args.configs)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
-    if args.output is not None:
-        for path in (args.output.with_suffix(".md"), args.output.with_suffix(".json")):
-            if path.exists():
-                sys.exit(f"measure_eval_settings.py: {path} exists (an earlier run?); choose another --output.")
+    benchmark_speed.refuse_earlier_output("measure_eval_settings.py", args.output)
     config = args.configs[0]
     torch.manual_seed(args.seed)
     with benchmark_speed.trained(args, config, args.steps) as trainer:
