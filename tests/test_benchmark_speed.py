@@ -473,6 +473,15 @@ def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path
         quality.main(argv)
 
 
+def running_command_lines() -> list[list[bytes]]:
+    """Every running process's command line, split into its arguments."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that ended while we looked
+            lines.append(cmdline.read_bytes().split(b"\0"))
+    return lines
+
+
 def test_quality_benchmark_stopped_from_outside_keeps_finished_runs(monkeypatch, tmp_path):
     """A study stopped by SIGTERM (``timeout`` at a device call's limit) leaves the table and rows of the runs that had
     finished, says how many of the planned ones that is, stops the run under way, and can be merged."""
@@ -513,11 +522,7 @@ def test_quality_benchmark_stopped_from_outside_keeps_finished_runs(monkeypatch,
     assert "3 of the 4 planned runs had finished when this was written" in table
     assert not list(out.glob(".*.partial"))
     assert not (out / "b_seed3.json").exists()
-    running = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):  # a process that ended while we looked
-            running.append(cmdline.read_bytes())
-    assert not [line for line in running if str(fake).encode() in line]  # the run under way was stopped
+    assert not [line for line in running_command_lines() if str(fake).encode() in b" ".join(line)]  # stopped
     merged = load_script("benchmark_quality", monkeypatch).main(["--configs", "a", "b", "--merge", str(out)])
     assert "| 3 | b | not run | - | - | - | - |" in merged  # b's seed 3 is the one that never finished
     assert merged.endswith("| b | 1 | +1.00 (nan) | 1 | 1 | +0.00 (nan) | 0 | 0 / 0 | +0.00 (nan) | +1.00 (nan) |")
@@ -628,13 +633,7 @@ def test_quality_benchmark_stops_a_run_past_its_timeout(monkeypatch, tmp_path, c
     assert quality.run_all(quality.plan(args, tmp_path), args, passed_on) == ({}, 1)
     assert time.monotonic() - started < 20
     assert "reference, seed 1: failed (timed out" in capsys.readouterr().out
-    command_lines = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            command_lines.append(cmdline.read_bytes().split(b"\0"))
-        except OSError:  # the process ended while we looked
-            continue
-    assert [b"sleep", b"67"] not in [line[:2] for line in command_lines]  # the run's child went with it
+    assert [b"sleep", b"67"] not in [line[:2] for line in running_command_lines()]  # the run's child went with it
 
 
 def test_quality_benchmark_on_cpu(tmp_path):
