@@ -144,7 +144,8 @@ def test_ddp_gradients_are_the_average_of_the_ranks_local_gradients(ddp_run):
 def test_ddp_model_has_no_unused_parameters(ddp_run):
     """Only nerfstudio's empty ``device_indicator_param`` gets no gradient; every prior head is trained."""
     record = ddp_run.records[0]
-    parameters = {n for n in record["initial_state"] if n != "prior.codebook" and "encoding.freqs" not in n}
+    buffers = ("prior.codebook", "_extra_state")  # the state dict's non-parameters (the latter: training state)
+    parameters = {n for n in record["initial_state"] if n not in buffers and "encoding.freqs" not in n}
     assert parameters - set(trainable(record)) == {"device_indicator_param"}
     for head in PRIOR_HEADS:
         assert any(n.startswith(f"prior.attentions.{head}.") for n in trainable(record))

@@ -28,6 +28,7 @@ from PIL import Image
 
 from cocoinr_nerfstudio.benchmarks.fewview import TINY_MODEL_ARGS
 from cocoinr_nerfstudio.data.scene_generator import SceneInfo
+from cocoinr_nerfstudio.model_components.extra_state import decode_extra_state
 
 pytestmark = pytest.mark.slow
 
@@ -347,6 +348,8 @@ def test_resume_continues_from_the_saved_step(workspace, trained):
     adam_steps = {float(s["step"]) for s in state["optimizers"]["fields"]["state"].values()}
     assert adam_steps == {float(ITERATIONS + MORE_ITERATIONS)}
     assert state["schedulers"]["fields"]["last_epoch"] == ITERATIONS + MORE_ITERATIONS
+    # the model's training state outside its weights rides along (tests/models/test_resume_state.py)
+    assert decode_extra_state(state["pipeline"]["_model._extra_state"], "checkpoint") == {"version": 1}
     first = torch.load(_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
     changed = [
         k for k, v in state["pipeline"].items() if v.is_floating_point() and not torch.equal(v, first["pipeline"][k])

@@ -264,6 +264,13 @@ class CocoField(Field):
         self.geometry_gradient_scale = float(gradient_scale)
         self.gradient_scale = None
 
+    def resume_gradient_scale(self, value: float) -> None:
+        """Starts the geometry head's loss scale at ``value`` (a resumed run's, lowered by its overflows), in place
+        where one is in use: a captured step reads the new value."""
+        self.geometry_gradient_scale = float(value)
+        if self.gradient_scale is not None:
+            self.gradient_scale.factor.fill_(value)
+
     def _gradient_scale_on(self, device: torch.device) -> GradientScale:
         if self.gradient_scale is None or self.gradient_scale.factor.device != device:
             self.gradient_scale = GradientScale(self.geometry_gradient_scale, device)

@@ -142,3 +142,22 @@ class AdaptiveRefineBudget:
         self.sampler.refine_budgets = new
         self.history.append((step, demand, new))
         return True
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on sizing as this one would: the budgets set, their history and the demand
+        of the checks a shrink waits on (JSON-serialisable). The demand observed since the last check is not kept:
+        a resumed run observes afresh."""
+        return {
+            "budgets": list(self.budgets),
+            "history": [[step, list(demand), list(budgets)] for step, demand, budgets in self.history],
+            "recent": [list(demand) for demand in self._recent],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`'s budgets and history (the sampler's setter checks the budgets: one per round
+        after the first, in (0, 1], never growing)."""
+        self.sampler.refine_budgets = tuple(state["budgets"])
+        self.history = [(int(step), tuple(demand), tuple(budgets)) for step, demand, budgets in state["history"]]
+        self._recent.clear()
+        self._recent.extend(tuple(demand) for demand in state["recent"])
+        self._demand, self._observed, self._requested = None, 0, None

@@ -39,6 +39,7 @@ from cocoinr_nerfstudio.model_components.background import (
 )
 from cocoinr_nerfstudio.model_components.density import LaplaceDensity
 from cocoinr_nerfstudio.model_components.error_bounded_sampler import ErrorBoundedSampler
+from cocoinr_nerfstudio.model_components.extra_state import decode_extra_state, encode_extra_state
 from cocoinr_nerfstudio.model_components.host_reads import DeferredRead
 from cocoinr_nerfstudio.model_components.image_metrics import OptionalLPIPS, batch_psnr, masked_psnr
 from cocoinr_nerfstudio.model_components.mask_split import split_mask
@@ -1156,6 +1157,69 @@ class CocoInrModel(SurfaceModel):
     def cuda_graph_key(self) -> tuple:
         """What a captured training step bakes in besides tensors: a new value means capturing again."""
         return (self.sampler.refine_budgets, self._queries_half(training=True))
+
+    def get_extra_state(self) -> Tensor:
+        """What training has set that is no parameter or buffer (the sampler's precision, the refine budgets, the
+        geometry head's loss scale), so that a checkpoint resumes it (see
+        :mod:`~cocoinr_nerfstudio.model_components.extra_state`). Reads the loss scale from the device."""
+        state: dict[str, Any] = {}
+        if self._checks_sampler_precision:
+            state["sampler_precision"] = {
+                "autocast": self.config.sampler_autocast,
+                "max_error": self.config.sampler_autocast_max_error,
+                "half": self._sampler_half,
+                "overflowed": self._sampler_overflowed,
+                "unmeasured": self._sampler_unmeasured,
+                "next_check": self._next_precision_check,
+                "switches": [[step, half] for step, half in self.training_query_switches],
+            }
+        if self.refine_budget is not None:
+            state["refine_budget"] = self.refine_budget.state_dict()
+        if self.field.geometry_autocast is not None:
+            scale = self.field.gradient_scale
+            value = scale.value() if scale is not None else self.field.geometry_gradient_scale
+            state["geometry_loss_scale"] = {"autocast": self.config.geometry_autocast, "value": value}
+        return encode_extra_state(state)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Restores :meth:`get_extra_state`'s parts that this configuration uses the same way; a part saved under
+        other settings (another half precision or error limit, another round count) starts over, and says so."""
+        saved = decode_extra_state(state, "the checkpoint's _model._extra_state")
+        precision = saved.get("sampler_precision")
+        if precision is not None and self._checks_sampler_precision:
+            settings = (self.config.sampler_autocast, self.config.sampler_autocast_max_error)
+            if (precision["autocast"], precision["max_error"]) == settings:
+                self._sampler_half = precision["half"]
+                self._sampler_overflowed = bool(precision["overflowed"])
+                self._sampler_unmeasured = bool(precision["unmeasured"])
+                self._next_precision_check = int(precision["next_check"])
+                self._sampler_probe = None
+                self.training_query_switches = [(int(step), bool(half)) for step, half in precision["switches"]]
+            else:
+                CONSOLE.print(
+                    f"Sampler: the checkpoint checked {precision['autocast']} queries against "
+                    f"{precision['max_error']:g} x beta; this run checks {settings[0]} against {settings[1]:g} x beta "
+                    "afresh."
+                )
+        budget = saved.get("refine_budget")
+        if budget is not None and self.refine_budget is not None:
+            if len(budget["budgets"]) == len(self.sampler.refine_budgets):
+                self.refine_budget.load_state_dict(budget)
+            else:
+                CONSOLE.print(
+                    f"Sampler: the checkpoint's refine budgets are for {len(budget['budgets']) + 1} rounds, this run "
+                    f"has {len(self.sampler.refine_budgets) + 1}: they are sized afresh."
+                )
+        scale = saved.get("geometry_loss_scale")
+        if scale is not None and self.field.geometry_autocast is not None:
+            if scale["autocast"] == self.config.geometry_autocast:
+                self.field.resume_gradient_scale(scale["value"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # a checkpoint written before it was saved: that state starts over, as it did
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]
