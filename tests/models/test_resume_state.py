@@ -145,3 +145,19 @@ def test_the_encoding_round_trips_and_refuses_other_tensors():
         build(tiny_config()).set_extra_state(torch.tensor([255, 0, 1], dtype=torch.uint8))
     with pytest.raises(ValueError, match="x: training state version 99, expected 1"):
         decode_extra_state(torch.tensor(list(b'{"version": 99}'), dtype=torch.uint8), "x")
+
+
+def test_nerfstudio_pipeline_load_restores_it():
+    """The path of ``--load-dir`` and ``eval_setup``: nerfstudio's pipeline strips ``_model.`` and loads strictly; a
+    key it did not route would fall back to a non-strict load and leave the state unrestored, silently."""
+    from nerfstudio.pipelines.base_pipeline import Pipeline, VanillaPipeline
+
+    model = build(tiny_config(**FAST))
+    trained_state(model)
+    checkpoint = {f"_model.{name}": value for name, value in saved(model)["model"].items()}
+    pipeline = Pipeline()
+    pipeline._model = build(tiny_config(**FAST))
+    VanillaPipeline.load_pipeline(pipeline, checkpoint, step=60)  # type: ignore[arg-type]
+    resumed = pipeline.model
+    assert resumed.cuda_graph_key() == model.cuda_graph_key() and resumed._sampler_half is False
+    assert resumed.field.geometry_gradient_scale == 2.0**39
