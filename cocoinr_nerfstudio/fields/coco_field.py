@@ -266,10 +266,13 @@ class CocoField(Field):
 
     def resume_gradient_scale(self, value: float) -> None:
         """Starts the geometry head's loss scale at ``value`` (a resumed run's, lowered by its overflows), in place
-        where one is in use: a captured step reads the new value."""
+        where one is in use (a captured step reads the new value), with no overflow counted: any were the scale's
+        before."""
         self.geometry_gradient_scale = float(value)
         if self.gradient_scale is not None:
             self.gradient_scale.factor.fill_(value)
+            if self.gradient_scale.overflows.grad is not None:
+                self.gradient_scale.overflows.grad.zero_()
 
     def _gradient_scale_on(self, device: torch.device) -> GradientScale:
         if self.gradient_scale is None or self.gradient_scale.factor.device != device:

@@ -1167,6 +1167,7 @@ class CocoInrModel(SurfaceModel):
             state["sampler_precision"] = {
                 "autocast": self.config.sampler_autocast,
                 "max_error": self.config.sampler_autocast_max_error,
+                "follow_geometry": self._training_queries_follow_geometry,
                 "half": self._sampler_half,
                 "overflowed": self._sampler_overflowed,
                 "unmeasured": self._sampler_unmeasured,
@@ -1178,17 +1179,23 @@ class CocoInrModel(SurfaceModel):
         if self.field.geometry_autocast is not None:
             scale = self.field.gradient_scale
             value = scale.value() if scale is not None else self.field.geometry_gradient_scale
-            state["geometry_loss_scale"] = {"autocast": self.config.geometry_autocast, "value": value}
+            state["geometry_loss_scale"] = {
+                "autocast": self.config.geometry_autocast,
+                "start": self.config.geometry_gradient_scale,
+                "value": value,
+            }
         return encode_extra_state(state)
 
     def set_extra_state(self, state: Tensor) -> None:
         """Restores :meth:`get_extra_state`'s parts that this configuration uses the same way; a part saved under
-        other settings (another half precision or error limit, another round count) starts over, and says so."""
+        other settings (another half precision, error limit, round count or starting loss scale) starts over, and
+        says so."""
         saved = decode_extra_state(state, "the checkpoint's _model._extra_state")
         precision = saved.get("sampler_precision")
         if precision is not None and self._checks_sampler_precision:
             settings = (self.config.sampler_autocast, self.config.sampler_autocast_max_error)
-            if (precision["autocast"], precision["max_error"]) == settings:
+            follow = self._training_queries_follow_geometry
+            if (precision["autocast"], precision["max_error"], precision["follow_geometry"]) == (*settings, follow):
                 self._sampler_half = precision["half"]
                 self._sampler_overflowed = bool(precision["overflowed"])
                 self._sampler_unmeasured = bool(precision["unmeasured"])
@@ -1196,10 +1203,11 @@ class CocoInrModel(SurfaceModel):
                 self._sampler_probe = None
                 self.training_query_switches = [(int(step), bool(half)) for step, half in precision["switches"]]
             else:
+                following = {True: ", training's following the geometry head", False: ""}
                 CONSOLE.print(
                     f"Sampler: the checkpoint checked {precision['autocast']} queries against "
-                    f"{precision['max_error']:g} x beta; this run checks {settings[0]} against {settings[1]:g} x beta "
-                    "afresh."
+                    f"{precision['max_error']:g} x beta{following[precision['follow_geometry']]}; this run checks "
+                    f"{settings[0]} against {settings[1]:g} x beta{following[follow]} afresh."
                 )
         budget = saved.get("refine_budget")
         if budget is not None and self.refine_budget is not None:
@@ -1212,8 +1220,15 @@ class CocoInrModel(SurfaceModel):
                 )
         scale = saved.get("geometry_loss_scale")
         if scale is not None and self.field.geometry_autocast is not None:
-            if scale["autocast"] == self.config.geometry_autocast:
+            geometry = (self.config.geometry_autocast, self.config.geometry_gradient_scale)
+            if (scale["autocast"], scale["start"]) == geometry:
                 self.field.resume_gradient_scale(scale["value"])
+                self._requested_overflows = None  # counted by whatever ran before the load
+            else:
+                CONSOLE.print(
+                    f"Geometry: the checkpoint's loss scale ({scale['value']:g}) was for {scale['autocast']} from "
+                    f"{scale['start']:g}; this run's {geometry[0]} starts from {geometry[1]:g} afresh."
+                )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)

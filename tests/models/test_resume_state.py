@@ -83,16 +83,23 @@ def test_a_checkpoint_resumes_the_sampler_precision_the_budgets_and_the_loss_sca
 
 
 def test_a_loss_scale_in_use_is_lowered_in_place():
-    """A model that already trained (its scale captured in a graph) takes the checkpoint's value in place."""
+    """A model that already trained (its scale captured in a graph) takes the checkpoint's value in place, and
+    forgets the overflows its own scale had: they would halve the loaded one."""
     model = build(tiny_config(**FAST))
     trained_state(model)
     state = saved(model)
     other = build(tiny_config(**FAST))
     other.train()
     train_step(other)
-    factor = other.field.gradient_scale.factor
+    scale = other.field.gradient_scale
+    assert scale.overflows.grad.item() > 0
+    other._request_checks(49)  # a count on its way to the check at step 50
+    assert other._requested_overflows is not None
     other.load_model(state)
-    assert other.field.gradient_scale.factor is factor and factor.item() == 2.0**39
+    assert scale.factor.item() == 2.0**39 and other.field.gradient_scale is scale
+    assert other._requested_overflows is None and scale.overflows.grad.item() == 0
+    other._check_geometry_overflows(50)
+    assert scale.value() == 2.0**39
 
 
 def test_a_checkpoint_without_the_state_loads_and_starts_it_over():
@@ -122,6 +129,19 @@ def test_state_saved_under_other_settings_starts_over_and_says_so(capsys):
     assert other_precision.sampler.refine_budgets == (13 / 32, 1 / 32)  # budgets do not depend on the precision
     printed = " ".join(capsys.readouterr().out.split())
     assert "the checkpoint checked float16 queries against 0.25 x beta; this run checks bfloat16" in printed
+    assert "the checkpoint's loss scale (5.49756e+11) was for float16 from 1.09951e+12; this run's bfloat16" in printed
+
+    other_scale = build(tiny_config(**{**FAST, "geometry_gradient_scale": 2.0**20}))
+    other_scale.load_model(state)
+    assert other_scale.field.geometry_gradient_scale == 2.0**20 and other_scale._sampler_half is False
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "this run's float16 starts from 1.04858e+06 afresh" in printed
+
+    following = build(tiny_config(**FAST, training_queries_follow_geometry=True))
+    following.load_model(state)
+    assert following._sampler_half is None  # the saved switch took training's queries too; here it would not
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "this run checks float16 against 0.25 x beta, training's following the geometry head afresh" in printed
 
     more_rounds = build(tiny_config(**{**FAST, "max_total_iters": 4}))
     more_rounds.load_model(state)
