@@ -357,6 +357,28 @@ def test_resume_continues_from_the_saved_step(workspace, trained):
     assert changed, "the resumed run did not train"
 
 
+def test_resume_keeps_the_sampler_precision_it_switched_to(workspace):
+    """(f') A run whose float16 sampler queries switched to float32 at step 0 (an error limit of 0 x beta) resumes in
+    float32: no new check, no new switch. Without the checkpoint's training state the resumed run would check again
+    at its first step and record a switch there."""
+    half = ["--pipeline.model.sampler-autocast", "float16", "--pipeline.model.sampler-autocast-max-error", "0"]
+    first_dir, first = workspace.train("half", *half, "--max-num-iterations", "2", "--steps-per-save", "2")
+    switched = "Sampler: float16 SDF queries err by"
+    assert switched in first.stdout and "at step 0: they run in float32 from now on" in " ".join(first.stdout.split())
+    saved = torch.load(_checkpoints(first_dir)[-1], map_location="cpu", weights_only=True)
+    state = decode_extra_state(saved["pipeline"]["_model._extra_state"], "checkpoint")
+    assert (state["sampler_precision"]["half"], state["sampler_precision"]["switches"]) == (False, [[0, False]])
+
+    resumed_dir, resumed = workspace.train(
+        "half-resumed", *half, "--load-dir", str(first_dir / "nerfstudio_models"), "--max-num-iterations", "2"
+    )
+    assert switched not in resumed.stdout
+    final = torch.load(_checkpoints(resumed_dir)[-1], map_location="cpu", weights_only=True)
+    assert final["step"] == 3
+    state = decode_extra_state(final["pipeline"]["_model._extra_state"], "checkpoint")
+    assert (state["sampler_precision"]["half"], state["sampler_precision"]["switches"]) == (False, [[0, False]])
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
