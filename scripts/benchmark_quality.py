@@ -51,6 +51,10 @@ from pathlib import Path
 
 SPEED_SCRIPT = Path(__file__).resolve().parent / "benchmark_speed.py"
 METRICS = ("psnr", "psnr_masked", "chamfer", "final_loss")
+CARRIED = ("sampler_queries", "sampler_refined", "refine_budgets", "training_curve")
+"""What a run's result also says, kept as it is in ``quality.json`` (and through ``--merge``) where the run has it:
+the precision of its sampler's queries, the sampler's refinement at the end and its training curve (what a run
+that ended far off its seed's others went through)."""
 
 
 @dataclass
@@ -350,9 +354,7 @@ def merge_studies(
                 if config not in configs or (seeds is not None and seed not in seeds):
                     continue
                 repeat = 1 + sum((c, s) == (config, seed) for c, s, _ in results)
-                results[(config, seed, repeat)] = {metric: float(row[metric]) for metric in METRICS}
-                if "sampler_queries" in row:
-                    results[(config, seed, repeat)]["sampler_queries"] = row["sampler_queries"]
+                results[(config, seed, repeat)] = _kept(row)
         except (OSError, ValueError, KeyError, TypeError) as error:
             sys.exit(f"benchmark_quality.py: --merge {folder}: cannot read {path} as a study's results ({error!r}).")
     missing = [config for config in configs if not any(c == config for c, _, _ in results)]
@@ -360,6 +362,11 @@ def merge_studies(
         sys.exit(f"benchmark_quality.py: --configs {' '.join(missing)}: no run of it in the --merge folders.")
     found = sorted({seed for _, seed, _ in results})
     return results, seeds if seeds is not None else found, max(r for *_, r in results), settings[folders[0]]
+
+
+def _kept(row: dict) -> dict:
+    """A run's :data:`METRICS` as floats, and what of :data:`CARRIED` it has."""
+    return {**{metric: float(row[metric]) for metric in METRICS}, **{key: row[key] for key in CARRIED if key in row}}
 
 
 def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:
@@ -402,9 +409,7 @@ def _finish(run: Run, results: dict, done: int, total: int, timed_out: bool) -> 
         tail = "".join(run.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         print(f"{label}: failed ({why}, {seconds:.0f} s); log {run.log} ends:\n{tail}", flush=True)
         return False
-    results[run.key] = {metric: float(rows[0][metric]) for metric in METRICS}
-    if "sampler_queries" in rows[0]:
-        results[run.key]["sampler_queries"] = rows[0]["sampler_queries"]
+    results[run.key] = _kept(rows[0])
     print(f"{label}: PSNR {rows[0]['psnr']:.2f}, Chamfer {rows[0]['chamfer']:.3f} ({seconds:.0f} s)", flush=True)
     return True
 

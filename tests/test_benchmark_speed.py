@@ -72,13 +72,18 @@ def test_speed_benchmark_on_cpu(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TORCH_HOME=str(tmp_path / "torch"))
     command = [sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "--device", "cpu", "--steps", "3"]
     command += ["--rays", "64", "--configs", "reference", "graph", "--scene-size", "8", "32", "24"]
-    command += ["--eval-stride", "4", "--no-mesh", "--output", str(out)]
+    command += ["--eval-stride", "4", "--no-mesh", "--curve-every", "3", "--output", str(out)]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {row["name"]: row for row in json.loads(out.with_suffix(".json").read_text())}
     assert set(results) == {"reference", "graph"}, proc.stdout[-4000:] + proc.stderr[-4000:]
     for row in results.values():
         assert row["device"] == "CPU" and row["iters_per_sec"] > 0 and math.isfinite(row["final_loss"])
+        curve = row["training_curve"]  # 1 warm-up step and 3 timed ones, in windows of 3
+        assert list(curve) == ["step", "loss", "psnr", "beta", "eikonal", "sampler_refined"]
+        assert curve["step"] == [3, 4] and all(len(values) == 2 for values in curve.values())
+        assert all(math.isfinite(value) for values in curve.values() for value in values)
+        assert curve["beta"][0] == pytest.approx(0.1, rel=0.05)  # the default beta at the start
         assert 5.0 < row["psnr"] < 60.0
         assert 0.0 <= row["sampler_refined"] <= 1.0 and row["sampler_truncated"] == 0.0  # no budget in these
         assert row["sampler_queries"] == "float32"  # neither config queries in half precision
@@ -86,6 +91,29 @@ def test_speed_benchmark_on_cpu(tmp_path):
     assert table.startswith("Device: CPU; 64 rays/step; 3 timed steps") and "| graph |" in table
     printed = " ".join(proc.stdout.split())
     assert "--pipeline.model.cuda-graph: not used because the device is cpu, not CUDA" in printed
+
+
+def test_training_curve_averages_each_window_of_steps(monkeypatch):
+    """Window means of the loss and the metrics the steps have; the last window keeps the steps left over; a metric
+    some steps lack is averaged over those that have it."""
+    module = load_script("benchmark_speed", monkeypatch)
+    steps = [
+        {"loss": 1.0, "beta": 0.1, "psnr": 10.0},
+        {"loss": 3.0, "beta": 0.3, "psnr": 12.0, "eikonal": 0.5},
+        {"loss": 5.0, "beta": 0.5, "psnr": 14.0},
+        {"loss": 7.0, "beta": 0.7, "psnr": 16.0},
+        {"loss": 9.0, "beta": 0.9, "psnr": 18.0},
+    ]
+    curve = module.training_curve(steps, every=2)
+    assert curve["step"] == [2, 4, 5]
+    assert curve["loss"] == [2.0, 6.0, 9.0] and curve["psnr"] == [11.0, 15.0, 18.0]
+    assert curve["beta"] == pytest.approx([0.2, 0.6, 0.9])
+    assert curve["eikonal"][0] == 0.5 and all(math.isnan(value) for value in curve["eikonal"][1:])
+    assert "sampler_refined" not in curve  # no step had it
+    assert module.training_curve(steps, every=10)["loss"] == [5.0]
+    assert module.training_curve([], every=3) == {"step": []}
+    with pytest.raises(ValueError, match="at least one step"):
+        module.training_curve(steps, every=0)
 
 
 def test_the_sampler_queries_precision_a_run_reports(monkeypatch):
@@ -438,6 +466,9 @@ if __name__ == "__main__":
         time.sleep(120)  # a run still going when its study is stopped
     result = {"psnr": 20.0 + args.seed + (args.configs == ["b"]), "psnr_masked": 15.0, "chamfer": 10.0 - args.seed,
               "final_loss": 0.02, "argv": sys.argv[1:]}
+    if args.configs == ["a"]:  # what a run says of its sampler and training, carried into the study's rows
+        result.update(sampler_refined=0.25, refine_budgets=[0.5, 0.125], iters_per_sec=3.0,
+                      training_curve={"step": [args.steps], "loss": [0.1 * args.seed]})
     args.output.with_suffix(".json").write_text(json.dumps([result]))
 """
 
@@ -466,6 +497,12 @@ def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path
     assert recorded[-2:] == ["--eval-stride", "8"]
     rows = json.loads((out / "quality.json").read_text())
     assert [(r["config"], r["seed"]) for r in rows] == [("a", 1), ("b", 1), ("a", 2)]  # the order of --configs
+    assert rows[2]["training_curve"] == {"step": [5], "loss": [0.2]} and rows[2]["refine_budgets"] == [0.5, 0.125]
+    assert rows[2]["sampler_refined"] == 0.25 and "iters_per_sec" not in rows[2]  # runs sharing a GPU: no timings
+    assert "training_curve" not in rows[1]  # b's runs have none
+    merged = quality.main(["--configs", "a", "b", "--merge", str(out), "--output-dir", str(tmp_path / "merged")])
+    assert "| 2 | a | 22.00 |" in merged
+    assert json.loads((tmp_path / "merged" / "quality.json").read_text())[2]["training_curve"]["loss"] == [0.2]
     table = (out / "quality.md").read_text()
     assert table.startswith("5 steps after 1 warm-up --eval-stride 8")
     assert "| b | 1 | +1.00 (nan) | 1 | 1 | +0.00 (nan) | 0 | 0 / 0 |" in table  # seed 2 has no pair
