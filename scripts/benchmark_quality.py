@@ -21,6 +21,8 @@ runs each (configuration, seed) N times and prints how much runs of one seed spr
 are short, so a study is often split over several: ``--merge`` summarises their output folders as one study. With
 ``--output-dir`` the table and rows are rewritten as each run finishes, so a study stopped from outside (``timeout``'s
 SIGTERM at a call's limit) keeps the runs that had finished, and its table says how many of the planned ones.
+Runs that went astray (a Chamfer far above the study's median, :data:`ASTRAY_CHAMFER`) are listed apart, with the
+step where each one's training loss left its configuration's other runs (from the curves benchmark_speed.py keeps).
 
     python scripts/benchmark_quality.py --device cuda --configs reference graph+fields+bf16+sdpa \\
         --seeds 1 2 3 --steps 600 --parallel 3 --eval-stride 8 --frame-size 0
@@ -240,6 +242,7 @@ def summarize(
                 f"| {config} | {len(every_psnr)} | {_stdev(every_psnr):.2f} | {within_seed_deviation(psnr):.2f} | "
                 f"{_stdev(every_chamfer):.2f} | {within_seed_deviation(chamfer):.2f} |"
             )
+    lines += astray_table({key: row for key, row in results.items() if key[0] in configs})
     base = configs[0]
     lines += [
         "",
@@ -367,6 +370,76 @@ def merge_studies(
 def _kept(row: dict) -> dict:
     """A run's :data:`METRICS` as floats, and what of :data:`CARRIED` it has."""
     return {**{metric: float(row[metric]) for metric in METRICS}, **{key: row[key] for key in CARRIED if key in row}}
+
+
+ASTRAY_CHAMFER = 1.6
+"""A run went astray where its Chamfer is above this multiple of the study's median (over every run with a surface,
+of every configuration). From the default beta in rounds twenty-six to thirty, the runs that went astray had 1.8-5.3
+times the median (held-out PSNR 18-20.5 dB), every other run at most 1.4 times."""
+ASTRAY_LOSS = 1.2
+"""An astray run left the others at the first window of its training curve from which its loss stays above this
+multiple of the median loss of its configuration's runs that did not go astray."""
+
+
+def astray_runs(results: dict[tuple[str, int, int], dict]) -> tuple[list[tuple[str, int, int]], float]:
+    """The runs that went astray (:data:`ASTRAY_CHAMFER`), in order, and the study's median Chamfer."""
+    chamfers = _surfaces([row["chamfer"] for row in results.values()])
+    if not chamfers:
+        return [], math.nan
+    median = statistics.median(chamfers)
+    return [key for key, row in sorted(results.items()) if row["chamfer"] > ASTRAY_CHAMFER * median], median
+
+
+def departure_step(curve: dict[str, list[float]], others: list[dict[str, list[float]]]) -> int | None:
+    """The last step of the first window of ``curve`` from which its loss stays above :data:`ASTRAY_LOSS` times the
+    median of ``others``' losses at the same window to the end; None where its last window is not above. Windows
+    are matched by their step; those no other curve has are skipped."""
+    windows = [
+        (step, loss, [other["loss"][other["step"].index(step)] for other in others if step in other["step"]])
+        for step, loss in zip(curve["step"], curve["loss"], strict=True)
+    ]
+    above = [(step, loss > ASTRAY_LOSS * statistics.median(losses)) for step, loss, losses in windows if losses]
+    departure = None
+    for step, is_above in above:
+        departure = (departure or step) if is_above else None
+    return departure
+
+
+def astray_table(results: dict[tuple[str, int, int], dict]) -> list[str]:
+    """Markdown lines on the runs that went astray, with when each left its configuration's other runs (where the
+    runs kept training curves); none where no run did."""
+    astray, median = astray_runs(results)
+    if not astray:
+        return []
+    lines = [
+        "",
+        f"Runs astray: {len(astray)} of {len(results)}, each with a Chamfer above {ASTRAY_CHAMFER} times the study's "
+        f"median of {median:.2f}. Left the others: the step from which its training loss stayed above "
+        f"{ASTRAY_LOSS} times the median of its configuration's other runs.",
+        "",
+        "| config | seed | held-out PSNR | Chamfer | final loss | rays refined | left the others |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for config, seed, repeat in astray:
+        row = results[(config, seed, repeat)]
+        others = [
+            other["training_curve"]
+            for key, other in results.items()
+            if key[0] == config and key not in astray and "loss" in other.get("training_curve", {})
+        ]
+        curve = row.get("training_curve", {})
+        if "loss" not in curve or not others:
+            left = "no curves"
+        else:
+            step = departure_step(curve, others)
+            left = f"step {step}" if step is not None else "not by its loss"
+        refined = f"{100 * row['sampler_refined']:.0f}%" if "sampler_refined" in row else "-"
+        which = f"{seed}" if repeat == 1 else f"{seed} (run {repeat})"
+        lines.append(
+            f"| {config} | {which} | {row['psnr']:.2f} | {row['chamfer']:.2f} | {row['final_loss']:.4f} | "
+            f"{refined} | {left} |"
+        )
+    return lines
 
 
 def _start(run: Run, args: argparse.Namespace, passed_on: list[str]) -> None:

@@ -480,6 +480,50 @@ def fake_speed_script(quality, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(quality, "SPEED_SCRIPT", script)
 
 
+def test_departure_is_where_a_runs_loss_stays_above_the_others_median(monkeypatch):
+    quality = load_script("benchmark_quality", monkeypatch)
+    others = [
+        {"step": [1, 2, 3, 4], "loss": [1.0, 1.0, 1.0, 1.0]},
+        {"step": [1, 2, 3, 4], "loss": [1.0, 1.0, 5.0, 1.0]},
+    ]
+    others.append({"step": [1, 2, 3], "loss": [1.0, 1.0, 1.0]})  # a shorter curve counts where it has the window
+    assert quality.departure_step({"step": [1, 2, 3, 4], "loss": [2.0, 1.0, 1.3, 1.3]}, others) == 3
+    assert quality.departure_step({"step": [1, 2, 3, 4], "loss": [2.0, 2.0, 2.0, 2.0]}, others) == 1
+    assert quality.departure_step({"step": [1, 2, 3, 4], "loss": [2.0, 2.0, 2.0, 1.1]}, others) is None  # 1.1 < 1.2
+    # a window no other curve has is skipped: the run is judged by the windows it shares
+    assert quality.departure_step({"step": [3, 4, 9], "loss": [1.0, 1.5, 0.1]}, others) == 4
+
+
+def test_quality_benchmark_lists_runs_astray_and_when_they_left_the_others(monkeypatch):
+    """A Chamfer above 1.6 times the study's median (over every configuration's runs with a surface) is astray; its
+    row says when its loss left its own configuration's other runs, where they kept curves."""
+    quality = load_script("benchmark_quality", monkeypatch)
+    flat = {"step": [50, 100, 150], "loss": [1.0, 1.0, 1.0]}
+
+    def row(psnr, chamfer, curve=None, refined=None):
+        row = {**_quality_rows(psnr, chamfer), **({"training_curve": curve} if curve else {})}
+        return {**row, "sampler_refined": refined} if refined is not None else row
+
+    results = {
+        ("a", 1, 1): row(21.0, 10.0, flat),
+        ("a", 2, 1): row(21.0, 12.0, flat, 0.25),
+        ("a", 3, 1): row(18.0, 30.0, {"step": [50, 100, 150], "loss": [1.0, 1.5, 2.0]}, 0.93),
+        ("b", 1, 1): row(21.0, 11.0),
+        ("b", 2, 1): row(21.0, 12.0),
+        ("b", 3, 1): row(20.0, 19.3),  # 1.61 times the median of 12: astray, but b's runs kept no curves
+        ("b", 4, 1): row(20.0, 19.1),  # 1.59 times
+        ("b", 5, 1): row(20.0, math.nan),
+    }
+    assert quality.astray_runs(results) == ([("a", 3, 1), ("b", 3, 1)], 12.0)  # of 10, 11, 12, 12, 19.1, 19.3, 30
+    lines = quality.summarize(results, ["a", "b"], [1, 2, 3, 4, 5])
+    assert "Runs astray: 2 of 8, each with a Chamfer above 1.6 times the study's median of 12.00." in lines
+    assert "| a | 3 | 18.00 | 30.00 | 0.0200 | 93% | step 100 |" in lines
+    assert "| b | 3 | 20.00 | 19.30 | 0.0200 | - | no curves |" in lines
+    assert lines.splitlines()[-1].startswith("| b | 3 | +0.67 (0.67) |")  # the differences, paired, still end it
+    del results[("a", 3, 1)], results[("b", 3, 1)]
+    assert "Runs astray" not in quality.summarize(results, ["a", "b"], [1, 2, 4, 5])
+
+
 def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path, capsys):
     """Two at once; each run gets its seed, the steps and the options passed on; a failed run is reported with its log
     and left out of its pair; the script exits non-zero; a second study may not overwrite the first's files."""
