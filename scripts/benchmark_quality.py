@@ -53,10 +53,19 @@ from pathlib import Path
 
 SPEED_SCRIPT = Path(__file__).resolve().parent / "benchmark_speed.py"
 METRICS = ("psnr", "psnr_masked", "chamfer", "final_loss")
-CARRIED = ("sampler_queries", "sampler_refined", "refine_budgets", "training_curve")
+CARRIED = (
+    "sampler_queries",
+    "sampler_refined",
+    "refine_budgets",
+    "training_curve",
+    "accuracy",
+    "completeness",
+    "mesh_area_ratio",
+    "mesh_components",
+)
 """What a run's result also says, kept as it is in ``quality.json`` (and through ``--merge``) where the run has it:
-the precision of its sampler's queries, the sampler's refinement at the end and its training curve (what a run
-that ended far off its seed's others went through)."""
+the precision of its sampler's queries, the sampler's refinement, its training curve and its surface's Chamfer
+halves, area and pieces (what a run that ended far off its seed's others went through, and what it grew)."""
 
 
 @dataclass
@@ -414,11 +423,12 @@ def astray_table(results: dict[tuple[str, int, int], dict]) -> list[str]:
     lines = [
         "",
         f"Runs astray: {len(astray)} of {len(results)}, each with a Chamfer above {ASTRAY_CHAMFER} times the study's "
-        f"median of {median:.2f}. Left the others: the step from which its training loss stayed above "
-        f"{ASTRAY_LOSS} times the median of its configuration's other runs.",
+        f"median of {median:.2f}. Accuracy: Chamfer's half from the run's surface to the truth (extra surface raises "
+        "it); completeness: from the truth to the surface (missing surface raises it). Left the others: the step "
+        f"from which its training loss stayed above {ASTRAY_LOSS} times the median of its configuration's other runs.",
         "",
-        "| config | seed | held-out PSNR | Chamfer | final loss | rays refined | left the others |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| config | seed | held-out PSNR | Chamfer | accuracy / completeness | final loss | rays refined | left the others |",
+        "|---|---|---:|---:|---|---:|---:|---|",
     ]
     for config, seed, repeat in astray:
         row = results[(config, seed, repeat)]
@@ -434,9 +444,10 @@ def astray_table(results: dict[tuple[str, int, int], dict]) -> list[str]:
             step = departure_step(curve, others)
             left = f"step {step}" if step is not None else "not by its loss"
         refined = f"{100 * row['sampler_refined']:.0f}%" if "sampler_refined" in row else "-"
+        halves = f"{row['accuracy']:.2f} / {row['completeness']:.2f}" if "accuracy" in row else "-"
         which = f"{seed}" if repeat == 1 else f"{seed} (run {repeat})"
         lines.append(
-            f"| {config} | {which} | {row['psnr']:.2f} | {row['chamfer']:.2f} | {row['final_loss']:.4f} | "
+            f"| {config} | {which} | {row['psnr']:.2f} | {row['chamfer']:.2f} | {halves} | {row['final_loss']:.4f} | "
             f"{refined} | {left} |"
         )
     return lines

@@ -374,6 +374,14 @@ class Result:
     sampler_queries: str = "float32"
     """The precision of training's sampler queries: float32, a half precision throughout, or one until the
     precision check's step that turned them float32 (a run's quality depends on it)."""
+    accuracy: float = float("nan")
+    """Chamfer's half from the extracted surface to the true one (extra surface raises it; :func:`surface_metrics`)."""
+    completeness: float = float("nan")
+    """Chamfer's half from the true surface to the extracted one (missing surface raises it)."""
+    mesh_area_ratio: float = float("nan")
+    """The extracted surface's area over the true one's."""
+    mesh_components: int = 0
+    """Connected pieces of the extracted surface (0: none found, or no mesh extracted)."""
     training_curve: dict[str, list[float]] = field(default_factory=dict, repr=False)
     """Means over each window of ``--curve-every`` steps (warm-up included) of the loss and of the training metrics
     that tell a run gone astray (:func:`training_curve`): where and how a run that ends far off its seed's others
@@ -441,7 +449,17 @@ def _frame_camera(reference: Cameras, size: int) -> Cameras:
     )
 
 
-def _chamfer(pipeline, gt_mesh: Path, resolution: int, device: str) -> float:
+NO_SURFACE = {"chamfer": float("nan"), "accuracy": float("nan"), "completeness": float("nan"),
+              "mesh_area_ratio": float("nan"), "mesh_components": 0}  # fmt: skip
+""":func:`surface_metrics` of a model whose SDF has no zero level in the extraction grid."""
+
+
+def surface_metrics(pipeline, gt_mesh: Path, resolution: int, device: str) -> dict[str, float]:
+    """The extracted surface against the scene's true one, in world units: Chamfer and its two halves (accuracy,
+    from the surface to the truth: extra surface raises it; completeness, from the truth to the surface: missing
+    surface raises it), the surface's area over the truth's and its count of connected pieces. The halves, area and
+    pieces tell a run that grew surface where there is none from one that lost some (:data:`NO_SURFACE` where no
+    surface was found)."""
     import trimesh
 
     model = pipeline.model
@@ -455,11 +473,24 @@ def _chamfer(pipeline, gt_mesh: Path, resolution: int, device: str) -> float:
                 show_progress=False,
             )
     except NoSurfaceError:
-        return float("nan")
+        return dict(NO_SURFACE)
     finally:
         model.train()
     scale_mat = np.asarray(pipeline.datamanager.train_dataparser_outputs.metadata["scale_mat"], dtype=np.float64)
-    return float(mesh_distances(transform_mesh(mesh, scale_mat), trimesh.load(gt_mesh)).chamfer)
+    mesh, truth = transform_mesh(mesh, scale_mat), trimesh.load(gt_mesh)
+    distances = mesh_distances(mesh, truth)
+    pieces = trimesh.graph.connected_components(mesh.face_adjacency, nodes=np.arange(len(mesh.faces)))
+    return {
+        "chamfer": float(distances.chamfer),
+        "accuracy": float(distances.accuracy),
+        "completeness": float(distances.completeness),
+        "mesh_area_ratio": float(mesh.area / truth.area),
+        "mesh_components": len(pieces),
+    }
+
+
+def _chamfer(pipeline, gt_mesh: Path, resolution: int, device: str) -> float:
+    return surface_metrics(pipeline, gt_mesh, resolution, device)["chamfer"]
 
 
 def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
@@ -617,7 +648,9 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         _profile(trainer, args.warmup + args.steps, args.profile, device)
     pipeline = trainer.pipeline
     metrics = pipeline.get_average_eval_image_metrics() if args.eval else {}
-    chamfer = _chamfer(pipeline, scene / "gt_mesh.ply", args.mesh_resolution, device) if args.mesh else float("nan")
+    surface = (
+        surface_metrics(pipeline, scene / "gt_mesh.ply", args.mesh_resolution, device) if args.mesh else NO_SURFACE
+    )
     frame_seconds = {"volume": float("nan"), "surface": float("nan")}
     if args.frame_size > 0:
         camera = _frame_camera(pipeline.datamanager.eval_dataset.cameras, args.frame_size).to(device)
@@ -642,7 +675,7 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         timed_peak_memory_gib=timed_peak,
         psnr=float(metrics.get("psnr", float("nan"))),
         psnr_masked=float(metrics.get("psnr_masked", float("nan"))),
-        chamfer=chamfer,
+        chamfer=surface["chamfer"],
         frame_seconds=frame_seconds["volume"],
         frame_surface_seconds=frame_seconds["surface"],
         final_loss=float(np.mean(losses[-10:])),
@@ -651,6 +684,7 @@ def run_config(args, scene: Path, name: str, output_dir: Path) -> Result:
         refine_budgets=pipeline.model.sampler.refine_budgets if pipeline.model.sampler.static_shapes else (1.0,),
         sampler_queries=sampler_query_precision(pipeline.model),
         training_curve=training_curve(curve_steps, args.curve_every),
+        **{key: surface[key] for key in ("accuracy", "completeness", "mesh_area_ratio", "mesh_components")},
     )
 
 

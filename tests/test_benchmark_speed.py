@@ -116,6 +116,46 @@ def test_training_curve_averages_each_window_of_steps(monkeypatch):
         module.training_curve(steps, every=0)
 
 
+def test_surface_metrics_tell_extra_surface_from_missing_surface(monkeypatch, tmp_path):
+    """The extracted surface against the truth (a sphere of radius 0.5, world = twice the SDF's frame): the same
+    sphere scores about 0, one piece, the same area; a second, smaller sphere beside it is extra surface: two pieces,
+    the area of both, accuracy (surface to truth) far above completeness (truth to surface), which stays about 0."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    import trimesh
+
+    module = load_script("benchmark_speed", monkeypatch)
+    truth = trimesh.creation.icosphere(subdivisions=5, radius=0.5)
+    truth.export(tmp_path / "gt_mesh.ply")
+    scale = np.diag([2.0, 2.0, 2.0, 1.0])
+
+    def pipeline(sdf):
+        model = SimpleNamespace(field=SimpleNamespace(forward_geonetwork=lambda x: sdf(x)[:, None]))
+        model.eval = model.train = lambda: None
+        outputs = SimpleNamespace(metadata={"scale_mat": scale})
+        return SimpleNamespace(model=model, datamanager=SimpleNamespace(train_dataparser_outputs=outputs))
+
+    def sphere(x, centre=(0.0, 0.0, 0.0), radius=0.25):
+        return (x - torch.tensor(centre)).norm(dim=-1) - radius
+
+    same = module.surface_metrics(pipeline(sphere), tmp_path / "gt_mesh.ply", resolution=64, device="cpu")
+    assert same["chamfer"] < 0.01 and same["mesh_components"] == 1
+    assert same["mesh_area_ratio"] == pytest.approx(1.0, abs=0.02)
+    extra = module.surface_metrics(
+        pipeline(lambda x: torch.minimum(sphere(x), sphere(x, (0.6, 0.0, 0.0), 0.125))),
+        tmp_path / "gt_mesh.ply",
+        resolution=64,
+        device="cpu",
+    )
+    assert extra["mesh_components"] == 2 and extra["mesh_area_ratio"] == pytest.approx(1.25, abs=0.03)
+    assert extra["completeness"] < 0.01 and extra["accuracy"] > 0.05  # the small sphere is 0.45-0.95 from the truth
+    assert extra["chamfer"] == pytest.approx((extra["accuracy"] + extra["completeness"]) / 2)
+    nothing = module.surface_metrics(pipeline(lambda x: sphere(x) + 10.0), tmp_path / "gt_mesh.ply", 16, "cpu")
+    assert math.isnan(nothing["chamfer"]) and nothing["mesh_components"] == 0
+
+
 def test_the_sampler_queries_precision_a_run_reports(monkeypatch):
     """benchmark_speed.py's ``sampler_queries``: float32, a half precision throughout, or the check's switches."""
     from types import SimpleNamespace
@@ -507,7 +547,11 @@ def test_quality_benchmark_lists_runs_astray_and_when_they_left_the_others(monke
     results = {
         ("a", 1, 1): row(21.0, 10.0, flat),
         ("a", 2, 1): row(21.0, 12.0, flat, 0.25),
-        ("a", 3, 1): row(18.0, 30.0, {"step": [50, 100, 150], "loss": [1.0, 1.5, 2.0]}, 0.93),
+        ("a", 3, 1): {
+            **row(18.0, 30.0, {"step": [50, 100, 150], "loss": [1.0, 1.5, 2.0]}, 0.93),
+            "accuracy": 55.0,
+            "completeness": 5.0,
+        },
         ("b", 1, 1): row(21.0, 11.0),
         ("b", 2, 1): row(21.0, 12.0),
         ("b", 3, 1): row(20.0, 19.3),  # 1.61 times the median of 12: astray, but b's runs kept no curves
@@ -517,8 +561,8 @@ def test_quality_benchmark_lists_runs_astray_and_when_they_left_the_others(monke
     assert quality.astray_runs(results) == ([("a", 3, 1), ("b", 3, 1)], 12.0)  # of 10, 11, 12, 12, 19.1, 19.3, 30
     lines = quality.summarize(results, ["a", "b"], [1, 2, 3, 4, 5])
     assert "Runs astray: 2 of 8, each with a Chamfer above 1.6 times the study's median of 12.00." in lines
-    assert "| a | 3 | 18.00 | 30.00 | 0.0200 | 93% | step 100 |" in lines
-    assert "| b | 3 | 20.00 | 19.30 | 0.0200 | - | no curves |" in lines
+    assert "| a | 3 | 18.00 | 30.00 | 55.00 / 5.00 | 0.0200 | 93% | step 100 |" in lines
+    assert "| b | 3 | 20.00 | 19.30 | - | 0.0200 | - | no curves |" in lines
     assert lines.splitlines()[-1].startswith("| b | 3 | +0.67 (0.67) |")  # the differences, paired, still end it
     del results[("a", 3, 1)], results[("b", 3, 1)]
     assert "Runs astray" not in quality.summarize(results, ["a", "b"], [1, 2, 4, 5])
@@ -730,6 +774,10 @@ def test_quality_benchmark_on_cpu(tmp_path):
     assert math.isfinite(rows[0]["psnr"]) and math.isfinite(rows[0]["chamfer"])
     assert "| 7 | default |" in (tmp_path / "quality.md").read_text() and "--device cpu" in proc.stdout
     assert rows[0]["sampler_queries"] == "float32" and " | float32 |" in (tmp_path / "quality.md").read_text()
+    # the surface's Chamfer halves, area and pieces, carried from the run's result
+    assert rows[0]["chamfer"] == pytest.approx((rows[0]["accuracy"] + rows[0]["completeness"]) / 2)
+    assert rows[0]["mesh_area_ratio"] > 0 and rows[0]["mesh_components"] >= 1
+    assert [len(values) for values in rows[0]["training_curve"].values()] == [1] * 6  # 3 steps, one window
     assert (tmp_path / "default_seed7.log").exists() and "[1/1] default, seed 7: PSNR" in proc.stdout
 
 
