@@ -6,7 +6,8 @@ Every configuration trains from scratch through nerfstudio's own Trainer on the 
 (Chamfer against the scene's ground truth, world units). ``reference`` is our model configured like
 the original implementation with every speed-up off; the ratio column is relative to it. Configurations whose name
 ends in ``+adam1`` step Adam with the one-launch kernel (``multi_tensor_kernel``); the others with torch's fused
-Adam, as the figures of earlier rounds did.
+Adam, as the figures of earlier rounds did. The results (``--output``, .json) also keep each run's training curve
+(``--curve-every``) and its surface's Chamfer halves, area and pieces: what tells a run gone astray apart.
 
     python scripts/benchmark_speed.py --device cuda --steps 300            # GPU: the table for the docs
     python scripts/benchmark_speed.py --device cpu --steps 3 --rays 64     # anywhere: a smoke run
