@@ -116,6 +116,14 @@ def test_training_curve_averages_each_window_of_steps(monkeypatch):
         module.training_curve(steps, every=0)
 
 
+def test_curve_every_refuses_a_window_of_no_steps(monkeypatch, capsys):
+    module = load_script("benchmark_speed", monkeypatch)
+    assert module.parse_args(["--device", "cpu"]).curve_every == 50
+    with pytest.raises(SystemExit):
+        module.parse_args(["--device", "cpu", "--curve-every", "0"])
+    assert "--curve-every must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_surface_metrics_tell_extra_surface_from_missing_surface(monkeypatch, tmp_path):
     """The extracted surface against the truth (a sphere of radius 0.5, world = twice the SDF's frame): the same
     sphere scores about 0, one piece, the same area; a second, smaller sphere beside it is extra surface: two pieces,
