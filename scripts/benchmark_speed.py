@@ -824,6 +824,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
+    refuse_earlier_output("benchmark_speed.py", args.output)
     with tempfile.TemporaryDirectory() as tmp:
         scene = scene_or_generated(args, Path(tmp), mesh_resolution=128)
         results = []

@@ -91,6 +91,10 @@ def test_speed_benchmark_on_cpu(tmp_path):
     assert table.startswith("Device: CPU; 64 rays/step; 3 timed steps") and "| graph |" in table
     printed = " ".join(proc.stdout.split())
     assert "--pipeline.model.cuda-graph: not used because the device is cpu, not CUDA" in printed
+    before = out.with_suffix(".json").read_text()
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode != 0 and f"benchmark_speed.py: {out.with_suffix('.md')} exists" in again.stderr
+    assert out.with_suffix(".json").read_text() == before  # the earlier results are left as they were
 
 
 def test_training_curve_averages_each_window_of_steps(monkeypatch):
