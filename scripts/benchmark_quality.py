@@ -251,7 +251,8 @@ def summarize(
                 f"| {config} | {len(every_psnr)} | {_stdev(every_psnr):.2f} | {within_seed_deviation(psnr):.2f} | "
                 f"{_stdev(every_chamfer):.2f} | {within_seed_deviation(chamfer):.2f} |"
             )
-    lines += astray_table({key: row for key, row in results.items() if key[0] in configs})
+    studied = {key: row for key, row in results.items() if key[0] in configs}
+    lines += astray_table(studied) + early_beta_table(studied, configs)
     base = configs[0]
     lines += [
         "",
@@ -412,6 +413,65 @@ def departure_step(curve: dict[str, list[float]], others: list[dict[str, list[fl
     for step, is_above in above:
         departure = (departure or step) if is_above else None
     return departure
+
+
+EARLY_BETA_STEP = 150
+"""Where a run's beta stands at this step against its first window tells early whether it may go astray. In round
+thirty-one (44 runs from beta 0.1), beta had fallen by step 150 in every run that ended near the others but one; it
+had risen, to 0.106-0.116, in the seven runs that ended with the highest Chamfer (14-53), where it stayed above 0.08,
+and in one reference run, which turned and ended near the others (11.1)."""
+
+
+def beta_rose_early(curve: dict[str, list[float]]) -> bool | None:
+    """Whether ``curve``'s beta at the window that ends at :data:`EARLY_BETA_STEP` (the first that ends later, where
+    none ends there) is above its first window's; None without beta or without such a window."""
+    if "beta" not in curve:
+        return None
+    late = [index for index, step in enumerate(curve["step"]) if step >= EARLY_BETA_STEP]
+    if not late or late[0] == 0:
+        return None
+    return curve["beta"][late[0]] > curve["beta"][0]
+
+
+def early_beta_table(results: dict[tuple[str, int, int], dict], configs: list[str]) -> list[str]:
+    """Markdown lines: per configuration (in ``configs``' order), how many runs' beta rose by
+    :data:`EARLY_BETA_STEP`, how many of those and of the others went astray, and each group's median Chamfer; none
+    where no run kept beta in its curve."""
+    astray, _ = astray_runs(results)
+    rose_by_config = {
+        config: {
+            key: beta_rose_early(row.get("training_curve", {})) for key, row in results.items() if key[0] == config
+        }
+        for config in configs
+    }
+    if all(rose is None for rows in rose_by_config.values() for rose in rows.values()):
+        return []
+    lines = [
+        "",
+        f"Beta early: whether a run's beta at step {EARLY_BETA_STEP} was above its first window's (the runs whose "
+        "curves kept beta). In round thirty-one, seven of the eight runs whose beta rose ended with the study's "
+        "highest Chamfers.",
+        "",
+        f"| config | runs with beta | beta rose by step {EARLY_BETA_STEP} | astray, of those | astray, of the others "
+        "| median Chamfer, rose / fell |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for config, rows in rose_by_config.items():
+        rose = [key for key, value in rows.items() if value is True]
+        fell = [key for key, value in rows.items() if value is False]
+        if not rose and not fell:
+            continue
+        medians = [_median_chamfer([results[key]["chamfer"] for key in group]) for group in (rose, fell)]
+        lines.append(
+            f"| {config} | {len(rose) + len(fell)} | {len(rose)} | {sum(key in astray for key in rose)} | "
+            f"{sum(key in astray for key in fell)} | {medians[0]} / {medians[1]} |"
+        )
+    return lines
+
+
+def _median_chamfer(chamfers: list[float]) -> str:
+    surfaces = _surfaces(chamfers)
+    return f"{statistics.median(surfaces):.2f}" if surfaces else "-"
 
 
 def astray_table(results: dict[tuple[str, int, int], dict]) -> list[str]:

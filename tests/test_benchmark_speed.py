@@ -580,6 +580,40 @@ def test_quality_benchmark_lists_runs_astray_and_when_they_left_the_others(monke
     assert "Runs astray" not in quality.summarize(results, ["a", "b"], [1, 2, 4, 5])
 
 
+def test_beta_rose_early_compares_the_window_at_step_150_with_the_first(monkeypatch):
+    quality = load_script("benchmark_quality", monkeypatch)
+    assert quality.beta_rose_early({"step": [50, 100, 150, 200], "beta": [0.104, 0.109, 0.106, 0.1]}) is True
+    assert quality.beta_rose_early({"step": [50, 100, 150, 200], "beta": [0.104, 0.1, 0.104, 0.2]}) is False  # equal
+    assert quality.beta_rose_early({"step": [100, 175], "beta": [0.1, 0.11]}) is True  # no window ends at 150: 175's
+    assert quality.beta_rose_early({"step": [50, 100], "beta": [0.1, 0.11]}) is None  # the curve ends before 150
+    assert quality.beta_rose_early({"step": [160], "beta": [0.1]}) is None  # its first window is the one at 150
+    assert quality.beta_rose_early({"step": [50, 150], "loss": [1.0, 1.0]}) is None  # a curve without beta
+
+
+def test_quality_benchmark_counts_runs_whose_beta_rose_early_and_how_they_ended(monkeypatch):
+    quality = load_script("benchmark_quality", monkeypatch)
+    rose, fell = {"step": [50, 150], "beta": [0.10, 0.11]}, {"step": [50, 150], "beta": [0.10, 0.09]}
+
+    def row(chamfer, curve=None):
+        return {**_quality_rows(21.0, chamfer), **({"training_curve": curve} if curve else {})}
+
+    results = {
+        ("a", 1, 1): row(10.0, fell),
+        ("a", 2, 1): row(12.0, fell),
+        ("a", 3, 1): row(30.0, rose),  # astray: above 1.6 times the median of 11.5
+        ("a", 4, 1): row(11.0, rose),
+        ("a", 5, 1): row(math.nan, rose),  # no surface: left out of the medians only
+        ("b", 1, 1): row(11.0),  # b kept no curves: no row of its own
+        ("b", 2, 1): row(12.0),
+        ("c", 1, 1): row(9.0, fell),
+        ("c", 2, 1): row(20.0, fell),  # astray although its beta fell
+    }
+    lines = quality.early_beta_table(results, ["c", "a", "b"])
+    assert lines[-2:] == ["| c | 2 | 0 | 0 | 1 | - / 14.50 |", "| a | 5 | 3 | 1 | 0 | 20.50 / 11.00 |"]
+    assert "| a | 5 | 3 | 1 | 0 | 20.50 / 11.00 |" in quality.summarize(results, ["a", "b", "c"], [1, 2, 3, 4, 5])
+    assert quality.early_beta_table({key: row(10.0) for key in results}, ["a", "b", "c"]) == []
+
+
 def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path, capsys):
     """Two at once; each run gets its seed, the steps and the options passed on; a failed run is reported with its log
     and left out of its pair; the script exits non-zero; a second study may not overwrite the first's files."""
