@@ -29,6 +29,8 @@ step where each one's training loss left its configuration's other runs (from th
     python scripts/benchmark_quality.py --device cpu --configs reference --seeds 1 2 --steps 2 --warmup 1   # smoke
     python scripts/benchmark_quality.py --device cuda --configs reference --seeds 1 2 3 --repeats 2 ...  # same-seed spread
     python scripts/benchmark_quality.py --configs reference recipe --merge call1 call2   # one study from two folders
+    python scripts/benchmark_quality.py --device cuda --configs reference recipe --seeds 1 2 3 --steps 600 \
+        --schedule-steps 200000 ...   # the learning rates the original has at these steps, not a run-length decay
 
 Options this script does not know are passed on to benchmark_speed.py (``--eval-stride``, ``--frame-size``, ...).
 """

@@ -397,7 +397,8 @@ def _trainer_config(args, scene: Path, name: str, output_dir: Path) -> TrainerCo
     config.vis = "tensorboard"
     config.machine.device_type = args.device
     config.machine.seed = args.seed
-    config.max_num_iterations = args.steps + args.warmup
+    # the learning rates' decay length (CocoTrainer), not where the run stops: this script runs its own steps
+    config.max_num_iterations = args.steps + args.warmup if args.schedule_steps is None else args.schedule_steps
     config.steps_per_save = 10**9
     config.save_only_latest_checkpoint = True
     datamanager = config.pipeline.datamanager
@@ -719,6 +720,7 @@ def format_table(results: list[Result], args) -> str:
         f"Device: {results[0].device}; {args.rays} rays/step; {args.steps} timed steps after {args.warmup} warm-up; "
         f"codebook {'file ' + str(args.codebook) if args.codebook else 'random ' + 'x'.join(map(str, args.codebook_shape))}; "
         f"{args.train_views} training views{'; tiny model' if args.tiny else ''}; "
+        f"{'' if args.schedule_steps is None else f'learning rates decay over {args.schedule_steps} steps; '}"
         f"host synchronised every {1 if args.trace_memory else max(1, args.sync_every)} steps"
         f"{'; batches drawn on the host' if args.host_batches else ''}",
         "",
@@ -795,11 +797,22 @@ def parse_args(argv: list[str] | None = None):
         help="steps per window of the training curve in the results (.json): the loss, training PSNR, beta, the "
         "eikonal term and the share of rays refined, averaged over each window",
     )
+    parser.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=None,
+        help="steps over which the learning rates decay to a tenth (default: the run, warm-up included). The "
+        "original decays over its 200,000, so at its step 600 the rates are still 99%% of their start, where a "
+        "600-step run's have fallen to a tenth; beta falls by about the learning rate a step (Adam), so a run whose "
+        "beta turns late cannot catch up within a run-length decay (docs/benchmarks.md, round thirty-one)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=None, help="also write the table (.md) and results (.json)")
     args = parser.parse_args(argv)
     if args.curve_every < 1:
         parser.error(f"--curve-every must be at least 1, got {args.curve_every}")
+    if args.schedule_steps is not None and args.schedule_steps < 1:
+        parser.error(f"--schedule-steps must be at least 1, got {args.schedule_steps}")
     if args.refine_budget is not None and not 0.0 < args.refine_budget <= 1.0:
         parser.error(f"--refine-budget must be a share of the rays in (0, 1], got {args.refine_budget}")
     gpu = args.device == "cuda"

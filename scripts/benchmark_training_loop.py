@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time-limit must be positive, got {args.time_limit}")
     speed = benchmark_speed.parse_args(passed_on)
+    if speed.schedule_steps is not None:  # ns-train's loop runs max_num_iterations steps, the decays' length too
+        parser.error("--schedule-steps: ns-train's loop ends where the learning rates' decay does (warmup + steps)")
     if speed.steps < 2 or speed.warmup < 1:
         parser.error(f"--steps must be at least 2 and --warmup at least 1, got {speed.steps} and {speed.warmup}")
     return args, speed

@@ -392,6 +392,39 @@ def test_refine_budget_pins_the_graph_configs_only(monkeypatch, tmp_path, capsys
         assert f"--refine-budget must be a share of the rays in (0, 1], got {float(share)}" in capsys.readouterr().err
 
 
+def test_schedule_steps_set_how_fast_the_learning_rates_decay(monkeypatch, tmp_path, capsys):
+    """By default a run's rates decay to a tenth over its own steps (warm-up included); ``--schedule-steps 200000``
+    keeps them where the original's are at the same step. The loop benchmark, whose loop length is the decay's,
+    refuses the option."""
+    import torch
+
+    from cocoinr_nerfstudio.engine.trainer import resolve_decay_lengths
+
+    benchmark = load_script("benchmark_speed", monkeypatch)
+
+    def rate_at(argv: list[str], step: int) -> float:
+        config = benchmark._trainer_config(benchmark.parse_args(argv), tmp_path, "reference", tmp_path)
+        group = resolve_decay_lengths(config.optimizers, config.max_num_iterations)["fields"]
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=group["optimizer"].lr)
+        scheduler = group["scheduler"].setup().get_scheduler(optimizer, group["optimizer"].lr)
+        for _ in range(step):
+            optimizer.step()
+            scheduler.step()
+        return optimizer.param_groups[0]["lr"]
+
+    run = ["--device", "cpu", "--steps", "575", "--warmup", "25"]
+    assert rate_at(run, 600) == pytest.approx(5e-5)  # a tenth of 5e-4 at the run's end
+    assert rate_at(run, 300) == pytest.approx(5e-4 * 0.1**0.5)
+    assert rate_at([*run, "--schedule-steps", "200000"], 600) == pytest.approx(5e-4 * 0.1 ** (600 / 200000))
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--device", "cpu", "--schedule-steps", "0"])
+    assert "--schedule-steps must be at least 1, got 0" in capsys.readouterr().err
+    loop = load_script("benchmark_training_loop", monkeypatch)
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--device", "cpu", "--schedule-steps", "1000"])
+    assert "--schedule-steps: ns-train's loop ends where the learning rates' decay does" in capsys.readouterr().err
+
+
 def test_quality_benchmark_pairs_runs_by_seed(monkeypatch):
     """Round nine's reference and recipe runs (docs/benchmarks.md): the means and paired differences printed there."""
     quality = load_script("benchmark_quality", monkeypatch)
