@@ -70,12 +70,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[], help="steps to evaluate at besides the last")
     parser.add_argument(
-        "--schedule-steps",
-        type=int,
-        default=None,
-        help="steps over which the learning rates decay (default: --steps, the run)",
-    )
-    parser.add_argument(
         "--eval-at-seconds",
         type=float,
         nargs="+",
@@ -93,10 +87,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     args.eval_at = sorted({*args.eval_at, speed.steps})
     if not 1 <= args.eval_at[0] or args.eval_at[-1] > speed.steps:
         parser.error(f"--eval-at takes steps from 1 to --steps ({speed.steps}), got {args.eval_at}")
-    if args.schedule_steps is None:
-        args.schedule_steps = speed.steps
-    if args.schedule_steps < 1:
-        parser.error(f"--schedule-steps must be at least 1, got {args.schedule_steps}")
+    if speed.schedule_steps is None:  # benchmark_speed.py's option; here every step counts, so the run is --steps
+        speed.schedule_steps = speed.steps
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f"--time-limit must be positive, got {args.time_limit}")
     if any(not seconds > 0 for seconds in args.eval_at_seconds):
@@ -150,8 +142,7 @@ def run_config(
     """One run of configuration ``name``: trained and evaluated as the module says; ``on_point`` is called with
     each row as it comes."""
     torch.manual_seed(speed.seed)
-    config = benchmark_speed._trainer_config(speed, scene, name, output_dir)
-    config.max_num_iterations = args.schedule_steps  # the decays' length (CocoTrainer), not where the run stops
+    config = benchmark_speed._trainer_config(speed, scene, name, output_dir)  # decays over speed.schedule_steps
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     device = trainer.device
@@ -186,7 +177,7 @@ def run_config(
 def format_table(points: list[Point], device: str, args, speed) -> str:
     lines = [
         f"Device: {device}; {speed.rays} rays/step; {speed.steps} steps, learning rates decaying over "
-        f"{args.schedule_steps}; {speed.train_views} training views; seed {speed.seed}"
+        f"{speed.schedule_steps}; {speed.train_views} training views; seed {speed.seed}"
         + (f"; beta from {speed.beta_init}" if speed.beta_init is not None else "")
         + (f"; time limit {args.time_limit:g} s" if args.time_limit is not None else ""),
         "",

@@ -388,8 +388,8 @@ ASTRAY_CHAMFER = 1.6
 """A run went astray where its Chamfer is above this multiple of the study's median (over every run with a surface,
 of every configuration). From the default beta in rounds twenty-six to thirty-one, the runs that went astray had
 1.8-5.3 times the median (held-out PSNR 17.4-20.9 dB), every other run at most 1.5 times. Round thirty-one's curves
-show no second mode behind the cut: the later a run's beta began to fall, the higher its Chamfer (see
-:data:`EARLY_BETA_STEP`)."""
+show no second mode behind the cut: roughly, the higher a run's beta stayed after its first steps, the higher its
+Chamfer (see :data:`EARLY_BETA_STEP`)."""
 ASTRAY_LOSS = 1.2
 """An astray run left the others at the first window of its training curve from which its loss stays above this
 multiple of the median loss of its configuration's runs that did not go astray."""
