@@ -30,7 +30,7 @@ step where each one's training loss left its configuration's other runs (from th
     python scripts/benchmark_quality.py --device cuda --configs reference --seeds 1 2 3 --repeats 2 ...  # same-seed spread
     python scripts/benchmark_quality.py --configs reference recipe --merge call1 call2   # one study from two folders
     python scripts/benchmark_quality.py --device cuda --configs reference recipe --seeds 1 2 3 --steps 600 \
-        --schedule-steps 200000 ...   # the learning rates the original has at these steps, not a run-length decay
+        --schedule-steps 200000 ...   # the original's learning rates at these steps (round thirty-two's studies)
 
 Options this script does not know are passed on to benchmark_speed.py (``--eval-stride``, ``--frame-size``, ...).
 """
