@@ -315,7 +315,7 @@ def test_the_fast_method_is_the_benchmarked_recipe(monkeypatch):
 
 
 def test_readme_float32_command_is_the_benchmarked_graph_fields(monkeypatch):
-    """README's command for equal quality per step trains the model that round twenty-eight measured as
+    """README's command for the recipe without half precision trains the model that round twenty-eight measured as
     ``graph+fields``."""
     import shlex
 
