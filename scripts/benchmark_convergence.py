@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
 def _evaluate(trainer, config: str, scene: Path, speed, step: int, seconds: float, rate: float, stop: bool) -> Point:
     pipeline, model = trainer.pipeline, trainer.pipeline.model
     metrics = pipeline.get_average_eval_image_metrics()
-    chamfer = benchmark_speed._chamfer(pipeline, scene / "gt_mesh.ply", speed.mesh_resolution, trainer.device)
+    surface = benchmark_speed.surface_metrics(pipeline, scene / "gt_mesh.ply", speed.mesh_resolution, trainer.device)
+    chamfer = surface["chamfer"]
     point = Point(
         config=config,
         step=step,

@@ -254,7 +254,8 @@ def summarize(
                 f"{_stdev(every_chamfer):.2f} | {within_seed_deviation(chamfer):.2f} |"
             )
     studied = {key: row for key, row in results.items() if key[0] in configs}
-    lines += astray_table(studied) + early_beta_table(studied, configs)
+    astray, median = astray_runs(studied)
+    lines += astray_table(studied, astray, median) + early_beta_table(studied, configs, astray)
     base = configs[0]
     lines += [
         "",
@@ -437,11 +438,12 @@ def beta_rose_early(curve: dict[str, list[float]]) -> bool | None:
     return curve["beta"][late[0]] > curve["beta"][0]
 
 
-def early_beta_table(results: dict[tuple[str, int, int], dict], configs: list[str]) -> list[str]:
+def early_beta_table(
+    results: dict[tuple[str, int, int], dict], configs: list[str], astray: list[tuple[str, int, int]]
+) -> list[str]:
     """Markdown lines: per configuration (in ``configs``' order), how many runs' beta rose by
-    :data:`EARLY_BETA_STEP`, how many of those and of the others went astray, and each group's median Chamfer; none
-    where no run kept beta in its curve."""
-    astray, _ = astray_runs(results)
+    :data:`EARLY_BETA_STEP`, how many of those and of the others went astray (``astray``: :func:`astray_runs`'s),
+    and each group's median Chamfer; none where no run kept beta in its curve."""
     rose_by_config = {
         config: {
             key: beta_rose_early(row.get("training_curve", {})) for key, row in results.items() if key[0] == config
@@ -478,10 +480,11 @@ def _median_chamfer(chamfers: list[float]) -> str:
     return f"{statistics.median(surfaces):.2f}" if surfaces else "-"
 
 
-def astray_table(results: dict[tuple[str, int, int], dict]) -> list[str]:
-    """Markdown lines on the runs that went astray, with when each left its configuration's other runs (where the
-    runs kept training curves); none where no run did."""
-    astray, median = astray_runs(results)
+def astray_table(
+    results: dict[tuple[str, int, int], dict], astray: list[tuple[str, int, int]], median: float
+) -> list[str]:
+    """Markdown lines on the runs that went astray (``astray`` and the study's ``median`` Chamfer: :func:`astray_runs`'s),
+    with when each left its configuration's other runs (where the runs kept training curves); none where no run did."""
     if not astray:
         return []
     lines = [

@@ -491,10 +491,6 @@ def surface_metrics(pipeline, gt_mesh: Path, resolution: int, device: str) -> di
     }
 
 
-def _chamfer(pipeline, gt_mesh: Path, resolution: int, device: str) -> float:
-    return surface_metrics(pipeline, gt_mesh, resolution, device)["chamfer"]
-
-
 def _profile(trainer, first_step: int, num_steps: int, device: str) -> None:
     """Prints where a step's time goes (top operators), to direct optimisation work."""
     from torch.profiler import ProfilerActivity, profile

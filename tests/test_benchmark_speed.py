@@ -641,10 +641,10 @@ def test_quality_benchmark_counts_runs_whose_beta_rose_early_and_how_they_ended(
         ("c", 1, 1): row(9.0, fell),
         ("c", 2, 1): row(20.0, fell),  # astray although its beta fell
     }
-    lines = quality.early_beta_table(results, ["c", "a", "b"])
+    lines = quality.early_beta_table(results, ["c", "a", "b"], quality.astray_runs(results)[0])
     assert lines[-2:] == ["| c | 2 | 0 | 0 | 1 | - / 14.50 |", "| a | 5 | 3 | 1 | 0 | 20.50 / 11.00 |"]
     assert "| a | 5 | 3 | 1 | 0 | 20.50 / 11.00 |" in quality.summarize(results, ["a", "b", "c"], [1, 2, 3, 4, 5])
-    assert quality.early_beta_table({key: row(10.0) for key in results}, ["a", "b", "c"]) == []
+    assert quality.early_beta_table({key: row(10.0) for key in results}, ["a", "b", "c"], []) == []
 
 
 def test_quality_benchmark_runs_pairs_and_reports_failures(monkeypatch, tmp_path, capsys):
